@@ -1,0 +1,17 @@
+"""fundus-restore: restore noisy, low-resolution colour fundus photographs
+without losing thin vessels and without inventing new ones."""
+
+from fundus_restore.pretrained import list_models, load_model, save_model
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "denoise", "list_models", "load_model", "save_model"]
+
+
+def __getattr__(name: str):
+    # Inference pulls in more of torch; import it only when asked for.
+    if name == "denoise":
+        from fundus_restore.inference import denoise
+
+        return denoise
+    raise AttributeError(f"module 'fundus_restore' has no attribute {name!r}")

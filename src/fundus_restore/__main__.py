@@ -1,0 +1,3 @@
+from fundus_restore.cli import main
+
+main()

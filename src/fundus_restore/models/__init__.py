@@ -1,0 +1,52 @@
+"""Registry of restoration architectures, one module per architecture.
+
+Every denoiser follows one contract: ``forward(x, sigma=None) -> restored``, with
+``x`` a float tensor N×C×H×W on the [0, 1] scale (noisy values may lie outside it)
+and ``sigma`` the noise level on the same scale for models that take it (blind
+models ignore it). Models are built by name so that a weights file only needs to
+record ``architecture`` and its keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_architecture(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class decorator that makes an architecture buildable by ``name``.
+
+    The class gets ``architecture = name``; its instances must keep their constructor
+    keyword arguments in ``self.config`` so that weights files can rebuild them.
+    """
+
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        builder.architecture = name  # type: ignore[attr-defined]
+        _ARCHITECTURES[name] = builder
+        return builder
+
+    return decorate
+
+
+def create_model(architecture: str, **kwargs: Any) -> nn.Module:
+    """Build an untrained model of a registered architecture."""
+    try:
+        builder = _ARCHITECTURES[architecture]
+    except KeyError:
+        known = ", ".join(sorted(_ARCHITECTURES))
+        raise ValueError(f"unknown architecture {architecture!r}; known: {known}") from None
+    return builder(**kwargs)
+
+
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+# Importing the modules registers their architectures.
+from fundus_restore.models import dncnn  # noqa: E402,F401

@@ -1,0 +1,121 @@
+"""One way to get weights: a bundled model name or a path to a safetensors file.
+
+A weights file is self-describing: its safetensors metadata records the
+``architecture`` (a registry name) and the ``config`` (constructor keyword
+arguments, as JSON), so ``load_model`` needs nothing else. Bundled models live in
+``fundus_restore/weights/NAME.safetensors`` with a model card ``NAME.json`` beside
+them (architecture, parameters, training data, recipe, validation numbers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fundus_restore.models import create_model
+
+BUNDLED_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "dncnn-retina-green"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message names the file and the problem."""
+
+
+def list_models() -> list[str]:
+    """Names of the bundled pretrained models."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))
+
+
+def default_model_name() -> str:
+    """The best bundled denoiser: the default of ``denoise`` and the demo."""
+    names = list_models()
+    if DEFAULT_MODEL in names:
+        return DEFAULT_MODEL
+    # Until the retinal models are trained, fall back to whatever denoiser is bundled.
+    denoisers = [n for n in names if model_card(n).get("task", "denoise") == "denoise"]
+    if not denoisers:
+        raise WeightsError("no bundled denoiser: pass --model FILE.safetensors")
+    return denoisers[0]
+
+
+def model_card(name: str) -> dict[str, Any]:
+    """The JSON card of a bundled model (empty if it has none)."""
+    card = BUNDLED_DIR / f"{name}.json"
+    return json.loads(card.read_text()) if card.exists() else {}
+
+
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """Path of the weights file for a bundled name or a user's file."""
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors" or path.exists():
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such weights file")
+        return path
+    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
+    if not bundled.is_file():
+        raise WeightsError(f"{name_or_path}: not a bundled model ({', '.join(list_models()) or 'none'}) nor a file")
+    return bundled
+
+
+def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as a self-describing safetensors file (atomically)."""
+    path = Path(path)
+    architecture = getattr(model, "architecture", None)
+    if architecture is None:
+        raise ValueError(f"{type(model).__name__} has no registered architecture name")
+    metadata = {"architecture": architecture, "config": json.dumps(model.config), **(extra_metadata or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(state, str(partial), metadata=metadata)
+    partial.replace(path)
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f"{path}: unreadable safetensors file ({error})") from None
+
+
+def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Build a model and load its weights, ready for inference (eval mode).
+
+    ``name_or_path`` is a bundled model name (see ``list_models``), a path to a
+    safetensors file written by ``save_model`` / ``fundus-restore import-weights``,
+    or ``None`` for the default bundled denoiser.
+    """
+    path = resolve_weights(default_model_name() if name_or_path is None else name_or_path)
+    metadata = read_metadata(path)
+    if "architecture" not in metadata:
+        raise WeightsError(f"{path}: no 'architecture' in its metadata; write it with fundus_restore.save_model")
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+        model = create_model(metadata["architecture"], **config)
+    except (ValueError, TypeError) as error:
+        raise WeightsError(f"{path}: cannot build the model ({error})") from None
+    state = load_file(str(path))
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{path}: NaN or infinite values in weight {key!r}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0]
+        raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r}: {first_line}") from None
+    model.name = path.stem  # shown in reports and progress bars
+    return model.eval().to(device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
