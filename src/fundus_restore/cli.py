@@ -1,0 +1,232 @@
+"""The ``fundus-restore`` command line: thin wrappers over the Python API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders of images.")]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for the outputs (created if needed).")]
+ModelOption = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="Bundled model name or a .safetensors file (default: best bundled).")
+]
+TileOption = Annotated[Optional[int], typer.Option(help="Tile size for bounded memory on large photos (e.g. 512).")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+SigmaOption = Annotated[float, typer.Option(help="Noise standard deviation on the 0-255 scale.")]
+SeedOption = Annotated[int, typer.Option(help="Seed of the noise; file i (sorted order) uses seed + i.")]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _process_files(files: list[Path], description: str, handle: Callable[[int, Path], None]) -> None:
+    """Run ``handle`` on every file with a progress bar; a bad file is reported and
+    skipped, the others still get their outputs, and the exit status says if any failed."""
+    from fundus_restore.io import ImageFileError
+
+    if not files:
+        console.print("[red]error:[/] no image files found in the given inputs")
+        raise typer.Exit(2)
+    failures: list[str] = []
+    with _progress() as progress:
+        task = progress.add_task(description, total=len(files))
+        for index, path in enumerate(files):
+            try:
+                handle(index, path)
+            except (ImageFileError, ValueError, OSError) as error:
+                message = str(error) if str(path) in str(error) else f"{path}: {error}"
+                failures.append(message)
+                progress.console.print(f"[red]failed:[/] {message}")
+            progress.advance(task)
+    done = len(files) - len(failures)
+    console.print(f"{done} of {len(files)} images written" + (f", {len(failures)} failed" if failures else ""))
+    if failures:
+        raise typer.Exit(1)
+
+
+def _output_path(out_dir: Path, path: Path) -> Path:
+    """Same file name in the output folder; formats we cannot write become PNG."""
+    suffix = path.suffix.lower()
+    return out_dir / (path.name if suffix in {".png", ".tif", ".tiff", ".jpg", ".jpeg"} else path.stem + ".png")
+
+
+def _expand(inputs: Iterable[Path]) -> list[Path]:
+    from fundus_restore.io import list_images
+
+    return list_images(inputs)
+
+
+@app.command()
+def denoise(
+    inputs: Inputs,
+    out: OutDir,
+    model: ModelOption = None,
+    tile: TileOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Denoise photographs; writes one output per input with the same name and bit depth."""
+    from fundus_restore.inference import denoise as denoise_image
+    from fundus_restore.io import image_bit_depth, read_image, write_image
+    from fundus_restore.pretrained import WeightsError, load_model
+
+    try:
+        network = load_model(model, device="cpu")
+    except WeightsError as error:
+        console.print(f"[red]error:[/] {error}")
+        raise typer.Exit(2) from None
+
+    def handle(_: int, path: Path) -> None:
+        restored = denoise_image(read_image(path), network, tile=tile, device=device)
+        write_image(_output_path(out, path), restored, bit_depth=image_bit_depth(path))
+
+    _process_files(_expand(inputs), f"denoising with {getattr(network, 'name', model)}", handle)
+
+
+@app.command()
+def degrade(
+    inputs: Inputs,
+    out: OutDir,
+    sigma: SigmaOption = 25.0,
+    seed: SeedOption = 0,
+    scale: Annotated[int, typer.Option(help="Bicubic downsampling factor applied before the noise (1 = none).")] = 1,
+) -> None:
+    """Make degraded copies: bicubic downsampling by --scale, then seeded Gaussian noise.
+
+    Files hold values in [0, 1] only, so the written noisy images are clipped and
+    quantised to the input's bit depth (the camera protocol)."""
+    from fundus_restore.degrade import add_gaussian_noise, bicubic_downsample
+    from fundus_restore.io import image_bit_depth, read_image, write_image
+
+    def handle(index: int, path: Path) -> None:
+        image = read_image(path)
+        if scale > 1:
+            image = bicubic_downsample(image, scale)
+        if sigma > 0:
+            image = add_gaussian_noise(image, sigma, seed=seed + index, clip=True)
+        write_image(_output_path(out, path), image, bit_depth=image_bit_depth(path))
+
+    _process_files(_expand(inputs), "degrading", handle)
+
+
+@app.command("import-weights")
+def import_weights(
+    mat_file: Annotated[Path, typer.Argument(help="Official DnCNN MatConvNet .mat file (your own copy).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+) -> None:
+    """Convert official DnCNN MatConvNet weights to a safetensors file usable with --model."""
+    from fundus_restore.matconvnet import import_weights as convert
+    from fundus_restore.pretrained import WeightsError
+
+    try:
+        written = convert(mat_file, out)
+    except WeightsError as error:
+        console.print(f"[red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {written}")
+
+
+@app.command("list-models")
+def list_models() -> None:
+    """List the bundled pretrained models with a line from each model card."""
+    from fundus_restore.pretrained import list_models as bundled, model_card
+
+    for name in bundled():
+        card = model_card(name)
+        print(f"{name}\t{card.get('summary', card.get('architecture', ''))}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML experiment config (see configs/).")],
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of this run.")] = False,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config value: key.sub=value (YAML value).")
+    ] = None,
+) -> None:
+    """Train a model from a config; checkpoints atomically and resumes exactly."""
+    import yaml
+
+    from fundus_restore.train import train_from_config
+
+    overrides = {}
+    for item in set_ or []:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    weights = train_from_config(config, resume=resume, overrides=overrides)
+    console.print(f"wrote {weights}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figure and images.")] = Path("out/demo"),
+    model: ModelOption = None,
+    sigma: SigmaOption = 25.0,
+    seed: SeedOption = 0,
+    tile: TileOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Noise scikit-image's retina photograph, denoise it, print PSNR/SSIM, draw a figure."""
+    from skimage import data as skimage_data
+
+    from fundus_restore.degrade import add_gaussian_noise
+    from fundus_restore.fov import fov_mask
+    from fundus_restore.inference import denoise as denoise_image
+    from fundus_restore.io import write_image
+    from fundus_restore.metrics import image_quality
+    from fundus_restore.pretrained import load_model
+    from fundus_restore.report import comparison_figure, thin_vessel_window
+
+    clean = skimage_data.retina().astype(np.float32) / 255.0
+    mask = fov_mask(clean)
+    noisy = add_gaussian_noise(clean, sigma, seed=seed)
+    network = load_model(model)
+    name = getattr(network, "name", str(model))
+    console.print(f"denoising the {clean.shape[1]}×{clean.shape[0]} retina photo (sigma {sigma:g}) with {name} …")
+    restored = denoise_image(noisy, network, tile=tile, device=device)
+
+    before, after = image_quality(clean, noisy, mask=mask), image_quality(clean, restored, mask=mask)
+    print(f"{'':10}{'PSNR':>8}{'SSIM':>8}{'PSNR-FOV':>10}{'SSIM-FOV':>10}")
+    for label, quality in (("noisy", before), (name, after)):
+        print(f"{label:10}{quality['psnr']:8.2f}{quality['ssim']:8.4f}{quality['psnr_fov']:10.2f}{quality['ssim_fov']:10.4f}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_image(out / "noisy.png", noisy)
+    write_image(out / "restored.png", restored)
+    size = 160
+    figure = comparison_figure(
+        {"noisy": noisy, f"restored ({name})": restored, "clean": clean},
+        out / "demo.png",
+        zoom=(*thin_vessel_window(clean, mask, size), size),
+        captions={
+            "noisy": f"PSNR {before['psnr_fov']:.2f} dB, SSIM {before['ssim_fov']:.3f} (FOV)",
+            f"restored ({name})": f"PSNR {after['psnr_fov']:.2f} dB, SSIM {after['ssim_fov']:.3f} (FOV)",
+        },
+    )
+    console.print(f"wrote {figure}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
