@@ -1,0 +1,180 @@
+"""Import of the official DnCNN MatConvNet files: structure, errors, round trip and the
+published PSNRs. Synthetic files are written in MATLAB v7.3 layout with h5py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fundus_restore.matconvnet import import_weights, load_matconvnet_dncnn
+from fundus_restore.pretrained import WeightsError, load_model, read_metadata
+
+
+def _write_char(group: h5py.Group, name: str, text: str) -> None:
+    dataset = group.create_dataset(name, data=np.array([[ord(c)] for c in text], dtype=np.uint16))
+    dataset.attrs["MATLAB_class"] = np.bytes_("char")
+
+
+def _write_cell(file: h5py.File, group: h5py.Group, name: str, items: list[h5py.HLObject]) -> None:
+    if not items:
+        # MATLAB writes an empty cell as its dimensions, flagged MATLAB_empty.
+        dataset = group.create_dataset(name, data=np.zeros(2, dtype=np.uint64))
+        dataset.attrs["MATLAB_empty"] = np.uint8(1)
+    else:
+        dataset = group.create_dataset(name, data=np.array([[item.ref] for item in items], dtype=h5py.ref_dtype))
+    dataset.attrs["MATLAB_class"] = np.bytes_("cell")
+
+
+def write_simplenn(path: Path, layers: list[dict]) -> Path:
+    """A simplenn ``net.layers`` file; each layer is ``{"type": str, "weights": [arrays
+    in MATLAB axis order], other numeric fields}``. Arrays are stored transposed, as
+    MATLAB does, so the reader's axis handling is exercised."""
+    with h5py.File(path, "w") as file:
+        refs = file.create_group("#refs#")
+        structs = []
+        for index, layer in enumerate(layers):
+            struct = refs.create_group(f"layer{index}")
+            struct.attrs["MATLAB_class"] = np.bytes_("struct")
+            _write_char(struct, "type", layer["type"])
+            arrays = [refs.create_dataset(f"w{index}_{i}", data=np.asarray(a, np.float32).T) for i, a in enumerate(layer.get("weights", []))]
+            _write_cell(file, struct, "weights", arrays)
+            for key, value in layer.items():
+                if key not in ("type", "weights"):
+                    struct.create_dataset(key, data=np.atleast_2d(np.asarray(value, np.float64)))
+            structs.append(struct)
+        net = file.create_group("net")
+        net.attrs["MATLAB_class"] = np.bytes_("struct")
+        _write_cell(file, net, "layers", structs)
+    return path
+
+
+def tiny_dncnn_layers(channels: int = 1, width: int = 4, depth: int = 3, seed: int = 0) -> list[dict]:
+    """conv, relu, ..., conv with random MATLAB-order (H×W×in×out) filters."""
+    rng = np.random.default_rng(seed)
+    sizes = [channels] + [width] * (depth - 1) + [channels]
+    layers: list[dict] = []
+    for inputs, outputs in zip(sizes[:-1], sizes[1:]):
+        filters = rng.standard_normal((3, 3, inputs, outputs)).astype(np.float32)
+        # MATLAB drops trailing singleton axes: a one-output filter is saved as 3×3×in.
+        if outputs == 1:
+            filters = filters[..., 0]
+        layers += [{"type": "conv", "weights": [filters, rng.standard_normal(outputs)], "stride": 1, "pad": 1}, {"type": "relu", "leak": 0}]
+    return layers[:-1]
+
+
+# --- structure and axis order -------------------------------------------------------
+
+
+def test_synthetic_file_builds_matching_dncnn(tmp_path: Path) -> None:
+    layers = tiny_dncnn_layers(channels=3, width=5, depth=4)
+    model = load_matconvnet_dncnn(write_simplenn(tmp_path / "tiny.mat", layers))
+    assert model.config == {"channels": 3, "depth": 4, "width": 5, "batch_norm": False}
+    assert not model.training
+    convs = [m for m in model.body if isinstance(m, torch.nn.Conv2d)]
+    for conv, layer in zip(convs, layers[::2], strict=True):
+        matlab_filters, bias = layer["weights"]
+        # PyTorch out×in×H×W from MATLAB H×W×in×out.
+        np.testing.assert_array_equal(conv.weight.detach().numpy(), np.asarray(matlab_filters).transpose(3, 2, 0, 1))
+        np.testing.assert_array_equal(conv.bias.detach().numpy(), np.asarray(bias, np.float32))
+
+
+def test_grey_last_layer_with_dropped_singleton_axis(tmp_path: Path) -> None:
+    model = load_matconvnet_dncnn(write_simplenn(tmp_path / "grey.mat", tiny_dncnn_layers(channels=1)))
+    assert model.config["channels"] == 1
+    assert model.body[-1].weight.shape == (1, 4, 3, 3)
+
+
+def test_filter_rows_are_image_rows(tmp_path: Path) -> None:
+    """A MATLAB filter whose single 1 sits at (row 3, column 2) reads the pixel one row
+    below (MatConvNet correlates, like PyTorch): this pins the H/W order down."""
+    below = np.zeros((3, 3, 1, 1), np.float32)
+    below[2, 1] = 1.0
+    identity = np.zeros((3, 3, 1, 1), np.float32)
+    identity[1, 1] = 1.0
+    layers = [{"type": "conv", "weights": [f, [0.0]], "stride": 1, "pad": 1} for f in (below, identity, identity)]
+    layers = [layers[0], {"type": "relu"}, layers[1], {"type": "relu"}, layers[2]]
+    model = load_matconvnet_dncnn(write_simplenn(tmp_path / "shift.mat", layers))
+    image = torch.rand(1, 1, 6, 7)
+    with torch.inference_mode():
+        predicted_noise = image - model(image)
+    torch.testing.assert_close(predicted_noise[0, 0, :-1], image[0, 0, 1:])
+
+
+@pytest.mark.parametrize(
+    ("name", "depth", "channels"),
+    [("GD_Gray_Blind.mat", 20, 1), ("sigma=25.mat", 17, 1), ("GD_Color_Blind.mat", 20, 3), ("color_sigma=25.mat", 20, 3)],
+)
+def test_official_files_load(dncnn_weights_dir: Path, name: str, depth: int, channels: int) -> None:
+    model = load_matconvnet_dncnn(dncnn_weights_dir / name)
+    assert model.config == {"channels": channels, "depth": depth, "width": 64, "batch_norm": False}
+
+
+def test_import_weights_round_trip(dncnn_weights_dir: Path, tmp_path: Path) -> None:
+    source = dncnn_weights_dir / "sigma=25.mat"
+    written = import_weights(source, tmp_path / "dncnn-s25.safetensors")
+    original, reloaded = load_matconvnet_dncnn(source), load_model(written)
+    image = torch.rand(1, 1, 40, 33, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(image), original(image), rtol=0, atol=0)
+    metadata = read_metadata(written)
+    assert metadata["source_file"] == "sigma=25.mat"
+    assert "MatConvNet" in metadata["source"]
+
+
+# --- bad files ----------------------------------------------------------------------
+
+
+def _assert_refused(path: Path, problem: str) -> None:
+    with pytest.raises(WeightsError) as caught:
+        load_matconvnet_dncnn(path)
+    message = str(caught.value)
+    assert str(path) in message and problem in message and "\n" not in message
+
+
+def test_text_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.mat"
+    path.write_text("not a MAT-file\n")
+    _assert_refused(path, "not a MATLAB v7.3 MAT-file")
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    _assert_refused(tmp_path / "absent.mat", "no such file")
+
+
+def test_hdf5_without_net_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.mat"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("weights", data=np.ones(3))
+    _assert_refused(path, "no variable 'net'")
+
+
+def test_unfolded_batch_norm_is_refused(tmp_path: Path) -> None:
+    layers = tiny_dncnn_layers()
+    layers[1] = {"type": "bnorm", "weights": [np.ones(4), np.zeros(4)]}
+    _assert_refused(write_simplenn(tmp_path / "bnorm.mat", layers), "layer 2 has type 'bnorm'")
+
+
+def test_stride_two_is_refused(tmp_path: Path) -> None:
+    layers = tiny_dncnn_layers()
+    layers[2]["stride"] = [2, 2]
+    _assert_refused(write_simplenn(tmp_path / "strided.mat", layers), "layer 3 has stride [2.0, 2.0]")
+
+
+def test_mismatched_channels_are_refused(tmp_path: Path) -> None:
+    layers = tiny_dncnn_layers(width=4)
+    layers[2]["weights"][0] = np.zeros((3, 3, 5, 4), np.float32)
+    _assert_refused(write_simplenn(tmp_path / "chain.mat", layers), "convolution 2 maps 5 to 4 channels, expected 4 to 4")
+
+
+def test_nan_weight_in_official_file_is_refused(dncnn_weights_dir: Path, tmp_path: Path) -> None:
+    path = Path(shutil.copy(dncnn_weights_dir / "sigma=25.mat", tmp_path / "poisoned.mat"))
+    with h5py.File(path, "r+") as file:
+        third_layer = file[file["net/layers"][2, 0]]
+        filters = file[third_layer["weights"][0, 0]]
+        filters[0, 0, 0, 0] = np.nan
+    _assert_refused(path, "layer 3 has NaN or infinite weights")
