@@ -49,4 +49,5 @@ def list_architectures() -> list[str]:
 
 
 # Importing the modules registers their architectures.
+from fundus_restore.models import autoencoder  # noqa: E402,F401
 from fundus_restore.models import dncnn  # noqa: E402,F401
