@@ -1,0 +1,213 @@
+"""Reading and writing fundus photographs as float32 arrays on [0, 1].
+
+One decoder per format, chosen by suffix: PNG through imagecodecs (Pillow
+silently reduces 16-bit RGB PNG to 8 bits), TIFF through tifffile (16-bit RGB,
+LZW as in DRIVE), JPEG/BMP/GIF through Pillow with the EXIF orientation applied.
+Every failure to read a file is an ``ImageFileError`` whose one-line message
+names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import tifffile
+from PIL import Image, ImageOps
+
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"})
+_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG output keeps full chroma resolution: thin vessels are a few pixels wide.
+_JPEG_QUALITY = 95
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be read or written; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        # Decoder messages can span lines; keep the error to one line.
+        super().__init__(f"{path}: {' '.join(problem.split())}")
+        self.path = Path(path)
+
+
+def _read_bytes(path: str | Path) -> tuple[Path, bytes]:
+    """The file's bytes after the checks every reader shares (exists, a file, supported, not empty)."""
+    path = Path(path)
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise ImageFileError(path, f"unsupported image type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+    if not path.exists():
+        raise ImageFileError(path, "no such file")
+    if not path.is_file():
+        raise ImageFileError(path, "not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageFileError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageFileError(path, "empty file")
+    return path, data
+
+
+def _decode_tiff(data: bytes) -> np.ndarray:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series = tif.series[0]
+        array = series.asarray()
+        # Planar TIFFs store samples first; bring them last like every other format.
+        if series.axes.endswith("SYX"):
+            array = np.moveaxis(array, -3, -1)
+    return array
+
+
+def _decode_pillow(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+        # Palette, CMYK, YCbCr...: expand to RGB, keeping transparency as alpha (dropped later).
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    return np.asarray(image)
+
+
+def _decode(path: Path, data: bytes) -> np.ndarray:
+    """Raw samples (H×W or H×W×C, file dtype) of an image file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _TIFF_SUFFIXES:
+            return _decode_tiff(data)
+        if suffix == ".png":
+            return imagecodecs.png_decode(data)
+        return _decode_pillow(data)
+    except Exception as exc:  # decoders raise many types (OSError, ValueError, PngError, ...) for bad content
+        raise ImageFileError(path, f"truncated or corrupt image ({exc})") from exc
+
+
+def _drop_alpha(path: Path, array: np.ndarray) -> np.ndarray:
+    """H×W×1 or H×W×3 from grey, grey+alpha, RGB or RGBA samples."""
+    if array.ndim == 2:
+        return array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        raise ImageFileError(path, f"array of shape {array.shape} is not a grey or RGB image (with optional alpha)")
+    return array[..., :3] if array.shape[-1] >= 3 else array[..., :1]
+
+
+def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / np.float32(255)
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / np.float32(65535)
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    raise ImageFileError(path, f"unsupported sample type {array.dtype} (8- or 16-bit images only)")
+
+
+def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
+    """An image file as float32 H×W×C on [0, 1] (16-bit scaled by 65535).
+
+    Alpha is dropped; grey images have C=1, or C=3 when ``rgb`` is true. EXIF
+    orientation is applied for JPEG/BMP/GIF (where cameras record it).
+    """
+    path, data = _read_bytes(path)
+    image = _to_unit_float(path, _drop_alpha(path, _decode(path, data)))
+    if rgb and image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return image
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask file (e.g. DRIVE's GIF field-of-view masks) as bool H×W: any nonzero channel is True."""
+    return read_image(path, rgb=False).max(axis=-1) > 0
+
+
+def image_bit_depth(path: str | Path) -> int:
+    """Bits per sample of an image file, 8 or 16, from its header (no pixel decoding)."""
+    path, data = _read_bytes(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _TIFF_SUFFIXES:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                return 16 if tif.pages[0].dtype == np.uint16 else 8
+        if suffix == ".png":
+            # IHDR is always the first chunk: signature(8) length(4) "IHDR"(4) width(4) height(4) depth(1).
+            if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 25:
+                raise ValueError("not a PNG file")
+            return 16 if data[24] == 16 else 8
+        with Image.open(io.BytesIO(data)):
+            return 8  # JPEG, BMP and GIF hold 8-bit samples
+    except Exception as exc:  # header parsers raise many types for bad content
+        raise ImageFileError(path, f"cannot read image header ({exc})") from exc
+
+
+def _encode(path: Path, samples: np.ndarray) -> bytes:
+    """File bytes of H×W or H×W×3 uint8/uint16 samples, in the format the suffix names."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return imagecodecs.png_encode(samples)
+    if suffix in _TIFF_SUFFIXES:
+        buffer = io.BytesIO()
+        photometric = "rgb" if samples.ndim == 3 else "minisblack"
+        tifffile.imwrite(buffer, samples, photometric=photometric, compression="zlib")
+        return buffer.getvalue()
+    if suffix in (".jpg", ".jpeg"):
+        if samples.dtype != np.uint8:
+            raise ImageFileError(path, "JPEG holds 8-bit samples only; write 16-bit images as PNG or TIFF")
+        buffer = io.BytesIO()
+        Image.fromarray(samples).save(buffer, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+        return buffer.getvalue()
+    raise ImageFileError(path, f"cannot write {suffix!r} files (write .png, .tif/.tiff or .jpg/.jpeg)")
+
+
+def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> Path:
+    """Write a [0, 1] image (H×W, H×W×1 or H×W×3) as an 8- or 16-bit PNG/TIFF, or 8-bit JPEG.
+
+    Values are clipped to [0, 1] and rounded. Parent folders are created, and the
+    file appears atomically: a failed write never leaves a partial file behind.
+    """
+    path = Path(path)
+    if bit_depth not in (8, 16):
+        raise ImageFileError(path, f"bit depth must be 8 or 16, not {bit_depth}")
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
+        raise ValueError(f"cannot write an image of shape {image.shape} to {path}: expected H×W, H×W×1 or H×W×3")
+    if not np.isfinite(image).all():
+        raise ValueError(f"cannot write an image with NaN or infinite values to {path}")
+    top = 2**bit_depth - 1
+    samples = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    data = _encode(path, samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with partial.open("xb") as file:
+            file.write(data)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ImageFileError(path, f"cannot write file ({exc.strerror or exc})") from exc
+    return path
+
+
+def list_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files named by ``paths``: each folder expands to its supported images
+    (sorted, not recursive, hidden files skipped); explicit files are kept as given."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(
+                sorted(
+                    child
+                    for child in path.iterdir()
+                    if child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES and not child.name.startswith(".")
+                )
+            )
+        else:
+            found.append(path)
+    return found
