@@ -176,6 +176,44 @@ def train(
 
 
 @app.command()
+def evaluate(
+    clean: Annotated[list[Path], typer.Option("--clean", help="Clean photographs (files or folders).")],
+    report: Annotated[Path, typer.Option("--report", help="Folder for the tables.")],
+    sigma: Annotated[list[float], typer.Option(help="Noise level(s) on the 0-255 scale; repeat for several.")] = [25.0],
+    methods: Annotated[
+        Optional[list[str]], typer.Option("--method", help="Method to compare; repeat. Default: the paper's table.")
+    ] = None,
+    protocol: Annotated[list[str], typer.Option(help="paper (float, unclipped) and/or camera (clipped, 8-bit).")] = list(
+        ("paper", "camera")
+    ),
+    official_weights: Annotated[
+        Optional[Path], typer.Option(help="Official CDnCNN-B weights (.mat or imported .safetensors) for 'cdncnn-b'.")
+    ] = None,
+    seed: SeedOption = 0,
+    crop: Annotated[Optional[int], typer.Option(help="Evaluate the central CROP² of each photo (after the FOV crop).")] = None,
+    tile: TileOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Degrade clean photos, restore them with each method, write Markdown and CSV tables."""
+    from fundus_restore.evaluate import DEFAULT_METHODS, build_methods, evaluate_images, write_tables
+
+    files = _expand(clean)
+    chosen = build_methods(methods or DEFAULT_METHODS, official_weights=official_weights, tile=tile, device=device,
+                           skip_missing=methods is None)
+    steps = len(files) * len(sigma) * len(protocol) * len(chosen)
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=steps)
+
+        def advance(description: str) -> None:
+            progress.update(task, advance=1, description=description)
+
+        rows = evaluate_images(files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, on_step=advance)
+    markdown, _ = write_tables(rows, report)
+    print(markdown.read_text())
+    console.print(f"wrote {report}/results.md, summary.csv, per_image.csv")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figure and images.")] = Path("out/demo"),
     model: ModelOption = None,

@@ -1,0 +1,184 @@
+"""Compare restoration methods on clean photographs, like the paper's Table 1.
+
+Every clean image is degraded with seeded noise under one or both protocols —
+``paper`` (noise added to the float image, not clipped) and ``camera`` (clipped to
+[0, 1] and quantised to 8 bits, as every real noisy file is) — then restored by each
+method and scored overall, per channel and inside the field of view.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fundus_restore.degrade import add_gaussian_noise, quantize
+from fundus_restore.fov import crop_to_fov
+from fundus_restore.io import read_image
+from fundus_restore.metrics import image_quality
+
+PROTOCOLS = ("paper", "camera")
+DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "cbm3d")
+# Columns of the summary table, in order: overall, inside the field of view, per channel there.
+SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named restoration: noisy image and sigma (0–255 scale) in, restored image out."""
+
+    name: str
+    restore: Callable[[np.ndarray, float], np.ndarray]
+
+
+def degrade_for_protocol(clean: np.ndarray, sigma: float, protocol: str, seed: int) -> np.ndarray:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown noise protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    noisy = add_gaussian_noise(clean, sigma, seed=seed, clip=protocol == "camera")
+    return quantize(noisy, bits=8) if protocol == "camera" else noisy
+
+
+def _cbm3d(noisy: np.ndarray, sigma: float) -> np.ndarray:
+    import bm3d
+
+    return bm3d.bm3d_rgb(noisy, sigma_psd=sigma / 255.0).astype(np.float32)
+
+
+def _nlmeans(noisy: np.ndarray, sigma: float) -> np.ndarray:
+    from skimage.restoration import denoise_nl_means
+
+    # Settings recommended by scikit-image for a known noise level.
+    return denoise_nl_means(
+        noisy, h=0.8 * sigma / 255.0, sigma=sigma / 255.0, patch_size=5, patch_distance=6, fast_mode=True, channel_axis=-1
+    ).astype(np.float32)
+
+
+CLASSICAL_METHODS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "noisy": lambda noisy, sigma: noisy,
+    "cbm3d": _cbm3d,
+    "nlmeans": _nlmeans,
+}
+
+
+def build_methods(
+    names: Sequence[str],
+    *,
+    official_weights: Path | None = None,
+    tile: int | None = None,
+    device: str = "auto",
+    skip_missing: bool = True,
+) -> list[Method]:
+    """Methods by name: classical ones, bundled model names, ``.safetensors`` paths, and
+    ``cdncnn-b`` for the official CDnCNN-B when ``official_weights`` (.mat or .safetensors) is given.
+
+    With ``skip_missing`` a default method whose weights are absent is left out with a
+    note rather than failing the whole evaluation.
+    """
+    from fundus_restore.inference import denoise
+    from fundus_restore.pretrained import WeightsError, load_model
+
+    methods = []
+    for name in names:
+        if name in CLASSICAL_METHODS:
+            methods.append(Method(name, CLASSICAL_METHODS[name]))
+            continue
+        try:
+            if name == "cdncnn-b":
+                if official_weights is None:
+                    raise WeightsError("cdncnn-b: pass --official-weights GD_Color_Blind.mat (never bundled)")
+                model = _load_official(official_weights)
+            else:
+                model = load_model(name)
+        except WeightsError as error:
+            if not skip_missing:
+                raise
+            print(f"skipping {name}: {error}")
+            continue
+        methods.append(Method(name, lambda noisy, sigma, model=model: denoise(noisy, model, tile=tile, device=device)))
+    return methods
+
+
+def _load_official(path: Path):
+    from fundus_restore.matconvnet import load_matconvnet_dncnn
+    from fundus_restore.pretrained import load_model
+
+    return load_matconvnet_dncnn(path) if Path(path).suffix == ".mat" else load_model(path)
+
+
+def centre_square(image: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The central ``size``² crop (the paper used 1696² crops; 1024² keeps CBM3D affordable)."""
+    if size is None or min(image.shape[:2]) <= size:
+        return image, mask
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+def evaluate_images(
+    paths: Iterable[Path],
+    methods: Sequence[Method],
+    *,
+    sigmas: Sequence[float] = (25.0,),
+    protocols: Sequence[str] = PROTOCOLS,
+    seed: int = 0,
+    crop_size: int | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> list[dict[str, float | str]]:
+    """One row per (image, sigma, protocol, method) with every quality measure.
+
+    Image i (in the given order) gets noise seed ``seed + i`` for every sigma and
+    protocol, so all methods see exactly the same noisy input.
+    """
+    rows: list[dict[str, float | str]] = []
+    for index, path in enumerate(paths):
+        clean, mask = centre_square(*crop_to_fov(read_image(path)), crop_size)
+        for sigma in sigmas:
+            for protocol in protocols:
+                noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
+                for method in methods:
+                    quality = image_quality(clean, method.restore(noisy, sigma), mask=mask)
+                    rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
+                    if on_step:
+                        on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
+    return rows
+
+
+def summarise(rows: Sequence[dict[str, float | str]]) -> list[dict[str, float | str]]:
+    """Mean of every measure per (sigma, protocol, method), in first-seen order."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["sigma"], row["protocol"], row["method"])].append(row)
+    summary = []
+    for (sigma, protocol, method), members in groups.items():
+        measures = [k for k, v in members[0].items() if isinstance(v, float) and k != "sigma"]
+        means = {k: float(np.mean([m[k] for m in members])) for k in measures}
+        summary.append({"sigma": sigma, "protocol": protocol, "method": method, "images": len(members), **means})
+    return summary
+
+
+def write_tables(rows: Sequence[dict[str, float | str]], report_dir: Path, title: str = "Denoising") -> tuple[Path, Path]:
+    """Per-image CSV, summary CSV and a Markdown summary table; returns (markdown, summary csv)."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(rows, report_dir / "per_image.csv")
+    summary = summarise(rows)
+    summary_csv = _write_csv(summary, report_dir / "summary.csv")
+    header = ["σ", "noise", "method", "images", *SUMMARY_COLUMNS]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary:
+        values = [f"{row['sigma']:g}", str(row["protocol"]), str(row["method"]), str(row["images"])]
+        values += [f"{row[c]:.4f}" if c.startswith("ssim") else f"{row[c]:.2f}" for c in SUMMARY_COLUMNS]
+        lines.append("| " + " | ".join(values) + " |")
+    markdown = report_dir / "results.md"
+    markdown.write_text("\n".join(lines) + "\n")
+    return markdown, summary_csv
+
+
+def _write_csv(rows: Sequence[dict[str, float | str]], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
