@@ -1,0 +1,264 @@
+"""Training data: noisy/clean patch batches streamed from fundus photographs.
+
+Design, and why:
+
+* **Split by image.** ``split_images`` holds whole photographs out for validation
+  (a seeded draw or an explicit list), so no validation pixel was ever trained on.
+* **Every batch is a pure function of (seed, step).** A batch is built from a small
+  group of photographs with a random generator seeded by its step, so resuming at
+  step k regenerates exactly the batches an uninterrupted run would have seen,
+  with no stream state to save beyond the step.
+* **Bounded memory, few reads.** Photographs are read a group at a time
+  (``images_per_group``) and each gives ``patches_per_image`` patches before the
+  group is dropped: a 2196×1958 JPEG costs about 50 ms to decode, so it must feed
+  many patches. Only the current group is held, whatever the number of images.
+* **Lanes.** Steps are dealt round-robin to ``lanes`` (one per DataLoader worker,
+  as DataLoader collects worker outputs round-robin) and, under
+  ``torch.distributed``, to ranks. Each (rank, lane) reads its own share of the
+  image sequence, so workers and ranks never read the same group twice. A batch
+  therefore depends on the number of workers and ranks: resuming is exact with the
+  same ones.
+* **Noise on the fly**, fixed sigma or uniform in a range (blind models), and the
+  ``camera`` protocol on a fraction of patches: clipped to [0, 1] and quantised to
+  8 bits as every real noisy file is. A model trained without it leaves the black
+  surround as biased noise (clipping turns zero-mean noise on black into a
+  positive offset), which costs the official CDnCNN-B up to 4 dB on such input.
+* Patch centres are drawn inside the field of view, except a ``border_fraction``
+  drawn anywhere in the FOV-cropped photograph, so the model also learns the
+  border and the black surround.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from fundus_restore.degrade import quantize
+from fundus_restore.evaluate import PROTOCOLS, centre_square, degrade_for_protocol
+from fundus_restore.fov import crop_to_fov
+from fundus_restore.io import read_image
+
+# Tags that keep the generators of the image order, the batches and the split apart.
+_ORDER, _BATCH, _SPLIT = 0, 1, 2
+# Tries to draw a patch centre inside the field of view before taking any place:
+# the FOV covers most of its crop, so this rarely runs out.
+_CENTRE_TRIES = 20
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """How training patches are cut and degraded (sigma on the 0–255 scale)."""
+
+    patch_size: int = 80
+    sigma: float | tuple[float, float] = 25.0
+    clip_probability: float = 0.5
+    border_fraction: float = 0.2
+    patches_per_image: int = 128
+    images_per_group: int = 4
+
+    def __post_init__(self) -> None:
+        low, high = self.sigma_range
+        if not 0 <= low <= high:
+            raise ValueError(f"sigma must be a value or a range [low, high] with 0 <= low <= high, got {self.sigma}")
+        for name in ("clip_probability", "border_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("patch_size", "patches_per_image", "images_per_group"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        if isinstance(self.sigma, (int, float)):
+            return float(self.sigma), float(self.sigma)
+        low, high = self.sigma
+        return float(low), float(high)
+
+
+class PatchBatch(NamedTuple):
+    """N×C×P×P float32 tensors, and each patch's noise sigma on the [0, 1] scale."""
+
+    noisy: torch.Tensor
+    clean: torch.Tensor
+    sigma: torch.Tensor
+
+
+def split_images(
+    images: Sequence[Path],
+    *,
+    holdout: int = 0,
+    among: Sequence[Path] | None = None,
+    names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> tuple[list[Path], list[Path]]:
+    """Split photographs into (train, validation), never sharing one between both.
+
+    Either ``names`` (file names or paths) picks the validation images, or ``holdout``
+    of them are drawn with ``seed`` from ``among`` (default: all), e.g. 10 HEI-MED
+    photographs out of HEI-MED + DRIVE. The draw depends only on the seed and the
+    set of files, not on the order they were listed in.
+    """
+    unique = sorted({Path(p).resolve(): Path(p) for p in images}.items())
+    if names is not None and holdout:
+        raise ValueError("give the validation images by name or a holdout count, not both")
+    if names is not None:
+        chosen = set()
+        for name in map(str, names):
+            matches = {key for key, path in unique if name in (path.name, str(path))}
+            if not matches:
+                raise ValueError(f"validation image {name!r} is not among the training images")
+            chosen |= matches
+    else:
+        allowed = None if among is None else {Path(p).resolve() for p in among}
+        candidates = [key for key, _ in unique if allowed is None or key in allowed]
+        if holdout > len(candidates):
+            raise ValueError(f"cannot hold out {holdout} validation images from {len(candidates)}")
+        picks = np.random.default_rng((seed, _SPLIT)).choice(len(candidates), size=holdout, replace=False)
+        chosen = {candidates[i] for i in picks}
+    train = [path for key, path in unique if key not in chosen]
+    validation = [path for key, path in unique if key in chosen]
+    return train, validation
+
+
+def load_fov_crop(path: Path, min_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A photograph cropped to its field of view, with the FOV mask."""
+    image, mask = crop_to_fov(read_image(path))
+    if min(image.shape[:2]) < min_size:
+        raise ValueError(f"{path}: its field of view crop is {image.shape[1]}×{image.shape[0]}, smaller than {min_size}²")
+    return image, mask
+
+
+def _augment(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One of the 8 flips/quarter turns: fundus photographs have no preferred orientation."""
+    patch = np.rot90(patch, int(rng.integers(4)))
+    return patch[:, ::-1] if rng.random() < 0.5 else patch
+
+
+def _channels_first(patches: np.ndarray) -> torch.Tensor:
+    """N×P×P×C array -> N×C×P×P tensor, the layout of torch convolutions."""
+    return torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2)))
+
+
+class PatchStream(IterableDataset):
+    """An endless stream of ``PatchBatch``es; batch ``step`` is the same on every run.
+
+    Use it with ``DataLoader(stream, batch_size=None, num_workers=W)``: worker w of a
+    stream starting at ``start_step`` yields steps ``start_step + w + j·W``, which is
+    the order DataLoader hands them out.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Path],
+        *,
+        batch_size: int,
+        settings: PatchSettings = PatchSettings(),
+        seed: int = 0,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not images:
+            raise ValueError("no training images")
+        self.images = list(images)
+        self.batch_size = batch_size
+        self.settings = settings
+        self.seed = seed
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        group_patches = settings.images_per_group * settings.patches_per_image
+        self.batches_per_group = max(1, math.ceil(group_patches / batch_size))
+        # Sequence position -> (FOV-cropped image, FOV mask); only the current group.
+        self._group: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def cached_images(self) -> int:
+        return len(self._group)
+
+    def __iter__(self) -> Iterator[PatchBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step, lanes=workers)
+            step += workers
+
+    def batch(self, step: int, lanes: int = 1) -> PatchBatch:
+        """The batch of ``step`` when the stream is read by ``lanes`` workers."""
+        lane, lane_step = step % lanes, step // lanes
+        stream_id, streams = self.rank * lanes + lane, self.world_size * lanes
+        group = lane_step // self.batches_per_group
+        per_group = self.settings.images_per_group
+        # This stream's share of the image sequence: every `streams`-th position.
+        positions = [(group * per_group + j) * streams + stream_id for j in range(per_group)]
+        self._group = {p: self._group[p] if p in self._group else self._load(p) for p in positions}
+        rng = np.random.default_rng((self.seed, _BATCH, stream_id, lane_step))
+        return self._degrade([self._group[positions[i % per_group]] for i in range(self.batch_size)], rng)
+
+    def _load(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image at ``position`` of the endless sequence of seeded shuffles of all images."""
+        epoch, offset = divmod(position, len(self.images))
+        order = np.random.default_rng((self.seed, _ORDER, epoch)).permutation(len(self.images))
+        return load_fov_crop(self.images[order[offset]], self.settings.patch_size)
+
+    def _corner(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left corner of a patch whose centre lies in the FOV (but for a border fraction)."""
+        size = self.settings.patch_size
+        anywhere = rng.random() < self.settings.border_fraction
+        for _ in range(_CENTRE_TRIES):
+            top = int(rng.integers(mask.shape[0] - size + 1))
+            left = int(rng.integers(mask.shape[1] - size + 1))
+            if anywhere or mask[top + size // 2, left + size // 2]:
+                break
+        return top, left
+
+    def _degrade(self, sources: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> PatchBatch:
+        size, settings = self.settings.patch_size, self.settings
+        clean = np.empty((len(sources), size, size, sources[0][0].shape[2]), dtype=np.float32)
+        for index, (image, mask) in enumerate(sources):
+            top, left = self._corner(mask, rng)
+            clean[index] = _augment(image[top : top + size, left : left + size], rng)
+        sigma = rng.uniform(*settings.sigma_range, size=len(clean)).astype(np.float32) / 255.0
+        noisy = clean + rng.standard_normal(clean.shape, dtype=np.float32) * sigma[:, None, None, None]
+        camera = rng.random(len(clean)) < settings.clip_probability
+        noisy[camera] = quantize(noisy[camera], bits=8)  # clips, then rounds to 8 bits
+        return PatchBatch(_channels_first(noisy), _channels_first(clean), torch.from_numpy(sigma))
+
+
+@dataclass(frozen=True)
+class ValidationCrop:
+    """A fixed noisy/clean crop (H×W×C) of a validation photograph under one protocol."""
+
+    name: str
+    protocol: str
+    noisy: np.ndarray
+    clean: np.ndarray
+    mask: np.ndarray
+
+
+def validation_crops(
+    images: Sequence[Path],
+    *,
+    crop: int | None = 256,
+    sigma: float = 25.0,
+    protocols: Sequence[str] = PROTOCOLS,
+    seed: int = 0,
+) -> list[ValidationCrop]:
+    """The central ``crop``² of each FOV-cropped photograph with fixed-seed noise
+    (image i gets seed ``seed + i``, as in ``evaluate``), so that validation scores
+    are comparable from one step, and one run, to the next."""
+    crops = []
+    for index, path in enumerate(images):
+        clean, mask = centre_square(*load_fov_crop(path), crop)
+        for protocol in protocols:
+            noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
+            crops.append(ValidationCrop(path.name, protocol, noisy, clean, mask))
+    return crops

@@ -1,0 +1,619 @@
+"""Train a restoration network from a YAML config (see ``configs/``).
+
+``train_from_config`` reads the config, applies command-line overrides, streams
+patch batches (``fundus_restore.data``), and writes into the ``output`` folder:
+
+* ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end, written
+  atomically (temporary file, fsync, rename) and holding the model, optimizer,
+  scheduler, the random states and the step. Since batch k is a pure function of
+  (seed, k), ``resume=True`` continues bit for bit where the run stopped.
+* ``scalars.csv`` (wall_time, step, tag, value: the layout of TensorBoard's scalar
+  export) and ``scalars.jsonl`` (one JSON object per logged step), since TensorBoard
+  is not a dependency.
+* ``config.yaml``, the effective config; and at the end ``model.safetensors``
+  (batch norm folded) with its model card ``model.json``.
+
+Run it on several processes with ``torchrun --nproc_per_node N -m fundus_restore
+train CONFIG``: each rank trains on its own share of the patches
+(DistributedDataParallel; gloo on CPU, nccl on CUDA) and only rank 0 writes.
+CUDA and bfloat16 mixed precision are used when present.
+
+Relative paths in a config are relative to the working directory, like the
+command-line overrides that replace them.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+from fundus_restore.data import PatchSettings, PatchStream, ValidationCrop, split_images, validation_crops
+from fundus_restore.io import list_images
+from fundus_restore.losses import ChannelWeightedMSE
+from fundus_restore.metrics import image_quality
+from fundus_restore.models import create_model
+from fundus_restore.pretrained import count_parameters, load_model, save_model
+
+# Every key a config may have, with its default. Unknown keys are refused (a typo
+# would otherwise silently train with the default). ``model.kwargs`` is free-form.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "output": "runs/experiment",
+    "steps": 1000,
+    "batch_size": 32,
+    "log_every": 20,
+    "validate_every": 500,
+    "checkpoint_every": 500,
+    "device": "auto",  # auto | cpu | cuda
+    "mixed_precision": "auto",  # auto: bfloat16 on CUDA | off
+    "model": {"architecture": None, "kwargs": {}, "init_weights": None},
+    "data": {
+        "train": [],
+        "patch_size": 80,
+        "sigma": 25.0,  # 0–255 scale; [low, high] for a blind model
+        "clip_probability": 0.5,
+        "border_fraction": 0.2,
+        "patches_per_image": 128,
+        "images_per_group": 4,
+        "workers": 1,
+    },
+    "validation": {"holdout": 0, "among": None, "files": None, "seed": 0, "crop": 256, "sigma": 25.0},
+    "loss": {"weights": [1.0, 1.0, 1.0]},
+    "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
+    "schedule": {"decay": "none", "lr_min": 0.0, "intervals": 10},  # decay: none | step | exponential | cosine
+}
+FREE_FORM = {"model.kwargs"}
+DECAYS = ("none", "step", "exponential", "cosine")
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in given.items():
+        name = f"{prefix}{key}"
+        if key not in defaults:
+            raise TrainingError(f"unknown config key {name!r}; known: {', '.join(prefix + k for k in defaults)}")
+        if isinstance(defaults[key], dict) and name not in FREE_FORM:
+            if not isinstance(value, Mapping):
+                raise TrainingError(f"config key {name!r} must be a mapping, got {value!r}")
+            value = _merge(defaults[key], value, f"{name}.")
+        merged[key] = value
+    return merged
+
+
+def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """``config["a"]["b"] = value`` for ``key`` "a.b" (a free-form section takes sub-keys)."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TrainingError(f"cannot override {key!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _as_list(value: Any) -> list[str]:
+    return [] if value is None else [str(v) for v in ([value] if isinstance(value, (str, Path)) else value)]
+
+
+def _overlay(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with the values of ``given`` in place of its own, section by section."""
+    merged = dict(base)
+    for key, value in given.items():
+        both_sections = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+        merged[key] = _overlay(merged[key], value) if both_sections else value
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config; one with ``base: OTHER.yaml`` (relative to it) overrides that file's values."""
+    path = Path(path)
+    try:
+        given = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise TrainingError(f"{path}: cannot read the config ({error})") from None
+    if not isinstance(given, dict):
+        raise TrainingError(f"{path}: not a YAML mapping of config keys")
+    base = given.pop("base", None)
+    return given if base is None else _overlay(read_config_file(path.parent / base), given)
+
+
+def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The effective config: defaults, then the YAML file (or mapping), then ``overrides``
+    given as dotted keys (``{"data.train": [...], "model.init_weights": "x.mat"}``)."""
+    given = copy.deepcopy(dict(config)) if isinstance(config, Mapping) else read_config_file(config)
+    for key, value in (overrides or {}).items():
+        _set_dotted(given, key, value)
+    merged = _merge(DEFAULT_CONFIG, given)
+    merged["data"]["train"] = _as_list(merged["data"]["train"])
+    for key in ("among", "files"):
+        if merged["validation"][key] is not None:
+            merged["validation"][key] = _as_list(merged["validation"][key])
+    schedule = merged["schedule"]
+    if schedule["decay"] not in DECAYS:
+        raise TrainingError(f"schedule.decay must be one of {', '.join(DECAYS)}, got {schedule['decay']!r}")
+    if schedule["decay"] in ("step", "exponential") and not 0 < schedule["lr_min"] <= merged["optimizer"]["lr"]:
+        raise TrainingError(f"schedule.lr_min must lie in (0, optimizer.lr] for {schedule['decay']} decay")
+    if merged["mixed_precision"] not in ("auto", "off"):
+        raise TrainingError(f"mixed_precision must be 'auto' or 'off', got {merged['mixed_precision']!r}")
+    for key in ("steps", "batch_size", "log_every", "validate_every", "checkpoint_every"):
+        if not isinstance(merged[key], int) or merged[key] < 1:
+            raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
+    return merged
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def learning_rate_factor(step: int, *, steps: int, decay: str, lr: float, lr_min: float, intervals: int) -> float:
+    """Multiplier of the initial ``lr`` at ``step``: from 1 down to ``lr_min / lr`` at the end.
+
+    ``exponential`` decays smoothly and geometrically, ``step`` the same way in
+    ``intervals`` constant pieces (DnCNN's recipe), ``cosine`` along a half cosine.
+    """
+    if decay == "none":
+        return 1.0
+    progress, floor = min(step / steps, 1.0), lr_min / lr
+    if decay == "exponential":
+        return floor**progress
+    if decay == "step":
+        piece = min(int(progress * intervals), intervals - 1)
+        return floor ** (piece / max(intervals - 1, 1))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_model(model_config: Mapping[str, Any]) -> nn.Module:
+    """A new model, or one initialised from ``init_weights``: a bundled name, a
+    safetensors file or an official DnCNN MatConvNet ``.mat`` file."""
+    architecture, kwargs, init = model_config["architecture"], model_config["kwargs"], model_config["init_weights"]
+    if init is None:
+        if architecture is None:
+            raise TrainingError("the config needs model.architecture or model.init_weights")
+        return create_model(architecture, **kwargs)
+    if Path(init).suffix.lower() == ".mat":
+        from fundus_restore.matconvnet import load_matconvnet_dncnn
+
+        model = load_matconvnet_dncnn(init)
+    else:
+        model = load_model(init)
+    if architecture not in (None, model.architecture):
+        raise TrainingError(f"{init}: holds a {model.architecture!r} model, but model.architecture is {architecture!r}")
+    mismatched = {k: v for k, v in kwargs.items() if model.config.get(k) != v}
+    if mismatched:
+        raise TrainingError(f"{init}: model.kwargs {mismatched} differ from the weights' {model.config}")
+    return model.train()
+
+
+def _random_states() -> dict[str, Any]:
+    """Python, NumPy and torch random states as tensors and lists (loadable with weights_only)."""
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(python_state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore_random_states(states: Mapping[str, Any]) -> None:
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_atomically(payload: Any, path: Path) -> None:
+    """``torch.save`` that never leaves a half-written file at ``path``, even on a crash."""
+    partial_path = path.with_name(path.name + ".partial")
+    with open(partial_path, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial_path, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by the trainer, loaded without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise TrainingError(f"{path}: unreadable checkpoint ({str(error).splitlines()[0]})") from None
+
+
+class ScalarLog:
+    """Scalars by step in ``scalars.csv`` and ``scalars.jsonl``; on resume, entries
+    after the checkpoint's step (logged by the interrupted run) are dropped."""
+
+    def __init__(self, directory: Path, *, resume_step: int | None = None) -> None:
+        self.csv_path, self.jsonl_path = directory / "scalars.csv", directory / "scalars.jsonl"
+        if resume_step is None or not self.csv_path.exists():
+            self.csv_path.write_text("wall_time,step,tag,value\n")
+            self.jsonl_path.write_text("")
+            return
+        with open(self.csv_path, newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        self.csv_path.write_text("wall_time,step,tag,value\n")
+        self._append_csv([(row["wall_time"], row["step"], row["tag"], row["value"]) for row in rows])
+        if self.jsonl_path.exists():
+            kept = [line for line in self.jsonl_path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+
+    def _append_csv(self, rows: list[tuple[Any, ...]]) -> None:
+        with open(self.csv_path, "a", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        now = time.time()
+        self._append_csv([(f"{now:.3f}", step, tag, f"{value:.7g}") for tag, value in scalars.items()])
+        with open(self.jsonl_path, "a") as handle:
+            handle.write(json.dumps({"step": step, "wall_time": round(now, 3), **scalars}) + "\n")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its rank among ``world_size`` and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextmanager
+def _placement(device_name: str) -> Iterator[Placement]:
+    """This process's rank and device; joins the process group when run by torchrun."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device is 'cuda' but PyTorch sees no CUDA device")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size == 1:
+        yield Placement(0, 1, device)
+        return
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    try:
+        yield Placement(dist.get_rank(), world_size, device)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Model, loss, optimizer and schedule of one run, stepped one batch at a time."""
+
+    def __init__(self, config: Mapping[str, Any], placement: Placement) -> None:
+        self.config = config
+        self.placement = placement
+        torch.manual_seed(config["seed"])  # the same initial weights on every rank and run
+        self.model = build_model(config["model"]).to(placement.device)
+        self.network: nn.Module = self.model
+        if placement.world_size > 1:
+            device_ids = [placement.device.index] if placement.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.criterion = ChannelWeightedMSE(config["loss"]["weights"])
+        optimizer_config, schedule = config["optimizer"], config["schedule"]
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=optimizer_config["lr"], weight_decay=optimizer_config["weight_decay"]
+        )
+        factor = partial(learning_rate_factor, steps=config["steps"], lr=optimizer_config["lr"], **schedule)
+        self.scheduler = LambdaLR(self.optimizer, factor)
+        self.autocast = placement.device.type == "cuda" and config["mixed_precision"] == "auto"
+        self.step = 0
+        self.train_seconds = 0.0  # time spent in training steps, over all resumed runs
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor) -> float:
+        """One optimisation step; returns the loss averaged over ranks.
+
+        A NaN or infinite loss raises ``TrainingError`` before the weights are touched,
+        so the last checkpoint stays the last good state.
+        """
+        device = self.placement.device
+        noisy, clean, sigma = (t.to(device, non_blocking=True) for t in (noisy, clean, sigma))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            restored = self.network(noisy, sigma)
+        loss = self.criterion(restored.float(), clean)
+        reported = loss.detach().clone()
+        if self.placement.world_size > 1:
+            dist.all_reduce(reported)  # every rank sees a NaN anywhere and stops together
+            reported /= self.placement.world_size
+        value = reported.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"step {self.step + 1}: the loss is {value}; training stopped and the last good checkpoint "
+                f"in {self.config['output']} is kept (lower optimizer.lr or check the training images)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return value
+
+    @torch.no_grad()
+    def validate(self, crops: list[ValidationCrop]) -> dict[str, float]:
+        """Mean PSNR and SSIM over the validation crops, per noise protocol."""
+        self.model.eval()
+        scores: dict[str, list[float]] = {}
+        for crop in crops:
+            noisy = torch.from_numpy(crop.noisy.transpose(2, 0, 1)[None].copy()).to(self.placement.device)
+            with torch.autocast(self.placement.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                restored = self.model(noisy)
+            # Clipped as any written image is.
+            restored_image = restored.float().clamp(0.0, 1.0)[0].permute(1, 2, 0).cpu().numpy()
+            quality = image_quality(crop.clean, restored_image, mask=crop.mask)
+            for measure in ("psnr", "ssim"):
+                scores.setdefault(f"val/{measure}_{crop.protocol}", []).append(float(quality[measure]))
+        self.model.train()
+        return {tag: float(np.mean(values)) for tag, values in scores.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "random": _random_states(),
+            "data_stream": {
+                "seed": self.config["seed"],
+                "step": self.step,
+                "world_size": self.placement.world_size,
+                "workers": self.config["data"]["workers"],
+            },
+            "config": dict(self.config),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _restore_random_states(state["random"])
+        self.step, self.train_seconds = int(state["step"]), float(state["train_seconds"])
+
+    def final_model(self) -> nn.Module:
+        """The trained model for inference, batch norm folded where the model can."""
+        model = self.model.eval()
+        return model.fold_batch_norm() if hasattr(model, "fold_batch_norm") else model
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _data_split(config: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
+    data, validation = config["data"], config["validation"]
+    images = list_images([Path(p) for p in data["train"]])
+    if not images:
+        raise TrainingError("no training images: set data.train in the config or with --set data.train=[FOLDER,...]")
+    among = None if validation["among"] is None else list_images([Path(p) for p in validation["among"]])
+    try:
+        return split_images(
+            images, holdout=validation["holdout"], among=among, names=validation["files"], seed=validation["seed"]
+        )
+    except ValueError as error:
+        raise TrainingError(f"validation split: {error}") from None
+
+
+def _patch_stream(config: Mapping[str, Any], images: list[Path], start_step: int, placement: Placement) -> PatchStream:
+    data = config["data"]
+    settings = PatchSettings(
+        patch_size=data["patch_size"],
+        sigma=data["sigma"] if isinstance(data["sigma"], (int, float)) else tuple(data["sigma"]),
+        clip_probability=data["clip_probability"],
+        border_fraction=data["border_fraction"],
+        patches_per_image=data["patches_per_image"],
+        images_per_group=data["images_per_group"],
+    )
+    return PatchStream(
+        images,
+        batch_size=config["batch_size"],
+        settings=settings,
+        seed=config["seed"],
+        start_step=start_step,
+        rank=placement.rank,
+        world_size=placement.world_size,
+    )
+
+
+def _progress(console: Console, disable: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3g}  {task.fields[rate]:.0f} patches/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+    )
+
+
+def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, console: Console) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None for a fresh run), refusing to overwrite a run by mistake."""
+    output = Path(config["output"])
+    checkpoint = output / CHECKPOINT
+    if not resume:
+        if checkpoint.exists():
+            raise TrainingError(f"{output}: holds a checkpoint of an earlier run; resume it or choose another output")
+        return None
+    if not checkpoint.exists():
+        raise TrainingError(f"{checkpoint}: no checkpoint to resume from")
+    state = load_checkpoint(checkpoint)
+    changed = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+    if changed:
+        console.print(f"[yellow]note:[/] resuming with changed config sections: {', '.join(changed)}")
+    stream = state["data_stream"]
+    if (stream["world_size"], stream["workers"]) != (world_size, config["data"]["workers"]):
+        console.print("[yellow]note:[/] process or worker count changed: batches from here on differ from the original run")
+    return state
+
+
+def _model_card(
+    trainer: Trainer, model: nn.Module, train_images: list[Path], validation_images: list[Path], scores: dict[str, float]
+) -> dict[str, Any]:
+    """What the saved ``model`` is and how it was trained: the card beside its weights."""
+    config = trainer.config
+    data = config["data"]
+    patches = trainer.step * config["batch_size"] * trainer.placement.world_size
+    return {
+        "task": "denoise",
+        "summary": f"{model.architecture} trained {trainer.step} steps on {len(train_images)} fundus photographs",
+        "architecture": model.architecture,
+        "config": model.config,
+        "parameters": count_parameters(model),
+        "training_data": {
+            "sources": data["train"],
+            "images": [p.name for p in train_images],
+            "validation_images": [p.name for p in validation_images],
+        },
+        "recipe": {
+            "init_weights": config["model"]["init_weights"],
+            "optimizer": {"name": "Adam", **config["optimizer"]},
+            "schedule": config["schedule"],
+            "steps": trainer.step,
+            "batch_size": config["batch_size"] * trainer.placement.world_size,
+            "patch_size": data["patch_size"],
+            "loss": {"name": "channel_weighted_mse", "weights": list(trainer.criterion.weights)},
+            "noise": {
+                "sigma": data["sigma"],
+                "clip_probability": data["clip_probability"],
+                "border_fraction": data["border_fraction"],
+            },
+            "seed": config["seed"],
+        },
+        "training": {
+            "wall_time_s": round(trainer.train_seconds, 1),
+            "device": trainer.placement.device.type,
+            "device_name": torch.cuda.get_device_name(trainer.placement.device)
+            if trainer.placement.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "processes": trainer.placement.world_size,
+            "patches_per_s": round(patches / max(trainer.train_seconds, 1e-9), 1),
+        },
+        "validation": {
+            "crop": config["validation"]["crop"],
+            "sigma": config["validation"]["sigma"],
+            **{tag.removeprefix("val/"): round(value, 4) for tag, value in scores.items()},
+        },
+        "training_config": config,
+    }
+
+
+def train_from_config(
+    config: str | Path | Mapping[str, Any], *, resume: bool = False, overrides: Mapping[str, Any] | None = None
+) -> Path:
+    """Train as the config says; returns the path of the final ``model.safetensors``."""
+    settings = load_config(config, overrides)
+    console = Console(stderr=True)
+    with _placement(settings["device"]) as placement:
+        return _run(settings, resume, placement, console)
+
+
+def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Console) -> Path:
+    output = Path(config["output"])
+    state = _resume_state(config, resume, placement.world_size, console)
+    train_images, validation_images = _data_split(config)
+    trainer = Trainer(config, placement)
+    if state is not None:
+        trainer.load_state(state)
+    main = placement.is_main
+    crops: list[ValidationCrop] = []
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
+        validation = config["validation"]
+        crops = validation_crops(validation_images, crop=validation["crop"], sigma=validation["sigma"])
+
+    stream = _patch_stream(config, train_images, trainer.step, placement)
+    workers = config["data"]["workers"]
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=placement.device.type == "cuda")
+    patches_per_step = config["batch_size"] * placement.world_size
+    scores: dict[str, float] = {}
+    with _progress(console, disable=not main) as progress:
+        task = progress.add_task("training", total=config["steps"], completed=trainer.step, loss=float("nan"), rate=0.0)
+        # Throughput counts the time spent waiting for and training on batches, not validating or saving.
+        window_seconds, window_steps = 0.0, 0
+        batches = iter(loader)
+        while trainer.step < config["steps"]:
+            started = time.perf_counter()
+            batch = next(batches)
+            loss = trainer.train_step(batch.noisy, batch.clean, batch.sigma)
+            elapsed = time.perf_counter() - started
+            trainer.train_seconds += elapsed
+            window_seconds, window_steps = window_seconds + elapsed, window_steps + 1
+            step = trainer.step
+            if step % config["log_every"] == 0 or step == config["steps"]:
+                rate = window_steps * patches_per_step / window_seconds
+                progress.update(task, completed=step, loss=loss, rate=rate)
+                if main:
+                    log.write(step, {"train/loss": loss, "train/lr": trainer.learning_rate, "train/patches_per_s": rate})
+                window_seconds, window_steps = 0.0, 0
+            if main and crops and (step % config["validate_every"] == 0 or step == config["steps"]):
+                scores = trainer.validate(crops)
+                log.write(step, scores)
+                progress.console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+            if main and (step % config["checkpoint_every"] == 0 or step == config["steps"]):
+                save_atomically(trainer.state(), output / CHECKPOINT)
+    del batches  # stop the loader's workers before the final writes
+    weights = output / "model.safetensors"
+    if main:
+        if crops and not scores:  # resumed a finished run: score the model once more
+            scores = trainer.validate(crops)
+        final = trainer.final_model()
+        save_model(final, weights)
+        card = _model_card(trainer, final, train_images, validation_images, scores)
+        (output / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+    if placement.world_size > 1:
+        dist.barrier()  # the other ranks return once rank 0 has written the model
+    return weights

@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fundus_restore import data
+from fundus_restore.data import PatchSettings, PatchStream, split_images, validation_crops
+
+
+def fundus_like(size: int, seed: int) -> np.ndarray:
+    """A textured bright disk on a black surround, 8-bit RGB."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size]
+    inside = (rows - size / 2 + 0.5) ** 2 + (cols - size / 2 + 0.5) ** 2 < (0.45 * size) ** 2
+    texture = rng.uniform(0.25, 0.95, (size, size, 3))
+    return (np.where(inside[..., None], texture, 0.0) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> list[Path]:
+    paths = []
+    for index in range(6):
+        path = tmp_path / f"photo{index}.png"
+        Image.fromarray(fundus_like(48, index)).save(path)
+        paths.append(path)
+    return paths
+
+
+def read_png(path: Path, **_: object) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.float32) / 255
+
+
+class RecordingReader:
+    """Stands in for ``read_image`` and notes which files are read."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __call__(self, path: Path, **_: object) -> np.ndarray:
+        self.names.append(path.name)
+        return read_png(path)
+
+
+def small_stream(photos: list[Path], start_step: int = 0, **settings: object) -> PatchStream:
+    defaults = {"patch_size": 16, "patches_per_image": 8, "images_per_group": 2}
+    settings = PatchSettings(**{**defaults, **settings})
+    return PatchStream(photos, batch_size=8, settings=settings, seed=3, start_step=start_step)
+
+
+def assert_same_batch(first: data.PatchBatch, second: data.PatchBatch) -> None:
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_batches_have_the_promised_shapes_and_ranges(photos: list[Path]) -> None:
+    batch = small_stream(photos, sigma=(5.0, 50.0)).batch(0)
+    assert batch.noisy.shape == batch.clean.shape == (8, 3, 16, 16)
+    assert batch.noisy.dtype == batch.clean.dtype == torch.float32
+    assert batch.clean.min() >= 0 and batch.clean.max() <= 1
+    assert batch.sigma.shape == (8,)
+    assert ((batch.sigma >= 5 / 255) & (batch.sigma <= 50 / 255)).all() and batch.sigma.unique().numel() > 1
+
+
+def test_a_batch_depends_only_on_seed_and_step(photos: list[Path]) -> None:
+    stream, twin = small_stream(photos), small_stream(photos)
+    assert_same_batch(stream.batch(5), twin.batch(5))
+    assert not torch.equal(stream.batch(5).noisy, stream.batch(6).noisy)
+    other_seed = PatchStream(photos, batch_size=8, settings=stream.settings, seed=4)
+    assert not torch.equal(stream.batch(5).noisy, other_seed.batch(5).noisy)
+    # Iterating, and iterating from a later step (a resumed run), gives the same batches.
+    iterated = list(islice(iter(stream), 6))
+    for step, batch in enumerate(iterated):
+        assert_same_batch(batch, twin.batch(step))
+    assert_same_batch(next(iter(small_stream(photos, start_step=4))), iterated[4])
+
+
+def test_dataloader_workers_deal_the_steps_in_order(photos: list[Path]) -> None:
+    stream = small_stream(photos, start_step=3)  # an odd start: worker 0 begins with a lane-1 step
+    loader = DataLoader(stream, batch_size=None, num_workers=2)
+    for step, batch in zip(range(3, 7), loader):
+        assert_same_batch(batch, stream.batch(step, lanes=2))
+
+
+def test_ranks_read_different_images(photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = PatchSettings(16, patches_per_image=4, images_per_group=3)
+    readers = [RecordingReader(), RecordingReader()]
+    for rank, reader in enumerate(readers):
+        monkeypatch.setattr(data, "read_image", reader)
+        PatchStream(photos, batch_size=8, settings=settings, rank=rank, world_size=2).batch(0)
+    assert len(readers[0].names) == len(readers[1].names) == 3
+    assert not set(readers[0].names) & set(readers[1].names)
+
+
+def test_memory_stays_bounded_and_every_image_is_visited(photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    reader = RecordingReader()
+    monkeypatch.setattr(data, "read_image", reader)
+    stream = small_stream(photos)  # 2 images × 8 patches per group = 2 batches of 8
+    for step, _ in zip(range(30), stream):
+        assert stream.cached_images <= 2
+    assert len(reader.names) == 30  # 15 groups of 2 images: each read feeds 8 patches
+    assert {p.name for p in photos} == set(reader.names[:6])  # one pass over all images before any repeats
+
+
+def test_flips_and_rotations_keep_noisy_and_clean_aligned(photos: list[Path]) -> None:
+    source = read_png(photos[0])
+    stream = PatchStream([photos[0]], batch_size=16, settings=PatchSettings(12, sigma=25.0, clip_probability=0.0), seed=1)
+    batch = stream.batch(0)
+    # The noise is all that separates them: misaligned textured patches would differ far more.
+    residual = (batch.noisy - batch.clean).numpy()
+    assert abs(residual.std() - 25 / 255) < 0.1 * 25 / 255
+    # Every clean patch is a flipped/rotated window of the photograph, and several transforms occur.
+    windows = np.lib.stride_tricks.sliding_window_view(source, (12, 12), axis=(0, 1)).transpose(0, 1, 3, 4, 2)
+    transforms = set()
+    for patch in batch.clean.numpy().transpose(0, 2, 3, 1):
+        # Undo each of the 8 transforms in turn and look for the window it came from.
+        undone = [np.rot90(patch[:, ::-1] if t >= 4 else patch, -(t % 4)) for t in range(8)]
+        matches = [t for t in range(8) if (np.abs(windows - undone[t]).max(axis=(2, 3, 4)) < 1e-6).any()]
+        assert matches, "a clean patch is not a window of the photograph"
+        transforms.add(matches[0])
+    assert len(transforms) > 2
+
+
+def test_camera_protocol_gives_8bit_values_in_range(photos: list[Path]) -> None:
+    noisy = small_stream(photos, clip_probability=1.0, sigma=50.0).batch(0).noisy
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    levels = noisy * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    unclipped = small_stream(photos, clip_probability=0.0, sigma=50.0, border_fraction=1.0).batch(0).noisy
+    assert unclipped.min() < 0 and not torch.allclose(unclipped * 255, (unclipped * 255).round(), atol=1e-4)
+
+
+def test_patches_come_from_the_field_of_view_with_some_surround(tmp_path: Path) -> None:
+    photo = tmp_path / "large.png"
+    Image.fromarray(fundus_like(96, 0)).save(photo)  # about a fifth of the FOV crop is black corners
+
+    def clean_patches(border_fraction: float) -> torch.Tensor:
+        return PatchStream([photo], batch_size=64, settings=PatchSettings(8, border_fraction=border_fraction)).batch(0).clean
+
+    # The central 2×2 block holds the patch centre whatever the flip or rotation.
+    assert not (clean_patches(0.0)[:, :, 3:5, 3:5].amax(dim=(1, 2, 3)) == 0).any()
+    assert (clean_patches(1.0)[:, :, 3:5, 3:5].amax(dim=(1, 2, 3)) == 0).any()
+    has_surround = (clean_patches(0.2).amax(dim=1) == 0).any(dim=(1, 2))
+    assert 0 < has_surround.float().mean() < 1
+
+
+def test_split_holds_whole_images_out_deterministically(photos: list[Path]) -> None:
+    train, validation = split_images(photos, holdout=2, seed=7)
+    assert len(train) == 4 and len(validation) == 2 and not set(train) & set(validation)
+    assert split_images(list(reversed(photos)), holdout=2, seed=7) == (train, validation)
+    assert split_images(photos, holdout=2, seed=8)[1] != validation or split_images(photos, holdout=2, seed=9)[1] != validation
+    # The same photograph listed twice (another spelling of its path) still lands on one side only.
+    again = photos + [photos[0].parent / "." / photos[0].name]
+    train, validation = split_images(again, holdout=3, seed=7)
+    assert len(train) + len(validation) == 6 and not {p.resolve() for p in train} & {p.resolve() for p in validation}
+
+
+def test_split_among_a_subset_or_by_name(photos: list[Path]) -> None:
+    train, validation = split_images(photos, holdout=2, among=photos[:3], seed=0)
+    assert set(validation) <= set(photos[:3]) and set(photos[3:]) <= set(train)
+    train, validation = split_images(photos, names=["photo1.png", str(photos[4])])
+    assert validation == [photos[1], photos[4]] and photos[1] not in train
+    with pytest.raises(ValueError, match="'nope.png' is not among the training images"):
+        split_images(photos, names=["nope.png"])
+    with pytest.raises(ValueError, match="cannot hold out 7"):
+        split_images(photos, holdout=7)
+
+
+def test_validation_crops_are_fixed(photos: list[Path]) -> None:
+    crops = validation_crops(photos[:2], crop=32, sigma=25.0)
+    again = validation_crops(photos[:2], crop=32, sigma=25.0)
+    assert [(c.name, c.protocol) for c in crops] == [(p.name, protocol) for p in photos[:2] for protocol in ("paper", "camera")]
+    for crop, twin in zip(crops, again):
+        assert crop.clean.shape == crop.noisy.shape == (32, 32, 3) and crop.mask.shape == (32, 32)
+        assert np.array_equal(crop.noisy, twin.noisy)
+    camera = crops[1].noisy
+    assert camera.min() >= 0 and camera.max() <= 1
+    assert not np.array_equal(crops[0].noisy, crops[2].noisy)  # each image its own noise
+
+
+def test_an_image_smaller_than_the_patch_is_named(photos: list[Path]) -> None:
+    with pytest.raises(ValueError, match=r"photo\d\.png.*smaller than 64"):
+        small_stream(photos, patch_size=64).batch(0)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="sigma"):
+        PatchSettings(sigma=(30.0, 10.0))
+    with pytest.raises(ValueError, match="clip_probability"):
+        PatchSettings(clip_probability=1.5)
+
+
+@pytest.mark.shared
+def test_drive_patches_are_mostly_retina(drive_dir: Path) -> None:
+    images = sorted((drive_dir / "training" / "images").glob("*.tif"))[:2]
+    batch = PatchStream(images, batch_size=16, settings=PatchSettings(80, sigma=25.0)).batch(0)
+    assert batch.clean.shape == (16, 3, 80, 80)
+    # Fundus patches are reddish: red above blue in most of them.
+    red_over_blue = batch.clean[:, 0].mean(dim=(1, 2)) > batch.clean[:, 2].mean(dim=(1, 2))
+    assert red_over_blue.float().mean() > 0.7
+    crop = validation_crops(images[:1], crop=256, protocols=("camera",))[0]
+    assert crop.clean.shape == (256, 256, 3) and crop.mask.mean() > 0.9

@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fundus_restore.losses import ChannelWeightedMSE
+from fundus_restore.models import create_model
+from fundus_restore.pretrained import load_model, save_model
+from fundus_restore.train import (
+    DEFAULT_CONFIG,
+    Trainer,
+    TrainingError,
+    build_model,
+    learning_rate_factor,
+    load_checkpoint,
+    load_config,
+    train_from_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def smooth_fundus(size: int, seed: int) -> np.ndarray:
+    """A smooth bright disk on black: easy to denoise, so a few steps already help."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size] / size
+    inside = (rows - 0.5) ** 2 + (cols - 0.5) ** 2 < 0.45**2
+    colour = rng.uniform(0.3, 0.9, 3) * (0.7 + 0.3 * np.sin(6 * rows + 4 * cols))[..., None]
+    return (np.where(inside[..., None], colour, 0.0) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Tiny convolutions run far faster on one thread: two threads wait on each other
+    whenever another process holds a core (the CI machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(4):
+        Image.fromarray(smooth_fundus(48, index)).save(folder / f"photo{index}.png")
+    return folder
+
+
+def tiny_config(photo_dir: Path, output: Path, **changes: Any) -> dict[str, Any]:
+    config = {
+        "seed": 1,
+        "output": str(output),
+        "steps": 8,
+        "batch_size": 4,
+        "log_every": 1,
+        "validate_every": 4,
+        "checkpoint_every": 3,
+        "model": {"architecture": "dncnn", "kwargs": {"depth": 3, "width": 8}},
+        "data": {"train": [str(photo_dir)], "patch_size": 16, "patches_per_image": 4, "images_per_group": 2, "workers": 0},
+        "validation": {"holdout": 1, "crop": 32},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"decay": "exponential", "lr_min": 1e-4},
+    }
+    for key, value in changes.items():
+        section, _, leaf = key.rpartition(".")
+        (config[section] if section else config)[leaf] = value
+    return config
+
+
+def logged(output: Path, tag: str) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (output / "scalars.jsonl").read_text().splitlines()]
+    return [(row["step"], row[tag]) for row in rows if tag in row]
+
+
+def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    weights = train_from_config(tiny_config(photo_dir, output, steps=40, validate_every=40, **{"optimizer.lr": 1e-2}))
+    assert weights == output / "model.safetensors"
+    losses = [loss for _, loss in logged(output, "train/loss")]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
+
+    model = load_model(weights)
+    assert model.config["batch_norm"] is False  # folded for inference
+    card = json.loads((output / "model.json").read_text())
+    assert card["architecture"] == "dncnn" and card["parameters"] == sum(p.numel() for p in model.parameters())
+    assert card["recipe"]["steps"] == 40 and card["recipe"]["patch_size"] == 16
+    assert len(card["training_data"]["images"]) == 3 and len(card["training_data"]["validation_images"]) == 1
+    assert card["training"]["patches_per_s"] > 0
+    assert {"psnr_paper", "ssim_paper", "psnr_camera", "ssim_camera"} <= set(card["validation"])
+    assert (output / "scalars.csv").read_text().startswith("wall_time,step,tag,value\n")
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two DataLoader workers and a restart at an odd step exercise the lanes.
+    changes = {"data.workers": 2}
+    straight = train_from_config(tiny_config(photo_dir, tmp_path / "straight", **changes))
+
+    interrupted = tmp_path / "interrupted"
+    original_step = Trainer.train_step
+
+    def crash_at_step_5(self: Trainer, *batch: torch.Tensor) -> float:
+        if self.step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return original_step(self, *batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_from_config(tiny_config(photo_dir, interrupted, **changes))
+    assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    resumed = train_from_config(tiny_config(photo_dir, interrupted, **changes), resume=True)
+
+    expected, actual = load_file(straight), load_file(resumed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    # The log holds each step once: what the crashed run logged after step 3 was dropped.
+    steps = [step for step, _ in logged(interrupted, "train/loss")]
+    assert steps == list(range(1, 9))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original_forward = ChannelWeightedMSE.forward
+    calls = []
+
+    def nan_from_call_5(self: ChannelWeightedMSE, *args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = original_forward(self, *args)
+        return loss * float("nan") if len(calls) >= 5 else loss
+
+    monkeypatch.setattr(ChannelWeightedMSE, "forward", nan_from_call_5)
+    output = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"step 5: the loss is nan.*last good checkpoint"):
+        train_from_config(tiny_config(photo_dir, output))
+    checkpoint = load_checkpoint(output / "checkpoint.pt")
+    assert checkpoint["step"] == 3
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert not (output / "model.safetensors").exists()
+
+
+def test_checkpoint_loads_with_weights_only(photo_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    train_from_config(tiny_config(photo_dir, output, steps=3))
+    state = torch.load(output / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and state["data_stream"]["step"] == 3
+    assert {"python", "numpy", "torch"} <= set(state["random"])
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 3
+    assert not list(output.glob("*.partial"))
+
+
+def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(photo_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(photo_dir, tmp_path / "run", steps=3)
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        train_from_config(config, resume=True)
+    train_from_config(config)
+    with pytest.raises(TrainingError, match="holds a checkpoint of an earlier run"):
+        train_from_config(config)
+
+
+def test_overrides_replace_config_values(photo_dir: Path, tmp_path: Path) -> None:
+    config = load_config(
+        CONFIGS / "dncnn-finetune.yaml",
+        overrides={"data.train": [str(photo_dir)], "model.init_weights": "x.mat", "optimizer.lr": 1e-5, "data.sigma": 15},
+    )
+    assert config["data"]["train"] == [str(photo_dir)]
+    assert config["model"]["init_weights"] == "x.mat" and config["optimizer"]["lr"] == 1e-5 and config["data"]["sigma"] == 15
+    assert config["schedule"]["lr_min"] == 2e-7  # untouched values stay
+    assert load_config({}, overrides={"model.kwargs.depth": 5})["model"]["kwargs"] == {"depth": 5}
+    assert load_config({"data": {"train": "one/folder"}})["data"]["train"] == ["one/folder"]
+    with pytest.raises(TrainingError, match="unknown config key 'data.sigmaa'"):
+        load_config({}, overrides={"data.sigmaa": 10})
+    with pytest.raises(TrainingError, match="schedule.decay"):
+        load_config({"schedule": {"decay": "linear"}})
+
+
+def test_shipped_configs_are_valid_and_green_differs_only_in_loss() -> None:
+    configs = {path.stem: load_config(path) for path in CONFIGS.glob("*.yaml")}
+    assert {"autoencoder", "dncnn-finetune", "dncnn-finetune-green", "demo-small"} <= set(configs)
+    plain, green = configs["dncnn-finetune"], configs["dncnn-finetune-green"]
+    assert plain["loss"]["weights"] == [1, 1, 1] and green["loss"]["weights"] == [1, 3, 2]
+    assert {k for k in plain if plain[k] != green[k]} == {"loss", "output"}
+    assert (plain["optimizer"]["lr"], plain["schedule"]["lr_min"]) == (3e-6, 2e-7)
+    for config in configs.values():
+        assert config.keys() == DEFAULT_CONFIG.keys()
+
+
+def test_learning_rate_schedules_go_from_lr_to_lr_min() -> None:
+    schedule = {"steps": 100, "lr": 1e-3, "lr_min": 1e-5, "intervals": 4}
+    for decay in ("step", "exponential", "cosine"):
+        assert learning_rate_factor(0, decay=decay, **schedule) == pytest.approx(1.0)
+        assert learning_rate_factor(100, decay=decay, **schedule) == pytest.approx(1e-2)
+    assert learning_rate_factor(50, decay="exponential", **schedule) == pytest.approx(1e-1)
+    assert learning_rate_factor(50, decay="cosine", **schedule) == pytest.approx((1 + 1e-2) / 2)
+    steps = [learning_rate_factor(s, decay="step", **schedule) for s in range(100)]
+    assert len(set(steps)) == 4 and steps == sorted(steps, reverse=True)
+    assert learning_rate_factor(70, decay="none", **schedule) == 1.0
+
+
+def test_initial_weights_from_a_safetensors_file(tmp_path: Path) -> None:
+    source = create_model("dncnn", depth=3, width=8, batch_norm=False)
+    path = save_model(source, tmp_path / "start.safetensors")
+    model = build_model({"architecture": None, "kwargs": {}, "init_weights": str(path)})
+    assert model.training
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    with pytest.raises(TrainingError, match="holds a 'dncnn' model"):
+        build_model({"architecture": "autoencoder", "kwargs": {}, "init_weights": str(path)})
+
+
+@pytest.mark.shared
+def test_initial_weights_from_the_official_matconvnet_file(dncnn_weights_dir: Path) -> None:
+    model = build_model({"architecture": "dncnn", "kwargs": {}, "init_weights": str(dncnn_weights_dir / "GD_Color_Blind.mat")})
+    assert model.config == {"channels": 3, "depth": 20, "width": 64, "batch_norm": False} and model.training
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(photo_dir: Path, tmp_path: Path) -> None:
+    config_path = tmp_path / "tiny.yaml"
+    output = tmp_path / "ddp"
+    config_path.write_text(json.dumps(tiny_config(photo_dir, output, steps=4, checkpoint_every=2)))  # JSON is YAML
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fundus_restore", "train", str(config_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert load_checkpoint(output / "checkpoint.pt")["step"] == 4
+    card = json.loads((output / "model.json").read_text())
+    assert card["training"]["processes"] == 2 and card["recipe"]["batch_size"] == 8
+    load_model(output / "model.safetensors")
