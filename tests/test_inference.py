@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fundus_restore
+from fundus_restore.degrade import add_gaussian_noise
+from fundus_restore.inference import (
+    CONSERVATIVE_OVERLAP,
+    _prepared_from_file,
+    _tile_spans,
+    apply_tiled,
+    default_overlap,
+    denoise,
+)
+from fundus_restore.metrics import psnr
+from fundus_restore.models import create_model
+from fundus_restore.pretrained import save_model
+
+
+def random_dncnn(depth: int = 5, width: int = 8, batch_norm: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("dncnn", channels=3, depth=depth, width=width, batch_norm=batch_norm).eval()
+
+
+def upsampler_x2() -> nn.Module:
+    """A toy super-resolution network: two convolutions and a PixelShuffle(2)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 12, 3, padding=1), nn.PixelShuffle(2)
+    ).eval()
+
+
+def whole_image(model: nn.Module, image: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0))[0].permute(1, 2, 0).numpy()
+
+
+@pytest.fixture
+def odd_image() -> np.ndarray:
+    return np.random.default_rng(1).random((203, 317, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize("tile", [29, 50, 97, 203, 1000])
+def test_tiled_denoise_equals_whole_image(odd_image: np.ndarray, tile: int) -> None:
+    model = random_dncnn()
+    restored = denoise(odd_image, model, tile=tile, device="cpu")
+    assert np.abs(restored - whole_image(model, odd_image)).max() < 1e-4
+
+
+@pytest.mark.parametrize("tile", [17, 64, 150])
+def test_tiled_upsampler_equals_whole_image(odd_image: np.ndarray, tile: int) -> None:
+    model = upsampler_x2()
+    source = torch.from_numpy(odd_image).permute(2, 0, 1).unsqueeze(0)
+    with torch.no_grad():
+        tiled = apply_tiled(model, source, tile=tile, overlap=default_overlap(model), scale=2)
+        assert tiled.shape == (1, 3, 406, 634)
+        assert (tiled - model(source)).abs().max() < 1e-4
+
+
+def test_too_small_overlap_leaves_seams(odd_image: np.ndarray) -> None:
+    # The equality above is not an accident of the data: without overlap the tiles disagree.
+    model = random_dncnn()
+    restored = denoise(odd_image, model, tile=50, overlap=0, device="cpu")
+    assert np.abs(restored - whole_image(model, odd_image)).max() > 1e-3
+
+
+@pytest.mark.parametrize("length", [1, 7, 100, 203, 1696])
+@pytest.mark.parametrize(("tile", "overlap"), [(5, 2), (40, 5), (64, 0), (512, 20)])
+def test_tile_spans_partition_the_axis_inside_valid_regions(length: int, tile: int, overlap: int) -> None:
+    spans = _tile_spans(length, tile, overlap)
+    assert spans[0][2] == 0 and spans[-1][3] == length
+    for (start, stop, keep_start, keep_stop), following in zip(spans, spans[1:] + [None]):
+        assert 0 <= start and stop <= length and stop - start <= tile
+        # The kept part is at least `overlap` away from every cut the image does not share.
+        assert keep_start == 0 or keep_start >= start + overlap
+        assert keep_stop == length or keep_stop <= stop - overlap
+        assert keep_start < keep_stop
+        if following is not None:
+            assert following[2] == keep_stop
+
+
+def test_tiles_are_balanced() -> None:
+    # 1696 pixels in tiles of ≤ 512 with overlap 20 need 4 tiles; equal ones of 454 repeat the least work.
+    assert [stop - start for start, stop, _, _ in _tile_spans(1696, 512, 20)] == [454] * 4
+
+
+def test_default_overlap_is_the_receptive_field_radius() -> None:
+    assert default_overlap(random_dncnn(depth=7)) == 7
+    assert default_overlap(create_model("autoencoder", channels=3, skip_weights=True)) == 8
+    assert default_overlap(upsampler_x2()) == 2
+    pooled = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.MaxPool2d(2))
+    assert default_overlap(pooled) == CONSERVATIVE_OVERLAP
+    pooled.receptive_field_radius = 5
+    assert default_overlap(pooled) == 5
+
+
+def test_output_is_float32_image_and_not_clipped() -> None:
+    model = random_dncnn()
+    # A zero last layer predicts no noise, so DnCNN returns its input exactly.
+    nn.init.zeros_(model.body[-1].weight)
+    nn.init.zeros_(model.body[-1].bias)
+    image = np.random.default_rng(2).uniform(-0.5, 1.5, (40, 30, 3))
+    restored = denoise(image, model, tile=16, device="cpu")
+    assert restored.shape == (40, 30, 3) and restored.dtype == np.float32
+    np.testing.assert_array_equal(restored, image.astype(np.float32))
+
+
+def test_caller_model_is_left_untouched(odd_image: np.ndarray) -> None:
+    model = random_dncnn(batch_norm=True)
+    with torch.no_grad():  # non-trivial running statistics, so folding them matters
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    restored = denoise(odd_image, model, tile=64, device="cpu")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert np.abs(restored - whole_image(model.eval(), odd_image)).max() < 1e-4
+
+
+def test_sigma_reaches_the_model() -> None:
+    class ScaleBySigma(nn.Module):
+        def forward(self, x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+            return x * (1.0 if sigma is None else sigma)
+
+    image = np.full((8, 8, 3), 0.5, dtype=np.float32)
+    assert np.allclose(denoise(image, ScaleBySigma(), device="cpu"), 0.5)
+    assert np.allclose(denoise(image, ScaleBySigma(), sigma=0.1, device="cpu"), 0.05)
+
+
+def test_models_loaded_by_file_are_cached(tmp_path, odd_image: np.ndarray) -> None:
+    model = random_dncnn()
+    weights = save_model(model, tmp_path / "tiny.safetensors")
+    _prepared_from_file.cache_clear()
+    first = denoise(odd_image, weights, device="cpu")
+    second = denoise(odd_image, str(weights), device="cpu")
+    assert _prepared_from_file.cache_info().misses == 1 and _prepared_from_file.cache_info().hits == 1
+    np.testing.assert_array_equal(first, second)
+    assert np.abs(first - whole_image(model, odd_image)).max() < 1e-4
+
+
+def test_package_exposes_denoise() -> None:
+    assert fundus_restore.denoise is denoise
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((10, 10), np.float32), "H×W×C"),
+        (np.zeros((10, 10, 4), np.float32), "3-channel"),
+        (np.zeros((0, 10, 3), np.float32), "empty"),
+        (np.zeros((10, 10, 3), np.uint8), "dtype uint8"),
+        (np.full((10, 10, 3), np.nan, np.float32), "NaN"),
+    ],
+)
+def test_bad_images_are_refused(image: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        denoise(image, random_dncnn(), device="cpu")
+
+
+def test_bad_settings_are_refused(odd_image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="larger than twice the overlap"):
+        denoise(odd_image, random_dncnn(), tile=10, overlap=5, device="cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        denoise(odd_image, random_dncnn(), precision="float8", device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected 1×C×"):
+        apply_tiled(lambda t: t[..., ::2, ::2], torch.zeros(1, 3, 20, 20), tile=8, overlap=1)
+
+
+def test_large_photo_in_bounded_memory() -> None:
+    # A HEI-MED-sized photo through tiles of 512: the peak RSS increase during denoise
+    # (VmHWM after resetting it) stays far below what the whole image would need.
+    script = textwrap.dedent(
+        """
+        import numpy as np, torch
+        from pathlib import Path
+        from fundus_restore.inference import denoise
+        from fundus_restore.models import create_model
+
+        torch.manual_seed(0)
+        model = create_model("dncnn", channels=3, depth=3, width=32, batch_norm=False)
+        image = np.random.default_rng(0).random((3504, 2336, 3), dtype=np.float32)
+
+        def status_kib(field):
+            line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+            return int(line.split()[1])
+
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status_kib("VmRSS")
+        restored = denoise(image, model, tile=512, device="cpu")
+        assert restored.shape == image.shape
+        print((status_kib("VmHWM") - before) / 1024)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    increase_mib = float(result.stdout.strip().splitlines()[-1])
+    assert increase_mib < 2048, f"peak RSS grew by {increase_mib:.0f} MiB"
+
+
+@pytest.mark.shared
+def test_fast_path_keeps_official_dncnn_psnr(dncnn_weights_dir) -> None:
+    from skimage import data
+
+    from fundus_restore.matconvnet import load_matconvnet_dncnn
+
+    network = load_matconvnet_dncnn(dncnn_weights_dir / "GD_Color_Blind.mat")
+    clean = data.retina()[400:656, 400:656].astype(np.float32) / 255
+    noisy = add_gaussian_noise(clean, 25, seed=0)
+    fast = denoise(noisy, network, tile=160, device="cpu")
+    reference = whole_image(network, noisy)
+    assert psnr(clean, fast) > psnr(clean, noisy) + 8  # the network does denoise
+    assert abs(psnr(clean, fast) - psnr(clean, reference)) < 0.02
