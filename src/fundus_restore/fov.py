@@ -1,8 +1,10 @@
 """The field of view (FOV): the bright disc of a fundus photograph on its dark surround.
 
 Detection thresholds the per-pixel channel maximum (the red channel, brightest in
-a fundus, for colour photos; works unchanged on grey images), lightly smoothed so
-that noisy photos do not grow a speckled halo. The threshold is Otsu's on the
+a fundus, for colour photos; works unchanged on grey images) after a 3×3 median
+filter, so that noisy photos do not grow a speckled halo (a Gaussian blur works
+against noise too, but spreads the disc edge past the low threshold: the mask
+comes out 1–2 px too large). The threshold is Otsu's on the
 logarithm of intensity: the surround is near black while a poorly lit disc edge
 is merely dark, and in log scale those are two well separated modes even when
 plain Otsu would cut a dark half of the disc away. The largest bright component
@@ -15,14 +17,15 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-# Gaussian sigma (pixels) before thresholding: removes pixel noise, barely moves the disc edge.
-_SMOOTHING_SIGMA = 1.0
+# Median filter size before thresholding: removes pixel noise and keeps the disc edge in place.
+_MEDIAN_SIZE = 3
 # Offset inside the logarithm (one 8-bit level) so that exact zeros of the surround stay finite.
 _LOG_OFFSET = 1.0 / 255.0
-# A real surround is near black (its darker Otsu class has a median below 0.04 on DRIVE,
-# HEI-MED and skimage's retina); a darker class brighter than this means there is no surround,
-# e.g. a crop from inside the disc, and the whole image is field of view.
-_SURROUND_MAX_MEDIAN = 0.1
+# A real surround is far darker than the disc: the median of the bright Otsu class is
+# at least 16× that of the dark class on DRIVE, HEI-MED and skimage's retina (2.3×
+# under noise of sigma 50), while a crop from inside the disc splits into classes at
+# most 1.7× apart. Below this contrast there is no surround and all is field of view.
+_MIN_SURROUND_CONTRAST = 2.0
 
 
 def _intensity(image: np.ndarray) -> np.ndarray:
@@ -31,7 +34,7 @@ def _intensity(image: np.ndarray) -> np.ndarray:
         image = image.max(axis=-1)
     if image.ndim != 2:
         raise ValueError(f"expected an H×W or H×W×C image, got shape {image.shape}")
-    return ndimage.gaussian_filter(image, _SMOOTHING_SIGMA)
+    return ndimage.median_filter(image, _MEDIAN_SIZE)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -53,7 +56,7 @@ def fov_mask(image: np.ndarray) -> np.ndarray:
         return np.ones(intensity.shape, dtype=bool)
     threshold = float(np.exp(threshold_otsu(np.log(intensity + _LOG_OFFSET))) - _LOG_OFFSET)
     dark = intensity <= threshold
-    if np.median(intensity[dark]) > _SURROUND_MAX_MEDIAN:
+    if np.median(intensity[~dark]) < _MIN_SURROUND_CONTRAST * np.median(intensity[dark]):
         return np.ones(intensity.shape, dtype=bool)
     return ndimage.binary_fill_holes(_largest_component(~dark))
 

@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from fundus_restore.io import (
+    SUPPORTED_SUFFIXES,
+    ImageFileError,
+    image_bit_depth,
+    list_images,
+    read_image,
+    read_mask,
+    write_image,
+)
+
+
+def _levels(shape: tuple[int, ...], bit_depth: int, seed: int = 0) -> np.ndarray:
+    """A random image whose values are exact ``bit_depth`` levels, so a lossless round trip is exact."""
+    top = 2**bit_depth - 1
+    return np.random.default_rng(seed).integers(0, top + 1, shape).astype(np.float32) / np.float32(top)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".tiff"])
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_round_trip_is_exact(tmp_path: Path, suffix: str, bit_depth: int) -> None:
+    image = _levels((13, 17, 3), bit_depth)
+    path = write_image(tmp_path / f"image{suffix}", image, bit_depth=bit_depth)
+    assert image_bit_depth(path) == bit_depth
+    read = read_image(path)
+    assert read.dtype == np.float32 and read.shape == (13, 17, 3)
+    np.testing.assert_array_equal(read, image)
+
+
+def test_write_clips_and_rounds(tmp_path: Path) -> None:
+    image = np.array([[-0.5, 0.2 / 255, 0.7 / 255, 1.5]], dtype=np.float32)
+    read = read_image(write_image(tmp_path / "clip.png", image), rgb=False)
+    np.testing.assert_array_equal(read[..., 0] * 255, [[0, 0, 1, 255]])
+
+
+def test_lzw_16_bit_rgb_tiff_as_drive_stores_it(tmp_path: Path) -> None:
+    samples = np.random.default_rng(1).integers(0, 65536, (9, 11, 3), dtype=np.uint16)
+    path = tmp_path / "lzw.tif"
+    tifffile.imwrite(path, samples, photometric="rgb", compression="lzw")
+    assert image_bit_depth(path) == 16
+    np.testing.assert_array_equal(read_image(path), samples.astype(np.float32) / 65535)
+
+
+def test_planar_tiff_gives_channels_last(tmp_path: Path) -> None:
+    samples = np.random.default_rng(2).integers(0, 256, (3, 8, 10), dtype=np.uint8)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, samples, photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_image(path) * 255, np.moveaxis(samples, 0, -1))
+
+
+def test_grey_gives_one_or_three_channels(tmp_path: Path) -> None:
+    grey = _levels((6, 7), 8)
+    path = write_image(tmp_path / "grey.png", grey[..., None])
+    single = read_image(path, rgb=False)
+    assert single.shape == (6, 7, 1)
+    np.testing.assert_array_equal(single[..., 0], grey)
+    rgb = read_image(path)
+    assert rgb.shape == (6, 7, 3)
+    np.testing.assert_array_equal(rgb, np.repeat(single, 3, axis=-1))
+
+
+@pytest.mark.parametrize("mode,channels", [("RGBA", 3), ("LA", 1)])
+def test_alpha_is_dropped(tmp_path: Path, mode: str, channels: int) -> None:
+    samples = np.random.default_rng(3).integers(0, 256, (5, 6, len(mode)), dtype=np.uint8)
+    samples[..., -1] = 0  # fully transparent: the colour must survive regardless
+    path = tmp_path / "alpha.png"
+    Image.fromarray(samples, mode).save(path)
+    read = read_image(path, rgb=False)
+    np.testing.assert_array_equal(read * 255, samples[..., :channels])
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # Stored 40 high × 64 wide, with a white block top-left; orientation 6 means
+    # "rotate 90° clockwise to display", so the photo reads 64 high × 40 wide
+    # with the block top-right.
+    stored = np.zeros((40, 64, 3), dtype=np.uint8)
+    stored[:16, :16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    read = read_image(path)
+    assert read.shape == (64, 40, 3)
+    assert read[:16, -16:].mean() > 0.9
+    assert read[:16, :16].mean() < 0.1
+
+
+def test_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
+    image = _levels((4, 5, 3), 8)
+    path = write_image(tmp_path / "a b" / "(00000053) copy.jpg", image)
+    assert path.exists()
+    assert np.abs(read_image(path) - image).mean() < 0.1  # JPEG is lossy
+    assert list_images([path.parent]) == [path]
+
+
+def test_jpeg_and_bmp_and_gif_read(tmp_path: Path) -> None:
+    samples = np.random.default_rng(4).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    Image.fromarray(samples).save(tmp_path / "x.bmp")
+    Image.fromarray(samples[..., 0]).save(tmp_path / "x.gif")
+    np.testing.assert_array_equal(read_image(tmp_path / "x.bmp") * 255, samples)
+    np.testing.assert_array_equal(read_image(tmp_path / "x.gif", rgb=False)[..., 0] * 255, samples[..., 0])
+    assert image_bit_depth(tmp_path / "x.bmp") == 8
+
+
+def test_read_mask_nonzero_is_true(tmp_path: Path) -> None:
+    mask = np.zeros((5, 6), dtype=np.uint8)
+    mask[1:3, 2:5] = 255
+    mask[4, 0] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.gif")
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.gif"), mask > 0)
+
+
+def test_write_makes_no_partial_file_on_failure(tmp_path: Path) -> None:
+    with pytest.raises(ImageFileError, match="JPEG"):
+        write_image(tmp_path / "out" / "x.jpg", np.zeros((4, 4, 3)), bit_depth=16)
+    with pytest.raises(ValueError, match="shape"):
+        write_image(tmp_path / "x.png", np.zeros((4, 4, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        write_image(tmp_path / "x.png", np.full((4, 4), np.nan))
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_write_replaces_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.tif"
+    write_image(path, np.zeros((3, 3)))
+    write_image(path, np.ones((3, 3)))
+    np.testing.assert_array_equal(read_image(path, rgb=False), np.ones((3, 3, 1)))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
+
+
+def test_list_images_expands_folders_and_keeps_files(tmp_path: Path) -> None:
+    for name in ["b.png", "a.TIF", "notes.txt", ".hidden.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    explicit = tmp_path / "elsewhere.jpg"
+    assert list_images([tmp_path, explicit]) == [tmp_path / "a.TIF", tmp_path / "b.png", explicit]
+    assert {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"} == set(SUPPORTED_SUFFIXES)
+
+
+def _truncated_png(path: Path) -> None:
+    write_image(path, _levels((32, 32, 3), 8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _five_channel_tiff(path: Path) -> None:
+    tifffile.imwrite(path, np.zeros((6, 6, 5), dtype=np.uint8), photometric="minisblack", planarconfig="contig")
+
+
+def _volume_tiff(path: Path) -> None:
+    tifffile.imwrite(path, np.zeros((2, 4, 6, 6, 3), dtype=np.uint8), photometric="rgb")
+
+
+def _float_tiff(path: Path) -> None:
+    tifffile.imwrite(path, np.zeros((6, 6), dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    "name,make,problem",
+    [
+        ("missing.png", None, "no such file"),
+        ("empty.png", lambda p: p.write_bytes(b""), "empty file"),
+        ("truncated (1).png", _truncated_png, "truncated or corrupt"),
+        ("text.png", lambda p: p.write_text("not an image\n"), "truncated or corrupt"),
+        ("text.jpg", lambda p: p.write_text("not an image\n"), "truncated or corrupt"),
+        ("text.tif", lambda p: p.write_text("not an image\n"), "truncated or corrupt"),
+        ("five channels.tif", _five_channel_tiff, "not a grey or RGB image"),
+        ("volume.tif", _volume_tiff, "not a grey or RGB image"),
+        ("float.tif", _float_tiff, "unsupported sample type float32"),
+        ("image.webp", lambda p: p.write_bytes(b"RIFF"), "unsupported image type"),
+        ("folder.png", lambda p: p.mkdir(), "not a regular file"),
+    ],
+)
+def test_bad_files_raise_one_line_error_naming_the_file(tmp_path: Path, name: str, make, problem: str) -> None:
+    path = tmp_path / name
+    if make is not None:
+        make(path)
+    with pytest.raises(ImageFileError, match=problem) as error:
+        read_image(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+@pytest.mark.parametrize("name,content", [("empty.tif", b""), ("text.png", b"hello world, not a png"), ("text.tif", b"hello")])
+def test_bit_depth_of_bad_file_raises(tmp_path: Path, name: str, content: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageFileError, match=str(path).replace("(", r"\(")):
+        image_bit_depth(path)
+
+
+@pytest.mark.shared
+def test_reads_drive_tiff_and_gif_mask(drive_dir: Path) -> None:
+    image = read_image(drive_dir / "training" / "images" / "21_training.tif")
+    mask = read_mask(drive_dir / "training" / "mask" / "21_training_mask.gif")
+    assert image.shape == (584, 565, 3) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert mask.shape == (584, 565) and mask.dtype == bool
+    assert 0.6 < mask.mean() < 0.75  # the disc covers about 68% of the frame
+    assert image[mask].mean() > 5 * image[~mask].mean()
+    assert image_bit_depth(drive_dir / "training" / "images" / "21_training.tif") == 8
+
+
+@pytest.mark.shared
+def test_reads_heimed_name_with_parentheses(heimed_dir: Path) -> None:
+    image = read_image(heimed_dir / "(00000053).jpg")
+    assert image.shape == (1958, 2196, 3)
