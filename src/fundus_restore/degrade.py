@@ -1,0 +1,110 @@
+"""Synthetic degradations of clean [0, 1] float32 images: white Gaussian noise,
+quantisation to a file's bit depth, and bicubic down/up-sampling as MATLAB's
+``imresize`` does it (the convention of the denoising and super-resolution papers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def add_gaussian_noise(
+    image: np.ndarray,
+    sigma: float = 25.0,
+    *,
+    seed: int | np.random.Generator | None = 0,
+    clip: bool = False,
+) -> np.ndarray:
+    """``image`` plus white Gaussian noise of standard deviation ``sigma`` on the 0–255 scale.
+
+    The noise is exactly
+    ``np.random.default_rng(seed).standard_normal(image.shape, dtype=np.float32) * np.float32(sigma / 255)``
+    (PCG64 in float32, C order), so a seed gives the same noise on every machine.
+    A Generator is used, and advanced, as given; ``None`` draws fresh entropy.
+    ``clip`` clips the result to [0, 1]. Returns float32.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    noise = np.random.default_rng(seed).standard_normal(image.shape, dtype=np.float32)
+    noisy = image + noise * np.float32(sigma / 255.0)
+    return np.clip(noisy, 0.0, 1.0) if clip else noisy
+
+
+def quantize(image: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Clip to [0, 1] and round to ``bits``-bit levels, as a camera writing a file does; float32."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be between 1 and 16, not {bits}")
+    top = np.float32(2**bits - 1)
+    return np.round(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * top) / top
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.5 (MATLAB's and Pillow's bicubic)."""
+    ax = np.abs(x)
+    ax2, ax3 = ax**2, ax**3
+    near = (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1)
+    far = (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * ((ax > 1) & (ax <= 2))
+    return near + far
+
+
+def _resize_taps(in_length: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Input indices and weights (both out_length × taps) of MATLAB's ``imresize``
+    bicubic along one axis: pixel centres aligned, the kernel widened by 1/scale when
+    shrinking (antialiasing), weights normalised, borders mirrored (symmetric)."""
+    out_length = round(in_length * scale)
+    kernel_width = 4.0 / scale if scale < 1 else 4.0
+    # Centre of each output pixel in input coordinates (1-based, as MATLAB writes it).
+    centres = np.arange(1, out_length + 1) / scale + 0.5 * (1.0 - 1.0 / scale)
+    first = np.floor(centres - kernel_width / 2.0)
+    indices = first[:, None] + np.arange(int(np.ceil(kernel_width)) + 2)
+    distances = centres[:, None] - indices
+    weights = scale * _cubic(scale * distances) if scale < 1 else _cubic(distances)
+    weights /= weights.sum(axis=1, keepdims=True)
+    # Mirror indices that fall outside the input: ..., 2, 1, | 1, 2, ..., n, | n, n-1, ...
+    period = 2 * in_length
+    wrapped = np.mod(indices - 1, period).astype(np.int64)
+    indices = np.where(wrapped < in_length, wrapped, period - 1 - wrapped)
+    return indices, weights.astype(np.float32)
+
+
+def _resize_axis(image: np.ndarray, axis: int, scale: float) -> np.ndarray:
+    moved = np.moveaxis(image, axis, 0)
+    indices, weights = _resize_taps(moved.shape[0], scale)
+    # One tap at a time keeps memory at one output-sized array (a 2196×1958 photo has 18 taps at ×1/4).
+    extra_axes = (1,) * (moved.ndim - 1)
+    resized = np.zeros((indices.shape[0], *moved.shape[1:]), dtype=np.float32)
+    for tap in range(indices.shape[1]):
+        resized += weights[:, tap].reshape(-1, *extra_axes) * moved[indices[:, tap]]
+    return np.moveaxis(resized, 0, axis)
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"expected an H×W or H×W×C image, got shape {image.shape}")
+    return _resize_axis(_resize_axis(image, 0, scale), 1, scale)
+
+
+def _check_factor(factor: int) -> None:
+    if not (isinstance(factor, (int, np.integer)) and factor >= 1):
+        raise ValueError(f"the scale factor must be a positive integer, not {factor!r}")
+
+
+def bicubic_downsample(image: np.ndarray, factor: int = 4) -> np.ndarray:
+    """Shrink by an integer ``factor`` with antialiased bicubic, as MATLAB's ``imresize(x, 1/factor)``.
+
+    Height and width are first cropped (bottom and right) to multiples of ``factor``,
+    the usual "modcrop" of super-resolution benchmarks, so that down- and up-sampling
+    give back the cropped size. Values are not clipped (bicubic overshoots slightly).
+    """
+    _check_factor(factor)
+    height, width = np.shape(image)[:2]
+    cropped = np.asarray(image)[: height - height % factor, : width - width % factor]
+    if cropped.shape[0] == 0 or cropped.shape[1] == 0:
+        raise ValueError(f"an image of {height}×{width} is smaller than the factor {factor}")
+    return _resize(cropped, 1.0 / factor)
+
+
+def bicubic_upsample(image: np.ndarray, factor: int = 4) -> np.ndarray:
+    """Enlarge by an integer ``factor`` with bicubic, as MATLAB's ``imresize(x, factor)``; not clipped."""
+    _check_factor(factor)
+    return _resize(image, float(factor))
