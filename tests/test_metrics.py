@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+from skimage.metrics import structural_similarity
+
+from fundus_restore.metrics import image_quality, psnr, ssim, ssim_map
+
+
+@pytest.fixture(scope="module")
+def retina_pair() -> tuple[np.ndarray, np.ndarray]:
+    """A real fundus crop and a noisy, 8-bit quantised copy of it (float64, [0, 1])."""
+    reference = data.retina()[450:578, 520:680].astype(np.float64) / 255
+    noisy = reference + np.random.default_rng(0).normal(0, 20 / 255, reference.shape)
+    return reference, np.round(np.clip(noisy, 0, 1) * 255) / 255
+
+
+def _skimage_ssim(reference: np.ndarray, restored: np.ndarray, gaussian_weights: bool) -> float:
+    return structural_similarity(
+        reference,
+        restored,
+        channel_axis=-1 if reference.ndim == 3 else None,
+        data_range=1.0,
+        gaussian_weights=gaussian_weights,
+        sigma=1.5,
+        use_sample_covariance=False,
+    )
+
+
+def test_psnr_of_constant_offset() -> None:
+    reference = np.random.default_rng(0).random((20, 30, 3))
+    assert psnr(reference, reference + 0.1) == pytest.approx(20.0)
+    assert psnr(reference, reference - 0.01) == pytest.approx(40.0)
+    assert psnr(reference, reference + 10, data_range=100.0) == pytest.approx(20.0)
+    assert psnr(reference, reference) == np.inf
+
+
+def test_psnr_is_the_255_peak_formula_on_8_bit_data() -> None:
+    rng = np.random.default_rng(1)
+    clean = rng.integers(0, 256, (40, 50, 3))
+    noisy = np.clip(clean + rng.integers(-30, 31, clean.shape), 0, 255)
+    paper = 10 * np.log10(255**2 / np.mean((clean - noisy) ** 2.0))
+    assert psnr(clean / 255, noisy / 255) == pytest.approx(paper, abs=1e-9)
+
+
+def test_psnr_per_channel_and_mask() -> None:
+    reference = np.zeros((10, 12, 3))
+    restored = reference + [0.1, 0.01, 0.001]
+    np.testing.assert_allclose(psnr(reference, restored, per_channel=True), [20, 40, 60])
+    # The overall PSNR pools the MSE of all channels (not the mean of channel PSNRs).
+    assert psnr(reference, restored) == pytest.approx(10 * np.log10(3 / (0.1**2 + 0.01**2 + 0.001**2)))
+    mask = np.zeros((10, 12), dtype=bool)
+    mask[2:5, 3:9] = True
+    restored[~mask] += 0.5  # errors outside the mask must not count
+    np.testing.assert_allclose(psnr(reference, restored, mask=mask, per_channel=True), [20, 40, 60])
+
+
+@pytest.mark.parametrize("gaussian_weights", [True, False])
+def test_ssim_matches_skimage_on_random_images(gaussian_weights: bool) -> None:
+    rng = np.random.default_rng(2)
+    reference = rng.random((48, 56, 3))
+    restored = np.clip(reference + rng.normal(0, 0.2, reference.shape), 0, 1)
+    expected = _skimage_ssim(reference, restored, gaussian_weights)
+    assert ssim(reference, restored, gaussian_weights=gaussian_weights) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("gaussian_weights", [True, False])
+def test_ssim_matches_skimage_on_a_fundus(retina_pair: tuple[np.ndarray, np.ndarray], gaussian_weights: bool) -> None:
+    reference, noisy = retina_pair
+    expected = _skimage_ssim(reference, noisy, gaussian_weights)
+    assert ssim(reference, noisy, gaussian_weights=gaussian_weights) == pytest.approx(expected, abs=1e-4)
+    per_channel = ssim(reference, noisy, gaussian_weights=gaussian_weights, per_channel=True)
+    expected_channels = [_skimage_ssim(reference[..., c], noisy[..., c], gaussian_weights) for c in range(3)]
+    np.testing.assert_allclose(per_channel, expected_channels, atol=1e-4)
+
+
+def test_ssim_of_float32_grey_images(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, noisy = (image[..., 1].astype(np.float32) for image in retina_pair)
+    assert ssim(reference, noisy) == pytest.approx(_skimage_ssim(reference, noisy, True), abs=1e-4)
+
+
+def test_ssim_of_identical_images_is_one(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, _ = retina_pair
+    assert ssim(reference, reference) == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(ssim(reference, reference, per_channel=True), 1.0, atol=1e-12)
+
+
+def test_masked_ssim(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, noisy = retina_pair
+    full = np.ones(reference.shape[:2], dtype=bool)
+    assert ssim(reference, noisy, mask=full) == pytest.approx(ssim(reference, noisy), abs=1e-12)
+    # Damage outside a central mask: the masked SSIM (with the window border) must not see it.
+    mask = np.zeros_like(full)
+    mask[40:90, 50:110] = True
+    damaged = noisy.copy()
+    grown = np.zeros_like(full)
+    grown[35:95, 45:115] = True  # the mask plus the window radius (5)
+    damaged[~grown] = 0.0
+    assert ssim(reference, damaged, mask=mask) == pytest.approx(ssim(reference, noisy, mask=mask), abs=1e-12)
+    assert ssim(reference, damaged) < ssim(reference, noisy) - 0.05
+    with pytest.raises(ValueError, match="selects no pixel"):
+        ssim(reference, noisy, mask=np.pad(np.ones((3, 3), dtype=bool), ((0, 125), (0, 157))))
+
+
+def test_ssim_map_core_is_differentiable_and_batched() -> None:
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.random((2, 3, 32, 40)), dtype=torch.float32)
+    y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    values = ssim_map(x, y)
+    assert values.shape == (2, 3, 22, 30)
+    (1 - values.mean()).backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+    second = ssim(x[1].permute(1, 2, 0).numpy(), y[1].detach().permute(1, 2, 0).numpy())
+    assert float(values[1].detach().mean()) == pytest.approx(second, abs=1e-5)
+
+
+def test_shape_mismatch_and_tiny_images_are_refused() -> None:
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(np.zeros((4, 4, 3)), np.zeros((4, 5, 3)))
+    with pytest.raises(ValueError, match="mask shape"):
+        psnr(np.zeros((4, 4, 3)), np.zeros((4, 4, 3)), mask=np.ones((4, 5), dtype=bool))
+    with pytest.raises(ValueError, match="smaller than"):
+        ssim(np.zeros((8, 8)), np.zeros((8, 8)))
+
+
+def test_image_quality_keys_and_values(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, noisy = retina_pair
+    mask = np.zeros(reference.shape[:2], dtype=bool)
+    mask[20:100, 30:130] = True
+    quality = image_quality(reference, noisy, mask=mask)
+    names = ["psnr", "ssim"] + [f"{metric}_{c}" for metric in ("psnr", "ssim") for c in "rgb"]
+    assert set(quality) == set(names) | {name.replace(name[:4], name[:4] + "_fov", 1) for name in names}
+    assert all(isinstance(value, float) for value in quality.values())
+    assert quality["psnr"] == pytest.approx(psnr(reference, noisy))
+    assert quality["ssim"] == pytest.approx(ssim(reference, noisy))
+    assert quality["psnr_fov"] == pytest.approx(psnr(reference, noisy, mask=mask))
+    assert quality["ssim_fov"] == pytest.approx(ssim(reference, noisy, mask=mask))
+    for index, channel in enumerate("rgb"):
+        assert quality[f"psnr_{channel}"] == pytest.approx(psnr(reference, noisy, per_channel=True)[index])
+        assert quality[f"ssim_fov_{channel}"] == pytest.approx(ssim(reference, noisy, mask=mask, per_channel=True)[index])
+    assert set(image_quality(reference, noisy)) == set(names)
+    assert set(image_quality(reference[..., 0], noisy[..., 0])) == {"psnr", "ssim"}
