@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,7 @@ def test_bad_files_raise_one_line_error_naming_the_file(tmp_path: Path, name: st
         read_image(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
+    assert str(pickle.loads(pickle.dumps(error.value))) == message  # survives DataLoader workers
 
 
 @pytest.mark.parametrize("name,content", [("empty.tif", b""), ("text.png", b"hello world, not a png"), ("text.tif", b"hello")])

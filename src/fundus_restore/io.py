@@ -28,29 +28,30 @@ _JPEG_QUALITY = 95
 
 
 class ImageFileError(ValueError):
-    """An image file that cannot be read or written; the message names the file and the problem."""
+    """An image file that cannot be read or written; the one-line message names the file and the problem."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
-        # Decoder messages can span lines; keep the error to one line.
-        super().__init__(f"{path}: {' '.join(problem.split())}")
-        self.path = Path(path)
+
+def _file_error(path: Path, problem: str) -> ImageFileError:
+    # Decoder messages can span lines; keep the error to one line. (A plain one-message
+    # exception also pickles, e.g. out of DataLoader workers.)
+    return ImageFileError(f"{path}: {' '.join(problem.split())}")
 
 
 def _read_bytes(path: str | Path) -> tuple[Path, bytes]:
     """The file's bytes after the checks every reader shares (exists, a file, supported, not empty)."""
     path = Path(path)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise ImageFileError(path, f"unsupported image type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+        raise _file_error(path, f"unsupported image type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
     if not path.exists():
-        raise ImageFileError(path, "no such file")
+        raise _file_error(path, "no such file")
     if not path.is_file():
-        raise ImageFileError(path, "not a regular file")
+        raise _file_error(path, "not a regular file")
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ImageFileError(path, f"cannot read file ({exc.strerror or exc})") from exc
+        raise _file_error(path, f"cannot read file ({exc.strerror or exc})") from exc
     if not data:
-        raise ImageFileError(path, "empty file")
+        raise _file_error(path, "empty file")
     return path, data
 
 
@@ -86,7 +87,7 @@ def _decode(path: Path, data: bytes) -> np.ndarray:
             return imagecodecs.png_decode(data)
         return _decode_pillow(data)
     except Exception as exc:  # decoders raise many types (OSError, ValueError, PngError, ...) for bad content
-        raise ImageFileError(path, f"truncated or corrupt image ({exc})") from exc
+        raise _file_error(path, f"truncated or corrupt image ({exc})") from exc
 
 
 def _drop_alpha(path: Path, array: np.ndarray) -> np.ndarray:
@@ -94,7 +95,7 @@ def _drop_alpha(path: Path, array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         return array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
-        raise ImageFileError(path, f"array of shape {array.shape} is not a grey or RGB image (with optional alpha)")
+        raise _file_error(path, f"array of shape {array.shape} is not a grey or RGB image (with optional alpha)")
     return array[..., :3] if array.shape[-1] >= 3 else array[..., :1]
 
 
@@ -105,7 +106,7 @@ def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32) / np.float32(65535)
     if array.dtype == np.bool_:
         return array.astype(np.float32)
-    raise ImageFileError(path, f"unsupported sample type {array.dtype} (8- or 16-bit images only)")
+    raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images only)")
 
 
 def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
@@ -142,7 +143,7 @@ def image_bit_depth(path: str | Path) -> int:
         with Image.open(io.BytesIO(data)):
             return 8  # JPEG, BMP and GIF hold 8-bit samples
     except Exception as exc:  # header parsers raise many types for bad content
-        raise ImageFileError(path, f"cannot read image header ({exc})") from exc
+        raise _file_error(path, f"cannot read image header ({exc})") from exc
 
 
 def _encode(path: Path, samples: np.ndarray) -> bytes:
@@ -157,11 +158,11 @@ def _encode(path: Path, samples: np.ndarray) -> bytes:
         return buffer.getvalue()
     if suffix in (".jpg", ".jpeg"):
         if samples.dtype != np.uint8:
-            raise ImageFileError(path, "JPEG holds 8-bit samples only; write 16-bit images as PNG or TIFF")
+            raise _file_error(path, "JPEG holds 8-bit samples only; write 16-bit images as PNG or TIFF")
         buffer = io.BytesIO()
         Image.fromarray(samples).save(buffer, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
         return buffer.getvalue()
-    raise ImageFileError(path, f"cannot write {suffix!r} files (write .png, .tif/.tiff or .jpg/.jpeg)")
+    raise _file_error(path, f"cannot write {suffix!r} files (write .png, .tif/.tiff or .jpg/.jpeg)")
 
 
 def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> Path:
@@ -172,7 +173,7 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
     """
     path = Path(path)
     if bit_depth not in (8, 16):
-        raise ImageFileError(path, f"bit depth must be 8 or 16, not {bit_depth}")
+        raise _file_error(path, f"bit depth must be 8 or 16, not {bit_depth}")
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
@@ -191,7 +192,7 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
         os.replace(partial, path)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise ImageFileError(path, f"cannot write file ({exc.strerror or exc})") from exc
+        raise _file_error(path, f"cannot write file ({exc.strerror or exc})") from exc
     return path
 
 

@@ -54,7 +54,11 @@ def _filter_valid(images: torch.Tensor, window: list[float]) -> torch.Tensor:
 
 def _ssim_valid(x: torch.Tensor, y: torch.Tensor, window: list[float], data_range: float) -> torch.Tensor:
     """The SSIM formula on the five windowed moments, at positions where the window fits."""
-    mean_x, mean_y, mean_xx, mean_yy, mean_xy = (_filter_valid(moment, window) for moment in (x, y, x * x, y * y, x * y))
+    # One stacked tensor: 5× fewer operations than filtering each moment alone (fewer
+    # kernel launches on GPU, fewer thread barriers on a busy CPU), at ~0.7 GB more peak
+    # memory for a full-size photo in float64.
+    moments = _filter_valid(torch.cat([x, y, x * x, y * y, x * y], dim=1), window)
+    mean_x, mean_y, mean_xx, mean_yy, mean_xy = moments.split(x.shape[1], dim=1)
     var_x = mean_xx - mean_x**2
     var_y = mean_yy - mean_y**2
     cov_xy = mean_xy - mean_x * mean_y
