@@ -24,6 +24,9 @@ import h5py
 import numpy as np
 import torch
 
+from fundus_restore.degrade import add_gaussian_noise
+from fundus_restore.io import read_image
+from fundus_restore.metrics import psnr
 from fundus_restore.models.dncnn import DnCNN
 from fundus_restore.pretrained import WeightsError, save_model
 
@@ -197,3 +200,51 @@ def import_weights(mat_path: str | Path, out_path: str | Path) -> Path:
         "converted_by": "fundus_restore.matconvnet.import_weights",
     }
     return save_model(model, out_path, extra_metadata=metadata)
+
+
+@dataclass(frozen=True)
+class PublishedResult:
+    """A mean PSNR the DnCNN authors published for one of their released weights files."""
+
+    weights_file: str
+    model: str
+    dataset: str
+    psnr: float
+
+
+# White Gaussian noise of sigma 25 (on 0-255), not clipped; mean PSNR over all 68 images.
+PUBLISHED_SIGMA = 25.0
+BENCHMARK_IMAGE_COUNT = 68
+PUBLISHED_DNCNN = (
+    PublishedResult("GD_Gray_Blind.mat", "DnCNN-B", "BSD68", 29.16),
+    PublishedResult("sigma=25.mat", "DnCNN-S", "BSD68", 29.23),
+    PublishedResult("GD_Color_Blind.mat", "CDnCNN-B", "CBSD68", 31.24),
+    PublishedResult("color_sigma=25.mat", "CDnCNN-S", "CBSD68", 31.31),
+)
+# Covers the published figures' rounding to 0.01 dB and the noise draw, which moves a
+# 68-image mean by less than 0.01 dB (two loaders with different seeds agree that well).
+PUBLISHED_TOLERANCE_DB = 0.05
+
+
+def benchmark_images(dataset_dir: str | Path) -> list[Path]:
+    """The benchmark's images in a fixed (sorted) order: image i gets noise seed i."""
+    return sorted(Path(dataset_dir).glob("*.png"))
+
+
+def noisy_benchmark_image(image_path: Path, *, rgb: bool, seed: int, sigma: float = PUBLISHED_SIGMA) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, noisy) float32 H×W×C of one benchmark image: seeded noise, not clipped."""
+    clean = read_image(image_path, rgb=rgb)
+    return clean, add_gaussian_noise(clean, sigma, seed=seed, clip=False)
+
+
+def denoising_psnr(model: DnCNN, image_path: Path, *, seed: int, sigma: float = PUBLISHED_SIGMA) -> tuple[float, float]:
+    """(noisy, denoised) PSNR of one benchmark image under the paper's protocol.
+
+    The image is read grey or colour to match the model and goes through the network
+    whole, at once.
+    """
+    clean, noisy = noisy_benchmark_image(image_path, rgb=model.config["channels"] == 3, seed=seed, sigma=sigma)
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.ascontiguousarray(noisy.transpose(2, 0, 1)))[None]
+        denoised = model(batch)[0].numpy().transpose(1, 2, 0)
+    return psnr(clean, noisy), psnr(clean, denoised)
