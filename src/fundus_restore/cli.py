@@ -9,10 +9,17 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+# soft_wrap: an error stays one line (file names are long); messages are escaped
+# because file names may hold brackets that rich would read as markup.
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _report_error(message: str, label: str = "error") -> None:
+    console.print(f"[red]{label}:[/] {escape(message)}")
 
 Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders of images.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for the outputs (created if needed).")]
@@ -42,7 +49,7 @@ def _process_files(files: list[Path], description: str, handle: Callable[[int, P
     from fundus_restore.io import ImageFileError
 
     if not files:
-        console.print("[red]error:[/] no image files found in the given inputs")
+        _report_error("no image files found in the given inputs")
         raise typer.Exit(2)
     failures: list[str] = []
     with _progress() as progress:
@@ -53,7 +60,7 @@ def _process_files(files: list[Path], description: str, handle: Callable[[int, P
             except (ImageFileError, ValueError, OSError) as error:
                 message = str(error) if str(path) in str(error) else f"{path}: {error}"
                 failures.append(message)
-                progress.console.print(f"[red]failed:[/] {message}")
+                _report_error(message, "failed")
             progress.advance(task)
     done = len(files) - len(failures)
     console.print(f"{done} of {len(files)} images written" + (f", {len(failures)} failed" if failures else ""))
@@ -89,7 +96,7 @@ def denoise(
     try:
         network = load_model(model, device="cpu")
     except WeightsError as error:
-        console.print(f"[red]error:[/] {error}")
+        _report_error(str(error))
         raise typer.Exit(2) from None
 
     def handle(_: int, path: Path) -> None:
@@ -137,7 +144,7 @@ def import_weights(
     try:
         written = convert(mat_file, out)
     except WeightsError as error:
-        console.print(f"[red]error:[/] {error}")
+        _report_error(str(error))
         raise typer.Exit(2) from None
     console.print(f"wrote {written}")
 

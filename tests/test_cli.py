@@ -1,0 +1,96 @@
+"""The command line: batch behaviour, bad files, outputs, and the entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fundus_restore import load_model, save_model
+from fundus_restore.cli import app
+from fundus_restore.io import image_bit_depth, read_image, write_image
+from fundus_restore.models import create_model
+
+from conftest import shared_path
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "in put (1)"
+    rng = np.random.default_rng(0)
+    write_image(folder / "a (1).png", rng.random((40, 50, 3)), bit_depth=8)
+    write_image(folder / "b.tif", rng.random((33, 47, 3)), bit_depth=16)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    return folder
+
+
+def test_denoise_batch_goes_on_past_a_bad_file_and_fails_at_the_end(photos: Path, tiny_model_file: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["denoise", str(photos), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "broken.png" in result.output
+    assert "2 of 3 images written, 1 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a (1).png", "b.tif"]
+    # Same bit depth as the input, same size, and what the model really computes.
+    assert image_bit_depth(out / "b.tif") == 16
+    expected = load_model(tiny_model_file)(torch.from_numpy(read_image(photos / "b.tif")).permute(2, 0, 1)[None])
+    expected = expected[0].permute(1, 2, 0).detach().numpy().clip(0, 1)
+    assert np.abs(read_image(out / "b.tif") - expected).max() < 2 / 65535
+
+
+def test_denoise_with_unusable_weights_stops_before_touching_any_file(photos: Path, tmp_path: Path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    result = runner.invoke(app, ["denoise", str(photos), "-o", str(tmp_path / "out"), "--model", str(bad)])
+    assert result.exit_code == 2
+    assert "bad.safetensors" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_degrade_is_seeded_and_downsamples(photos: Path, tmp_path: Path):
+    good = photos / "a (1).png"
+    args = ["degrade", str(good), "--sigma", "25", "--seed", "3", "--scale", "2"]
+    assert runner.invoke(app, [*args, "-o", str(tmp_path / "one")]).exit_code == 0
+    assert runner.invoke(app, [*args, "-o", str(tmp_path / "two")]).exit_code == 0
+    first, second = read_image(tmp_path / "one" / good.name), read_image(tmp_path / "two" / good.name)
+    assert first.shape == (20, 25, 3)
+    np.testing.assert_array_equal(first, second)
+    other_seed = tmp_path / "three"
+    runner.invoke(app, ["degrade", str(good), "--sigma", "25", "--seed", "4", "--scale", "2", "-o", str(other_seed)])
+    assert not np.array_equal(first, read_image(other_seed / good.name))
+
+
+def test_import_weights_round_trip(tmp_path: Path):
+    mat = shared_path("weights", "dncnn", "GD_Color_Blind.mat")
+    out = tmp_path / "cdncnn-b.safetensors"
+    result = runner.invoke(app, ["import-weights", str(mat), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert model.config["depth"] == 20 and model.config["channels"] == 3
+
+
+def test_import_weights_rejects_a_corrupt_file(tmp_path: Path):
+    fake = tmp_path / "fake (copy).mat"
+    fake.write_text("hello")
+    result = runner.invoke(app, ["import-weights", str(fake), "-o", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 2
+    assert "fake (copy).mat" in result.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "fundus_restore", "--help"], capture_output=True, text=True, check=True)
+    assert "denoise" in result.stdout and "import-weights" in result.stdout
