@@ -172,15 +172,18 @@ def test_split_among_a_subset_or_by_name(photos: list[Path]) -> None:
 
 
 def test_validation_crops_are_fixed(photos: list[Path]) -> None:
-    crops = validation_crops(photos[:2], crop=32, sigma=25.0)
-    again = validation_crops(photos[:2], crop=32, sigma=25.0)
-    assert [(c.name, c.protocol) for c in crops] == [(p.name, protocol) for p in photos[:2] for protocol in ("paper", "camera")]
+    crops = validation_crops(photos[:2], crop=24, sigma=25.0)
+    again = validation_crops(photos[:2], crop=24, sigma=25.0)
+    expected = [(p.name, r, protocol) for p in photos[:2] for r in ("centre", "rim") for protocol in ("paper", "camera")]
+    assert [(c.name, c.region, c.protocol) for c in crops] == expected
     for crop, twin in zip(crops, again):
-        assert crop.clean.shape == crop.noisy.shape == (32, 32, 3) and crop.mask.shape == (32, 32)
-        assert np.array_equal(crop.noisy, twin.noisy)
+        assert crop.clean.shape == crop.noisy.shape == (24, 24, 3) and crop.mask.shape == (24, 24)
+        assert np.array_equal(crop.noisy, twin.noisy) and crop.sigma == 25 / 255
+    centre, rim = crops[0], crops[2]
+    assert centre.mask.all() and 0 < rim.mask.mean() < 1  # FOV and surround both
     camera = crops[1].noisy
     assert camera.min() >= 0 and camera.max() <= 1
-    assert not np.array_equal(crops[0].noisy, crops[2].noisy)  # each image its own noise
+    assert not np.array_equal(crops[0].noisy, crops[4].noisy)  # each image its own noise
 
 
 def test_an_image_smaller_than_the_patch_is_named(photos: list[Path]) -> None:
@@ -203,5 +206,6 @@ def test_drive_patches_are_mostly_retina(drive_dir: Path) -> None:
     # Fundus patches are reddish: red above blue in most of them.
     red_over_blue = batch.clean[:, 0].mean(dim=(1, 2)) > batch.clean[:, 2].mean(dim=(1, 2))
     assert red_over_blue.float().mean() > 0.7
-    crop = validation_crops(images[:1], crop=256, protocols=("camera",))[0]
-    assert crop.clean.shape == (256, 256, 3) and crop.mask.mean() > 0.9
+    centre, rim = validation_crops(images[:1], crop=256, protocols=("camera",))
+    assert centre.clean.shape == rim.clean.shape == (256, 256, 3)
+    assert centre.mask.all() and 0.2 < rim.mask.mean() < 0.8

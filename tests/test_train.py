@@ -99,7 +99,9 @@ def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, 
     assert card["recipe"]["steps"] == 40 and card["recipe"]["patch_size"] == 16
     assert len(card["training_data"]["images"]) == 3 and len(card["training_data"]["validation_images"]) == 1
     assert card["training"]["patches_per_s"] > 0
-    assert {"psnr_paper", "ssim_paper", "psnr_camera", "ssim_camera"} <= set(card["validation"])
+    measures = {f"{m}_{p}_{r}" for m in ("psnr", "ssim") for p in ("paper", "camera") for r in ("centre", "rim")}
+    assert measures <= set(card["validation"])
+    assert [step for step, _ in logged(output, "val/psnr_camera_rim")] == [0, 40]  # the start point, then every 40
     assert (output / "scalars.csv").read_text().startswith("wall_time,step,tag,value\n")
 
 
@@ -122,6 +124,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     with pytest.raises(KeyboardInterrupt):
         train_from_config(tiny_config(photo_dir, interrupted, **changes))
     assert load_checkpoint(interrupted / "checkpoint.pt")["step"] == 3
+    for log in ("scalars.csv", "scalars.jsonl"):  # a kill can cut the last line short
+        with open(interrupted / log, "a") as handle:
+            handle.write('{"step": 6, "train/lo')
     monkeypatch.setattr(Trainer, "train_step", original_step)
     resumed = train_from_config(tiny_config(photo_dir, interrupted, **changes), resume=True)
 

@@ -233,15 +233,35 @@ class PatchStream(IterableDataset):
         return PatchBatch(_channels_first(noisy), _channels_first(clean), torch.from_numpy(sigma))
 
 
+# Where validation crops are taken: the retina at the centre, and the FOV rim with
+# the black surround (where a model trained without clipped input leaves biased noise).
+REGIONS = ("centre", "rim")
+# Candidate places for the rim crop, as fractions of the way from the top left corner to the centre.
+_RIM_STEPS = np.linspace(0.0, 1.0, 17)
+
+
 @dataclass(frozen=True)
 class ValidationCrop:
-    """A fixed noisy/clean crop (H×W×C) of a validation photograph under one protocol."""
+    """A fixed noisy/clean crop (H×W×C) of a validation photograph under one protocol;
+    ``sigma`` is the noise level on the [0, 1] scale."""
 
     name: str
+    region: str
     protocol: str
+    sigma: float
     noisy: np.ndarray
     clean: np.ndarray
     mask: np.ndarray
+
+
+def _rim_square(image: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size``² crop between the top left corner and the centre that is nearest
+    to half field of view, half surround."""
+    if size is None or min(image.shape[:2]) <= size:
+        return image, mask
+    corners = [(int(t * (image.shape[0] - size) / 2), int(t * (image.shape[1] - size) / 2)) for t in _RIM_STEPS]
+    top, left = min(corners, key=lambda c: abs(mask[c[0] : c[0] + size, c[1] : c[1] + size].mean() - 0.5))
+    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
 
 
 def validation_crops(
@@ -252,13 +272,16 @@ def validation_crops(
     protocols: Sequence[str] = PROTOCOLS,
     seed: int = 0,
 ) -> list[ValidationCrop]:
-    """The central ``crop``² of each FOV-cropped photograph with fixed-seed noise
-    (image i gets seed ``seed + i``, as in ``evaluate``), so that validation scores
-    are comparable from one step, and one run, to the next."""
+    """A ``crop``² at the centre and on the FOV rim (``REGIONS``) of each FOV-cropped
+    photograph, under each protocol, with fixed-seed noise (image i gets seed
+    ``seed + i``, as in ``evaluate``): validation scores are comparable from one
+    step, and one run, to the next."""
     crops = []
     for index, path in enumerate(images):
-        clean, mask = centre_square(*load_fov_crop(path), crop)
-        for protocol in protocols:
-            noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
-            crops.append(ValidationCrop(path.name, protocol, noisy, clean, mask))
+        photograph = load_fov_crop(path)
+        for region, cut in zip(REGIONS, (centre_square, _rim_square), strict=True):
+            clean, mask = cut(*photograph, crop)
+            for protocol in protocols:
+                noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
+                crops.append(ValidationCrop(path.name, region, protocol, sigma / 255.0, noisy, clean, mask))
     return crops

@@ -25,14 +25,13 @@ command-line overrides that replace them.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
 import platform
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -259,31 +258,38 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise TrainingError(f"{path}: unreadable checkpoint ({str(error).splitlines()[0]})") from None
 
 
+def _lines_up_to(path: Path, step: int | None, step_of: Callable[[str], int]) -> list[str]:
+    """The lines of a log logged at ``step`` or before (none for a fresh run). Lines that
+    do not parse (a header, or a last line cut short by the interruption) are dropped."""
+    if step is None or not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if step_of(line) <= step:
+                kept.append(line)
+        except (ValueError, IndexError, KeyError):
+            continue
+    return kept
+
+
 class ScalarLog:
     """Scalars by step in ``scalars.csv`` and ``scalars.jsonl``; on resume, entries
     after the checkpoint's step (logged by the interrupted run) are dropped."""
 
+    CSV_HEADER = "wall_time,step,tag,value"
+
     def __init__(self, directory: Path, *, resume_step: int | None = None) -> None:
         self.csv_path, self.jsonl_path = directory / "scalars.csv", directory / "scalars.jsonl"
-        if resume_step is None or not self.csv_path.exists():
-            self.csv_path.write_text("wall_time,step,tag,value\n")
-            self.jsonl_path.write_text("")
-            return
-        with open(self.csv_path, newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-        self.csv_path.write_text("wall_time,step,tag,value\n")
-        self._append_csv([(row["wall_time"], row["step"], row["tag"], row["value"]) for row in rows])
-        if self.jsonl_path.exists():
-            kept = [line for line in self.jsonl_path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.jsonl_path.write_text("".join(line + "\n" for line in kept))
-
-    def _append_csv(self, rows: list[tuple[Any, ...]]) -> None:
-        with open(self.csv_path, "a", newline="") as handle:
-            csv.writer(handle).writerows(rows)
+        csv_lines = _lines_up_to(self.csv_path, resume_step, lambda line: int(line.split(",")[1]))
+        json_lines = _lines_up_to(self.jsonl_path, resume_step, lambda line: int(json.loads(line)["step"]))
+        self.csv_path.write_text("".join(line + "\n" for line in [self.CSV_HEADER, *csv_lines]))
+        self.jsonl_path.write_text("".join(line + "\n" for line in json_lines))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         now = time.time()
-        self._append_csv([(f"{now:.3f}", step, tag, f"{value:.7g}") for tag, value in scalars.items()])
+        with open(self.csv_path, "a") as handle:
+            handle.writelines(f"{now:.3f},{step},{tag},{value:.7g}\n" for tag, value in scalars.items())
         with open(self.jsonl_path, "a") as handle:
             handle.write(json.dumps({"step": step, "wall_time": round(now, 3), **scalars}) + "\n")
 
@@ -382,18 +388,18 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, crops: list[ValidationCrop]) -> dict[str, float]:
-        """Mean PSNR and SSIM over the validation crops, per noise protocol."""
+        """Mean PSNR and SSIM over the validation crops, per noise protocol and region."""
         self.model.eval()
         scores: dict[str, list[float]] = {}
         for crop in crops:
             noisy = torch.from_numpy(crop.noisy.transpose(2, 0, 1)[None].copy()).to(self.placement.device)
             with torch.autocast(self.placement.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                restored = self.model(noisy)
-            # Clipped as any written image is.
-            restored_image = restored.float().clamp(0.0, 1.0)[0].permute(1, 2, 0).cpu().numpy()
+                restored = self.model(noisy, crop.sigma)
+            # Not clipped, like the restorations `evaluate` scores, so that the numbers agree.
+            restored_image = restored.float()[0].permute(1, 2, 0).cpu().numpy()
             quality = image_quality(crop.clean, restored_image, mask=crop.mask)
             for measure in ("psnr", "ssim"):
-                scores.setdefault(f"val/{measure}_{crop.protocol}", []).append(float(quality[measure]))
+                scores.setdefault(f"val/{measure}_{crop.protocol}_{crop.region}", []).append(float(quality[measure]))
         self.model.train()
         return {tag: float(np.mean(values)) for tag, values in scores.items()}
 
@@ -559,6 +565,14 @@ def train_from_config(
         return _run(settings, resume, placement, console)
 
 
+def _validate(trainer: Trainer, crops: list[ValidationCrop], log: ScalarLog, console: Console) -> dict[str, float]:
+    scores = trainer.validate(crops)
+    log.write(trainer.step, scores)
+    psnr = (f"{tag.removeprefix('val/psnr_')} {value:.2f}" for tag, value in scores.items() if tag.startswith("val/psnr"))
+    console.print(f"step {trainer.step}: validation PSNR " + ", ".join(psnr))
+    return scores
+
+
 def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Console) -> Path:
     output = Path(config["output"])
     state = _resume_state(config, resume, placement.world_size, console)
@@ -584,6 +598,8 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         task = progress.add_task("training", total=config["steps"], completed=trainer.step, loss=float("nan"), rate=0.0)
         # Throughput counts the time spent waiting for and training on batches, not validating or saving.
         window_seconds, window_steps = 0.0, 0
+        if main and crops and state is None:
+            _validate(trainer, crops, log, progress.console)  # where the run starts from, e.g. the official weights
         batches = iter(loader)
         while trainer.step < config["steps"]:
             started = time.perf_counter()
@@ -600,9 +616,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
                     log.write(step, {"train/loss": loss, "train/lr": trainer.learning_rate, "train/patches_per_s": rate})
                 window_seconds, window_steps = 0.0, 0
             if main and crops and (step % config["validate_every"] == 0 or step == config["steps"]):
-                scores = trainer.validate(crops)
-                log.write(step, scores)
-                progress.console.print(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                scores = _validate(trainer, crops, log, progress.console)
             if main and (step % config["checkpoint_every"] == 0 or step == config["steps"]):
                 save_atomically(trainer.state(), output / CHECKPOINT)
     del batches  # stop the loader's workers before the final writes
