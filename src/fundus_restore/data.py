@@ -199,7 +199,11 @@ class PatchStream(IterableDataset):
         per_group = self.settings.images_per_group
         # This stream's share of the image sequence: every `streams`-th position.
         positions = [(group * per_group + j) * streams + stream_id for j in range(per_group)]
-        self._group = {p: self._group[p] if p in self._group else self._load(p) for p in positions}
+        # Drop the previous group before reading the next, so that at most one group is held.
+        self._group = {p: self._group[p] for p in positions if p in self._group}
+        for position in positions:
+            if position not in self._group:
+                self._group[position] = self._load(position)
         rng = np.random.default_rng((self.seed, _BATCH, stream_id, lane_step))
         return self._degrade([self._group[positions[i % per_group]] for i in range(self.batch_size)], rng)
 

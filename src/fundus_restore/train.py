@@ -6,10 +6,12 @@ patch batches (``fundus_restore.data``), and writes into the ``output`` folder:
 * ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end, written
   atomically (temporary file, fsync, rename) and holding the model, optimizer,
   scheduler, the random states and the step. Since batch k is a pure function of
-  (seed, k), ``resume=True`` continues bit for bit where the run stopped.
-* ``scalars.csv`` (wall_time, step, tag, value: the layout of TensorBoard's scalar
-  export) and ``scalars.jsonl`` (one JSON object per logged step), since TensorBoard
-  is not a dependency.
+  (seed, k), ``resume=True`` continues bit for bit where the run stopped (given the
+  same number of processes and data workers).
+* ``scalars.csv`` (wall_time, step, tag, value: TensorBoard's scalar records, as
+  TensorBoard is not a dependency) and ``scalars.jsonl`` (one JSON object per
+  logged step): training loss, learning rate, patches/s, and validation PSNR/SSIM
+  per noise protocol on fixed crops of held-out photographs, from step 0.
 * ``config.yaml``, the effective config; and at the end ``model.safetensors``
   (batch norm folded) with its model card ``model.json``.
 
@@ -19,7 +21,8 @@ train CONFIG``: each rank trains on its own share of the patches
 CUDA and bfloat16 mixed precision are used when present.
 
 Relative paths in a config are relative to the working directory, like the
-command-line overrides that replace them.
+command-line overrides that replace them (``base:``, the config a config extends,
+is relative to the config file).
 """
 
 from __future__ import annotations
@@ -393,10 +396,9 @@ class Trainer:
         scores: dict[str, list[float]] = {}
         for crop in crops:
             noisy = torch.from_numpy(crop.noisy.transpose(2, 0, 1)[None].copy()).to(self.placement.device)
-            with torch.autocast(self.placement.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                restored = self.model(noisy, crop.sigma)
-            # Not clipped, like the restorations `evaluate` scores, so that the numbers agree.
-            restored_image = restored.float()[0].permute(1, 2, 0).cpu().numpy()
+            # In float32 (bfloat16 would cap PSNR near the values being measured) and not
+            # clipped, like the restorations `evaluate` scores, so that the numbers agree.
+            restored_image = self.model(noisy, crop.sigma)[0].permute(1, 2, 0).cpu().numpy()
             quality = image_quality(crop.clean, restored_image, mask=crop.mask)
             for measure in ("psnr", "ssim"):
                 scores.setdefault(f"val/{measure}_{crop.protocol}_{crop.region}", []).append(float(quality[measure]))
