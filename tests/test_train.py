@@ -168,6 +168,9 @@ def test_checkpoint_loads_with_weights_only(photo_dir: Path, tmp_path: Path) -> 
     assert {"python", "numpy", "torch"} <= set(state["random"])
     assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 3
     assert not list(output.glob("*.partial"))
+    (output / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="checkpoint.pt: not a readable training checkpoint"):
+        train_from_config(tiny_config(photo_dir, output, steps=3), resume=True)
 
 
 def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(photo_dir: Path, tmp_path: Path) -> None:

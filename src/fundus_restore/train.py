@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import time
@@ -257,8 +258,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by the trainer, loaded without unpickling arbitrary objects."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise TrainingError(f"{path}: unreadable checkpoint ({str(error).splitlines()[0]})") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise TrainingError(f"{path}: not a readable training checkpoint ({type(error).__name__})") from None
 
 
 def _lines_up_to(path: Path, step: int | None, step_of: Callable[[str], int]) -> list[str]:
