@@ -170,7 +170,9 @@ def train(
     """Train a model from a config; checkpoints atomically and resumes exactly."""
     import yaml
 
-    from fundus_restore.train import train_from_config
+    from fundus_restore.io import ImageFileError
+    from fundus_restore.pretrained import WeightsError
+    from fundus_restore.train import TrainingError, train_from_config
 
     overrides = {}
     for item in set_ or []:
@@ -178,7 +180,11 @@ def train(
         if not separator:
             raise typer.BadParameter(f"--set expects key=value, got {item!r}")
         overrides[key] = yaml.safe_load(value)
-    weights = train_from_config(config, resume=resume, overrides=overrides)
+    try:
+        weights = train_from_config(config, resume=resume, overrides=overrides)
+    except (TrainingError, ImageFileError, WeightsError) as error:
+        _report_error(str(error))
+        raise typer.Exit(1) from None
     console.print(f"wrote {weights}")
 
 
