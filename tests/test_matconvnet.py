@@ -217,16 +217,19 @@ def test_cdncnn_b_reproduces_published_psnr_on_all_cbsd68(dncnn_weights_dir: Pat
 # Denoised PSNR (dB) of a few images, by benchmark index (= noise seed), from the full
 # 68-image run of scripts/check_published_dncnn.py --csv. Same image, same noise and
 # same network give the same number up to float rounding, far below 0.01 dB.
+# Images test001, test023, test046, test068 (BSD68) = 101085, 157055, 229036, 351093 (CBSD68).
 FULL_RUN_PSNRS = {
-    "GD_Gray_Blind.mat": {},
-    "sigma=25.mat": {},
-    "color_sigma=25.mat": {},
+    "GD_Gray_Blind.mat": {0: 25.867, 22: 28.997, 45: 26.429, 67: 26.096},
+    "sigma=25.mat": {0: 25.952, 22: 29.042, 45: 26.483, 67: 26.171},
+    "color_sigma=25.mat": {0: 28.296, 22: 31.283, 45: 28.984, 67: 29.022},
 }
-# The paper's networks gain ~9 dB (grey) to ~11 dB (colour) at sigma 25; a wrongly
-# loaded network (say, with filters of a wrong axis order) is nowhere near that.
-MIN_GAIN_OVER_NOISY_DB = 8.0
-# Best Gaussian blur in hindsight, per image, is ~24.5 dB here; DnCNN is ~29 to 31.
-MIN_MARGIN_OVER_GAUSSIAN_DB = 3.0
+# Bounds independent of the recorded numbers. These four images are textured and
+# harder than average: the networks gain 6.7 dB (grey) and 9.2 dB (colour) over the
+# noisy input here (9 to 11 dB over all 68), and beat the best of a few Gaussian blurs
+# (chosen per image knowing the clean image) by 2.1 dB (grey) and 4.7 dB (colour).
+# A network with misread weights falls far below both.
+MIN_GAIN_OVER_NOISY_DB = 6.0
+MIN_MARGIN_OVER_GAUSSIAN_DB = 1.5
 GAUSSIAN_WIDTHS = (0.6, 0.7, 0.8, 1.0)
 
 
@@ -248,5 +251,5 @@ def test_official_model_on_benchmark_subset(dncnn_weights_dir: Path, weights_fil
         clean, noisy = noisy_benchmark_image(images[index], rgb=model.config["channels"] == 3, seed=index)
         gains.append(denoised_psnr - noisy_psnr)
         margins.append(denoised_psnr - best_gaussian_filter_psnr(clean, noisy))
-    assert np.mean(gains) >= MIN_GAIN_OVER_NOISY_DB
-    assert np.mean(margins) >= MIN_MARGIN_OVER_GAUSSIAN_DB
+    assert np.mean(gains) >= MIN_GAIN_OVER_NOISY_DB, f"gain over noisy {np.mean(gains):.2f} dB"
+    assert np.mean(margins) >= MIN_MARGIN_OVER_GAUSSIAN_DB, f"margin over Gaussian blur {np.mean(margins):.2f} dB"
