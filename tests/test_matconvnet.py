@@ -187,6 +187,14 @@ def test_mismatched_channels_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared
+def test_truncated_official_file_is_refused(dncnn_weights_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "truncated.mat"
+    content = (dncnn_weights_dir / "sigma=25.mat").read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+    _assert_refused(path, "damaged or unreadable MAT-file")
+
+
+@pytest.mark.shared
 def test_nan_weight_in_official_file_is_refused(dncnn_weights_dir: Path, tmp_path: Path) -> None:
     path = Path(shutil.copy(dncnn_weights_dir / "sigma=25.mat", tmp_path / "poisoned.mat"))
     with h5py.File(path, "r+") as file:

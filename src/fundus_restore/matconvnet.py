@@ -12,6 +12,9 @@ so the layers run conv, relu, conv, relu, ..., conv. Two MATLAB conventions matt
 
 Everything that does not fit this pattern is refused with a ``WeightsError`` naming
 the file and the problem, rather than loaded into a network that computes nonsense.
+
+The module also holds the published PSNRs of the four released files and the protocol
+that reproduces them (``scripts/check_published_dncnn.py``).
 """
 
 from __future__ import annotations
@@ -155,8 +158,8 @@ def read_simplenn_convs(path: str | Path) -> list[ConvWeights]:
     except _FormatProblem as problem:
         raise WeightsError(f"{path}: {problem}") from None
     except (KeyError, TypeError, ValueError, OSError) as error:
-        # h5py's own errors on a damaged file: dangling references, unreadable datasets.
-        raise WeightsError(f"{path}: unreadable MatConvNet structure ({type(error).__name__}: {error})") from None
+        # h5py's own errors on a damaged file: truncation, dangling references, bad datasets.
+        raise WeightsError(f"{path}: damaged or unreadable MAT-file ({type(error).__name__}: {error})") from None
 
 
 def load_matconvnet_dncnn(path: str | Path) -> DnCNN:
