@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import fundus_restore
 from fundus_restore.degrade import add_gaussian_noise
 from fundus_restore.inference import (
     CONSERVATIVE_OVERLAP,
-    _prepared_from_file,
+    _prepare_file,
     _tile_spans,
     apply_tiled,
     default_overlap,
@@ -127,6 +128,14 @@ def test_caller_model_is_left_untouched(odd_image: np.ndarray) -> None:
     assert np.abs(restored - whole_image(model.eval(), odd_image)).max() < 1e-4
 
 
+def test_in_place_network_leaves_the_input_alone() -> None:
+    image = np.linspace(-1, 1, 5 * 6 * 3, dtype=np.float32).reshape(5, 6, 3)
+    original = image.copy()
+    restored = denoise(image, nn.ReLU(inplace=True), device="cpu")
+    np.testing.assert_array_equal(image, original)
+    np.testing.assert_array_equal(restored, np.maximum(original, 0))
+
+
 def test_sigma_reaches_the_model() -> None:
     class ScaleBySigma(nn.Module):
         def forward(self, x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
@@ -140,12 +149,18 @@ def test_sigma_reaches_the_model() -> None:
 def test_models_loaded_by_file_are_cached(tmp_path, odd_image: np.ndarray) -> None:
     model = random_dncnn()
     weights = save_model(model, tmp_path / "tiny.safetensors")
-    _prepared_from_file.cache_clear()
+    _prepare_file.cache_clear()
     first = denoise(odd_image, weights, device="cpu")
     second = denoise(odd_image, str(weights), device="cpu")
-    assert _prepared_from_file.cache_info().misses == 1 and _prepared_from_file.cache_info().hits == 1
+    assert _prepare_file.cache_info().misses == 1 and _prepare_file.cache_info().hits == 1
     np.testing.assert_array_equal(first, second)
     assert np.abs(first - whole_image(model, odd_image)).max() < 1e-4
+    # New weights written to the same file are picked up, not served from the cache.
+    nn.init.zeros_(model.body[-1].weight)
+    nn.init.zeros_(model.body[-1].bias)
+    save_model(model, weights)
+    os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1))
+    np.testing.assert_array_equal(denoise(odd_image, weights, device="cpu"), odd_image)
 
 
 def test_package_exposes_denoise() -> None:
