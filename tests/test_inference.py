@@ -187,8 +187,21 @@ def test_bad_settings_are_refused(odd_image: np.ndarray) -> None:
         denoise(odd_image, random_dncnn(), tile=10, overlap=5, device="cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         denoise(odd_image, random_dncnn(), precision="float8", device="cpu")  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            denoise(odd_image, random_dncnn(), device="cuda")
     with pytest.raises(ValueError, match="expected 1×C×"):
         apply_tiled(lambda t: t[..., ::2, ::2], torch.zeros(1, 3, 20, 20), tile=8, overlap=1)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="CPU without native bfloat16")
+def test_bfloat16_is_opt_in_and_returns_float32(odd_image: np.ndarray) -> None:
+    model = random_dncnn()
+    fast = denoise(odd_image, model, precision="bfloat16", device="cpu")
+    exact = denoise(odd_image, model, device="cpu")
+    assert fast.dtype == np.float32
+    assert 0 < np.abs(fast - exact).max() < 0.05
+    assert np.abs(exact - whole_image(model, odd_image)).max() < 1e-4
 
 
 def test_large_photo_in_bounded_memory() -> None:

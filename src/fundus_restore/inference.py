@@ -173,7 +173,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    return resolved
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
