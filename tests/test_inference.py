@@ -19,6 +19,7 @@ from fundus_restore.inference import (
     apply_tiled,
     default_overlap,
     denoise,
+    prepare_model,
 )
 from fundus_restore.metrics import psnr
 from fundus_restore.models import create_model
@@ -126,6 +127,15 @@ def test_caller_model_is_left_untouched(odd_image: np.ndarray) -> None:
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert np.abs(restored - whole_image(model.eval(), odd_image)).max() < 1e-4
+
+
+def test_ready_model_is_used_without_a_copy() -> None:
+    cpu = torch.device("cpu")
+    ready = random_dncnn()
+    assert prepare_model(ready, cpu) is ready
+    training = random_dncnn().train()
+    prepared = prepare_model(training, cpu)
+    assert prepared is not training and not prepared.training and training.training
 
 
 def test_in_place_network_leaves_the_input_alone() -> None:
