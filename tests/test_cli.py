@@ -94,3 +94,15 @@ def test_import_weights_rejects_a_corrupt_file(tmp_path: Path):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "fundus_restore", "--help"], capture_output=True, text=True, check=True)
     assert "denoise" in result.stdout and "import-weights" in result.stdout
+
+
+def test_demo_restores_the_retina_photo_with_the_bundled_model(tmp_path: Path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if "PSNR-FOV" in line)
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 1 : header + 3]}
+    noisy, restored = rows.pop("noisy"), next(iter(rows.values()))
+    assert restored[2] > noisy[2] + 10  # PSNR inside the field of view, dB
+    assert restored[3] > noisy[3] + 0.5  # SSIM inside the field of view
+    assert {"demo.png", "noisy.png", "restored.png"} <= {p.name for p in tmp_path.iterdir()}

@@ -255,9 +255,10 @@ def demo(
     restored = denoise_image(noisy, network, tile=tile, device=device)
 
     before, after = image_quality(clean, noisy, mask=mask), image_quality(clean, restored, mask=mask)
-    print(f"{'':10}{'PSNR':>8}{'SSIM':>8}{'PSNR-FOV':>10}{'SSIM-FOV':>10}")
+    width = max(len(name), 5) + 2
+    print(f"{'':{width}}{'PSNR':>8}{'SSIM':>8}{'PSNR-FOV':>10}{'SSIM-FOV':>10}")
     for label, quality in (("noisy", before), (name, after)):
-        print(f"{label:10}{quality['psnr']:8.2f}{quality['ssim']:8.4f}{quality['psnr_fov']:10.2f}{quality['ssim_fov']:10.4f}")
+        print(f"{label:{width}}{quality['psnr']:8.2f}{quality['ssim']:8.4f}{quality['psnr_fov']:10.2f}{quality['ssim_fov']:10.4f}")
 
     out.mkdir(parents=True, exist_ok=True)
     write_image(out / "noisy.png", noisy)

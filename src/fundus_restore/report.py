@@ -32,6 +32,11 @@ def thin_vessel_window(image: np.ndarray, mask: np.ndarray | None = None, size: 
         inside = ndimage.binary_erosion(mask[::step, ::step], iterations=max(2, size // (2 * step)))
         ridges = np.where(inside, ridges, 0.0)
     window = max(1, size // step)
+    # The optic disc is the brightest blob and its rim a ring of false ridges: keep
+    # the window off it, where thin vessels run on plain background.
+    brightness = ndimage.gaussian_filter(image[::step, ::step].mean(axis=-1) if image.ndim == 3 else image[::step, ::step], window / 2)
+    disc = brightness > np.percentile(brightness, 99)
+    ridges = np.where(ndimage.binary_dilation(disc, iterations=window), 0.0, ridges)
     density = ndimage.uniform_filter(ridges, size=window, mode="constant")
     # uniform_filter centres the window; move from centre to top-left and clamp.
     row, col = np.unravel_index(np.argmax(density), density.shape)
