@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fundus_restore.models import create_model, list_architectures
+from fundus_restore.models.dncnn import DnCNN
+
+
+def _randomise_batch_norm(model: DnCNN) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor, low, high in (
+                (module.running_mean, -0.2, 0.2),
+                (module.running_var, 0.3, 2.0),
+                (module.weight.data, 0.5, 1.5),
+                (module.bias.data, -0.1, 0.1),
+            ):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+
+
+def test_registry_builds_dncnn_by_name():
+    assert "dncnn" in list_architectures()
+    model = create_model("dncnn", channels=1, depth=17, width=64)
+    assert isinstance(model, DnCNN) and model.architecture == "dncnn"
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == 17 and len(norms) == 15
+    assert convs[0].in_channels == 1 and convs[-1].out_channels == 1
+
+
+def test_unknown_architecture_names_the_known_ones():
+    with pytest.raises(ValueError, match="dncnn"):
+        create_model("no-such-net")
+
+
+def test_network_predicts_the_noise_and_subtracts_it():
+    model = create_model("dncnn", depth=3, width=4, batch_norm=False).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    model.body[-1].bias.data.fill_(0.1)  # predicted "noise": a constant 0.1
+    x = torch.rand(1, 3, 9, 11)
+    torch.testing.assert_close(model(x), x - 0.1)
+    torch.testing.assert_close(model(x, sigma=25 / 255), x - 0.1)  # blind: sigma ignored
+
+
+def test_folded_batch_norm_gives_the_same_output():
+    model = create_model("dncnn", depth=6, width=16).eval()
+    _randomise_batch_norm(model)
+    folded = model.fold_batch_norm()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert folded.config["batch_norm"] is False
+    x = torch.rand(2, 3, 24, 20) * 1.4 - 0.2  # noisy images lie outside [0, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_too_shallow_is_refused():
+    with pytest.raises(ValueError, match="at least 3"):
+        create_model("dncnn", depth=2)
