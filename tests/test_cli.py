@@ -106,3 +106,15 @@ def test_demo_restores_the_retina_photo_with_the_bundled_model(tmp_path: Path):
     assert restored[2] > noisy[2] + 10  # PSNR inside the field of view, dB
     assert restored[3] > noisy[3] + 0.5  # SSIM inside the field of view
     assert {"demo.png", "noisy.png", "restored.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_degrade_without_clipping_keeps_the_exact_float_noise(photos: Path, tmp_path: Path):
+    from fundus_restore.degrade import add_gaussian_noise
+
+    good = photos / "a (1).png"
+    result = runner.invoke(app, ["degrade", str(good), "--sigma", "25", "--seed", "7", "--no-clip", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    written = read_image(tmp_path / "a (1).tif")
+    np.testing.assert_array_equal(written, add_gaussian_noise(read_image(good), 25, seed=7))
+    assert written.min() < 0 or written.max() > 1  # unclipped
+    assert image_bit_depth(tmp_path / "a (1).tif") == 32

@@ -161,7 +161,7 @@ def _volume_tiff(path: Path) -> None:
 
 
 def _float_tiff(path: Path) -> None:
-    tifffile.imwrite(path, np.zeros((6, 6), dtype=np.float32))
+    tifffile.imwrite(path, np.zeros((6, 6), dtype=np.float64))
 
 
 @pytest.mark.parametrize(
@@ -175,7 +175,7 @@ def _float_tiff(path: Path) -> None:
         ("text.tif", lambda p: p.write_text("not an image\n"), "truncated or corrupt"),
         ("five channels.tif", _five_channel_tiff, "not a grey or RGB image"),
         ("volume.tif", _volume_tiff, "not a grey or RGB image"),
-        ("float.tif", _float_tiff, "unsupported sample type float32"),
+        ("float.tif", _float_tiff, "unsupported sample type float64"),
         ("image.webp", lambda p: p.write_bytes(b"RIFF"), "unsupported image type"),
         ("folder.png", lambda p: p.mkdir(), "not a regular file"),
     ],
@@ -215,3 +215,12 @@ def test_reads_drive_tiff_and_gif_mask(drive_dir: Path) -> None:
 def test_reads_heimed_name_with_parentheses(heimed_dir: Path) -> None:
     image = read_image(heimed_dir / "(00000053).jpg")
     assert image.shape == (1958, 2196, 3)
+
+
+def test_float_tiff_keeps_values_outside_the_unit_range(tmp_path: Path) -> None:
+    image = np.random.default_rng(1).normal(0.5, 0.4, (9, 7, 3)).astype(np.float32)
+    path = write_image(tmp_path / "noisy.tif", image, bit_depth=32)
+    np.testing.assert_array_equal(read_image(path), image)
+    assert image_bit_depth(path) == 32
+    with pytest.raises(ImageFileError, match="only be written to TIFF"):
+        write_image(tmp_path / "noisy.png", image, bit_depth=32)

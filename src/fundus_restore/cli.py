@@ -113,11 +113,15 @@ def degrade(
     sigma: SigmaOption = 25.0,
     seed: SeedOption = 0,
     scale: Annotated[int, typer.Option(help="Bicubic downsampling factor applied before the noise (1 = none).")] = 1,
+    clip: Annotated[
+        bool, typer.Option(help="Clip and quantise to the input's bit depth (camera); --no-clip writes float32 TIFF.")
+    ] = True,
 ) -> None:
     """Make degraded copies: bicubic downsampling by --scale, then seeded Gaussian noise.
 
-    Files hold values in [0, 1] only, so the written noisy images are clipped and
-    quantised to the input's bit depth (the camera protocol)."""
+    By default the noisy images are clipped and quantised to the input's bit depth,
+    as a camera's files are; --no-clip keeps the paper's unclipped noise in 32-bit
+    float TIFF files (NAME.tif)."""
     from fundus_restore.degrade import add_gaussian_noise, bicubic_downsample
     from fundus_restore.io import image_bit_depth, read_image, write_image
 
@@ -126,8 +130,11 @@ def degrade(
         if scale > 1:
             image = bicubic_downsample(image, scale)
         if sigma > 0:
-            image = add_gaussian_noise(image, sigma, seed=seed + index, clip=True)
-        write_image(_output_path(out, path), image, bit_depth=image_bit_depth(path))
+            image = add_gaussian_noise(image, sigma, seed=seed + index, clip=clip)
+        if clip:
+            write_image(_output_path(out, path), image, bit_depth=image_bit_depth(path))
+        else:
+            write_image(out / f"{path.stem}.tif", image, bit_depth=32)
 
     _process_files(_expand(inputs), "degrading", handle)
 

@@ -106,7 +106,9 @@ def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32) / np.float32(65535)
     if array.dtype == np.bool_:
         return array.astype(np.float32)
-    raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images only)")
+    if array.dtype == np.float32:
+        return array  # 32-bit float TIFF: values as written, e.g. unclipped noisy images
+    raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images, or 32-bit float TIFF)")
 
 
 def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
@@ -128,13 +130,13 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 
 def image_bit_depth(path: str | Path) -> int:
-    """Bits per sample of an image file, 8 or 16, from its header (no pixel decoding)."""
+    """Bits per sample of an image file from its header (no pixel decoding): 8, 16, or 32 (float TIFF)."""
     path, data = _read_bytes(path)
     suffix = path.suffix.lower()
     try:
         if suffix in _TIFF_SUFFIXES:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                return 16 if tif.pages[0].dtype == np.uint16 else 8
+                return {np.dtype(np.uint16): 16, np.dtype(np.float32): 32}.get(tif.pages[0].dtype, 8)
         if suffix == ".png":
             # IHDR is always the first chunk: signature(8) length(4) "IHDR"(4) width(4) height(4) depth(1).
             if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 25:
@@ -168,12 +170,16 @@ def _encode(path: Path, samples: np.ndarray) -> bytes:
 def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> Path:
     """Write a [0, 1] image (H×W, H×W×1 or H×W×3) as an 8- or 16-bit PNG/TIFF, or 8-bit JPEG.
 
-    Values are clipped to [0, 1] and rounded. Parent folders are created, and the
-    file appears atomically: a failed write never leaves a partial file behind.
+    Values are clipped to [0, 1] and rounded, except with ``bit_depth=32`` (TIFF
+    only), which stores float32 samples as they are: the one way to keep a noisy
+    image unclipped (the paper's protocol) in a file. Parent folders are created, and
+    the file appears atomically: a failed write never leaves a partial file behind.
     """
     path = Path(path)
-    if bit_depth not in (8, 16):
-        raise _file_error(path, f"bit depth must be 8 or 16, not {bit_depth}")
+    if bit_depth not in (8, 16, 32):
+        raise _file_error(path, f"bit depth must be 8, 16 or 32 (float TIFF), not {bit_depth}")
+    if bit_depth == 32 and path.suffix.lower() not in _TIFF_SUFFIXES:
+        raise _file_error(path, "32-bit float samples can only be written to TIFF (.tif/.tiff)")
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
@@ -181,8 +187,11 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
         raise ValueError(f"cannot write an image of shape {image.shape} to {path}: expected H×W, H×W×1 or H×W×3")
     if not np.isfinite(image).all():
         raise ValueError(f"cannot write an image with NaN or infinite values to {path}")
-    top = 2**bit_depth - 1
-    samples = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    if bit_depth == 32:
+        samples = image.astype(np.float32)
+    else:
+        top = 2**bit_depth - 1
+        samples = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
     data = _encode(path, samples)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
