@@ -118,3 +118,27 @@ def test_degrade_without_clipping_keeps_the_exact_float_noise(photos: Path, tmp_
     np.testing.assert_array_equal(written, add_gaussian_noise(read_image(good), 25, seed=7))
     assert written.min() < 0 or written.max() > 1  # unclipped
     assert image_bit_depth(tmp_path / "a (1).tif") == 32
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("optimizer.lr=1e-5", ("optimizer.lr", 1e-5)),
+        ("steps=400", ("steps", 400)),
+        ("data.train=[a b, c]", ("data.train", ["a b", "c"])),
+        ("output=runs/x", ("output", "runs/x")),
+    ],
+)
+def test_set_overrides_are_read_as_yaml_with_plain_exponents(item: str, expected: tuple):
+    from fundus_restore.cli import parse_override
+
+    assert parse_override(item) == expected
+
+
+def test_set_override_without_a_value_is_refused():
+    import typer
+
+    from fundus_restore.cli import parse_override
+
+    with pytest.raises(typer.BadParameter):
+        parse_override("steps")

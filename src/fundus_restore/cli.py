@@ -166,6 +166,23 @@ def list_models() -> None:
         print(f"{name}\t{card.get('summary', card.get('architecture', ''))}")
 
 
+def parse_override(item: str) -> tuple[str, object]:
+    """``key.sub=value`` from ``--set``, the value read as YAML."""
+    import yaml
+
+    key, separator, value = item.partition("=")
+    if not separator or not key:
+        raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+    parsed = yaml.safe_load(value)
+    # YAML 1.1 reads "1e-5" (no dot) as a string; on the command line it means a number.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key, parsed
+
+
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML experiment config (see configs/).")],
@@ -175,18 +192,11 @@ def train(
     ] = None,
 ) -> None:
     """Train a model from a config; checkpoints atomically and resumes exactly."""
-    import yaml
-
     from fundus_restore.io import ImageFileError
     from fundus_restore.pretrained import WeightsError
     from fundus_restore.train import TrainingError, train_from_config
 
-    overrides = {}
-    for item in set_ or []:
-        key, separator, value = item.partition("=")
-        if not separator:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    overrides = dict(parse_override(item) for item in set_ or [])
     try:
         weights = train_from_config(config, resume=resume, overrides=overrides)
     except (TrainingError, ImageFileError, WeightsError) as error:
