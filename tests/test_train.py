@@ -198,6 +198,14 @@ def test_overrides_replace_config_values(photo_dir: Path, tmp_path: Path) -> Non
         load_config({"schedule": {"decay": "linear"}})
 
 
+def test_exponents_without_a_dot_are_numbers() -> None:
+    # YAML 1.1 reads 1e-5 as the string "1e-5": in a file and on the command line alike.
+    config = load_config({"optimizer": {"lr": "1e-5"}}, overrides={"schedule.lr_min": "2e-7"})
+    assert config["optimizer"]["lr"] == 1e-5 and config["schedule"]["lr_min"] == 2e-7
+    with pytest.raises(TrainingError, match="'optimizer.lr' must be a number"):
+        load_config({"optimizer": {"lr": "fast"}})
+
+
 def test_shipped_configs_are_valid_and_green_differs_only_in_loss() -> None:
     configs = {path.stem: load_config(path) for path in CONFIGS.glob("*.yaml")}
     assert {"autoencoder", "dncnn-finetune", "dncnn-finetune-green", "demo-small"} <= set(configs)

@@ -173,14 +173,7 @@ def parse_override(item: str) -> tuple[str, object]:
     key, separator, value = item.partition("=")
     if not separator or not key:
         raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-    parsed = yaml.safe_load(value)
-    # YAML 1.1 reads "1e-5" (no dot) as a string; on the command line it means a number.
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            pass
-    return key, parsed
+    return key, yaml.safe_load(value)
 
 
 @app.command()

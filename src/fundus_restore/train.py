@@ -110,8 +110,18 @@ def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], prefix: str = 
             if not isinstance(value, Mapping):
                 raise TrainingError(f"config key {name!r} must be a mapping, got {value!r}")
             value = _merge(defaults[key], value, f"{name}.")
+        elif isinstance(defaults[key], float) and isinstance(value, str):
+            value = _as_number(name, value)
         merged[key] = value
     return merged
+
+
+def _as_number(name: str, value: str) -> float:
+    # YAML 1.1 reads "1e-5" (no dot) as a string, though everyone means a number.
+    try:
+        return float(value)
+    except ValueError:
+        raise TrainingError(f"config key {name!r} must be a number, got {value!r}") from None
 
 
 def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
