@@ -52,3 +52,4 @@ def list_architectures() -> list[str]:
 from fundus_restore.models import autoencoder  # noqa: E402,F401
 from fundus_restore.models import dncnn  # noqa: E402,F401
 from fundus_restore.models import srresnet  # noqa: E402,F401
+from fundus_restore.models import discriminator  # noqa: E402,F401
