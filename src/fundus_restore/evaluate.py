@@ -98,7 +98,8 @@ def build_methods(
                 raise
             print(f"skipping {name}: {error}")
             continue
-        methods.append(Method(name, lambda noisy, sigma, model=model: denoise(noisy, model, tile=tile, device=device)))
+        label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
+        methods.append(Method(label, lambda noisy, sigma, model=model: denoise(noisy, model, tile=tile, device=device)))
     return methods
 
 

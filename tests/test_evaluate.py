@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fundus_restore import save_model
+from fundus_restore.cli import app
+from fundus_restore.evaluate import build_methods, degrade_for_protocol, evaluate_images, summarise, write_tables
+from fundus_restore.io import write_image
+from fundus_restore.models import create_model
+
+
+def _fundus_like(size: int, seed: int) -> np.ndarray:
+    """A smooth bright disc with dark lines on a black surround."""
+    rows, cols = np.mgrid[:size, :size] / size
+    disc = (rows - 0.5) ** 2 + (cols - 0.5) ** 2 < 0.4**2
+    image = np.stack([0.7 + 0.1 * rows, 0.35 + 0.1 * cols, 0.2 + 0 * rows], axis=-1)
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        image[rng.integers(10, size - 10), :] *= 0.8
+    return (image * disc[..., None]).astype(np.float32)
+
+
+@pytest.fixture
+def clean_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "clean"
+    for index in range(2):
+        write_image(folder / f"eye {index}.png", _fundus_like(64, index))
+    return folder
+
+
+def test_protocols_differ_only_by_clipping_and_quantisation():
+    clean = _fundus_like(32, 0)
+    paper = degrade_for_protocol(clean, 25, "paper", seed=3)
+    camera = degrade_for_protocol(clean, 25, "camera", seed=3)
+    assert paper.min() < 0 and camera.min() >= 0 and camera.max() <= 1
+    np.testing.assert_allclose(camera, np.round(np.clip(paper, 0, 1) * 255) / 255, atol=1e-6)
+    with pytest.raises(ValueError, match="protocol"):
+        degrade_for_protocol(clean, 25, "phone", seed=0)
+
+
+def test_rows_and_summary_cover_every_image_sigma_protocol_and_method(clean_dir: Path, tmp_path: Path):
+    methods = build_methods(["noisy", "nlmeans"])
+    paths = sorted(clean_dir.iterdir())
+    rows = evaluate_images(paths, methods, sigmas=(15, 25), seed=0)
+    assert len(rows) == 2 * 2 * 2 * 2
+    summary = {(r["sigma"], r["protocol"], r["method"]): r for r in summarise(rows)}
+    # Unclipped noise of sigma 25 on [0, 1]: PSNR = 20 log10(255 / 25) = 20.17 dB.
+    assert summary[(25, "paper", "noisy")]["psnr"] == pytest.approx(20.17, abs=0.3)
+    for sigma in (15, 25):
+        for protocol in ("paper", "camera"):
+            assert summary[(sigma, protocol, "nlmeans")]["psnr_fov"] > summary[(sigma, protocol, "noisy")]["psnr_fov"]
+    markdown, summary_csv = write_tables(rows, tmp_path / "report")
+    assert "| 25 | camera | nlmeans | 2 |" in markdown.read_text()
+    with summary_csv.open() as handle:
+        assert len(list(csv.DictReader(handle))) == 8
+
+
+def test_evaluate_command_writes_the_tables(clean_dir: Path, tmp_path: Path):
+    model = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "m.safetensors")
+    report = tmp_path / "report"
+    args = ["evaluate", "--clean", str(clean_dir), "--report", str(report), "--method", "noisy", "--method", str(model)]
+    result = CliRunner().invoke(app, [*args, "--protocol", "camera", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert {"results.md", "summary.csv", "per_image.csv"} <= {p.name for p in report.iterdir()}
+    with (report / "per_image.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["method"] for r in rows} == {"noisy", "m"} and {r["image"] for r in rows} == {"eye 0.png", "eye 1.png"}
+
+
+def test_official_method_without_weights_is_skipped_by_default_and_refused_when_asked():
+    from fundus_restore.pretrained import WeightsError
+
+    assert [m.name for m in build_methods(["noisy", "cdncnn-b"])] == ["noisy"]
+    with pytest.raises(WeightsError, match="official-weights"):
+        build_methods(["cdncnn-b"], skip_missing=False)
