@@ -42,7 +42,7 @@ def image_scale(image: np.ndarray) -> float:
     return np.asarray(image).shape[1] / DRIVE_WIDTH
 
 
-def _green(image: np.ndarray) -> np.ndarray:
+def green_channel(image: np.ndarray) -> np.ndarray:
     """The green channel of a colour image, or the single channel of a grey one, as float32 H×W."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3 and image.shape[-1] in (1, 3):
@@ -52,7 +52,8 @@ def _green(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected an H×W, H×W×1 or H×W×3 image, got shape {image.shape}")
 
 
-def _checked_fov(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def checked_fov(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The field of view of ``image``: ``mask`` as bool after checking its shape, or detected when None."""
     if mask is None:
         return fov_mask(image)
     mask = np.asarray(mask, dtype=bool)
@@ -63,7 +64,7 @@ def _checked_fov(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return mask
 
 
-def _disc(radius: float) -> np.ndarray:
+def disc(radius: float) -> np.ndarray:
     """A Euclidean disc structuring element of the given radius (at least the centre pixel)."""
     extent = int(np.floor(radius))
     offsets = np.arange(-extent, extent + 1)
@@ -76,7 +77,7 @@ def _normalised_green(image: np.ndarray, fov: np.ndarray) -> np.ndarray:
     The fill removes the disc edge, which the Hessian would otherwise see as a huge
     dark ridge, and keeps the black surround out of CLAHE's histograms.
     """
-    green = np.clip(_green(image), 0.0, 1.0)
+    green = np.clip(green_channel(image), 0.0, 1.0)
     nearest = ndimage.distance_transform_edt(~fov, return_distances=False, return_indices=True)
     return equalize_adapthist(green[tuple(nearest)], clip_limit=_CLAHE_CLIP).astype(np.float32)
 
@@ -88,7 +89,7 @@ def vesselness(image: np.ndarray, mask: np.ndarray | None = None, *, scale: floa
     outside it and on its rim. ``scale`` multiplies the Hessian sigmas (default:
     image width / 565).
     """
-    fov = _checked_fov(image, mask)
+    fov = checked_fov(image, mask)
     scale = image_scale(image) if scale is None else scale
     normalised = _normalised_green(image, fov)
     response = np.zeros(normalised.shape, dtype=np.float32)
@@ -97,7 +98,7 @@ def vesselness(image: np.ndarray, mask: np.ndarray | None = None, *, scale: floa
         hessian = hessian_matrix(normalised, sigma=sigma, order="rc", use_gaussian_derivatives=False)
         largest = hessian_matrix_eigvals(hessian)[0]
         np.maximum(response, sigma**2 * largest, out=response)
-    inner = ndimage.binary_erosion(fov, structure=_disc(_RIM_PX * scale))
+    inner = ndimage.binary_erosion(fov, structure=disc(_RIM_PX * scale))
     return np.where(inner, response, np.float32(0))
 
 
