@@ -1,0 +1,164 @@
+"""Vessel-preservation metrics: did restoration keep thin vessels, and did it invent any?
+
+The reference vessel map is the expert's when there is one, else the classical
+segmentation of the clean image; the restored image is always segmented with the
+same classical segmenter (``vessels.segment_vessels``). Everything is counted inside
+the field of view. Pixel sizes are at DRIVE scale and multiplied by ``scale``
+(default: image width / 565):
+
+- a reference centreline pixel is *detected* when a restored vessel pixel lies within
+  ``TOLERANCE_PX`` = 1.5 px of it (its 8-neighbourhood): a segmentation shifted by
+  one pixel still found the vessel;
+- ``spurious_rate`` is the fraction of the restored centreline (its pixel count is the
+  denominator) farther than the tolerance from every vessel pixel of both the clean
+  image's segmentation and the expert map;
+- contrast is measured on the green channel against the mean of a background ring
+  2–5 px outside the reference vessels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .metrics import psnr
+from .vessels import centerline, checked_fov, classify_widths, disc, green_channel, image_scale, segment_vessels
+
+TOLERANCE_PX = 1.5
+# The background ring around vessels: from just outside the vessel edge (thin vessels'
+# blurred edges stay out) to a few pixels further, before the next vessel is likely.
+_RING_INNER_PX = 2.0
+_RING_OUTER_PX = 5.0
+# Local background mean over a window of this size around each centreline pixel.
+_BACKGROUND_WINDOW_PX = 15
+# Half-width of the band around thin vessels where PSNR is measured.
+_THIN_BAND_PX = 3.0
+
+
+def _within(mask: np.ndarray, tolerance: float) -> np.ndarray:
+    """Pixels at most ``tolerance`` px (Euclidean) from a True pixel of ``mask``."""
+    if not mask.any():
+        return np.zeros_like(mask)
+    return ndimage.distance_transform_edt(~mask) <= tolerance
+
+
+def _fraction(part: np.ndarray, whole: np.ndarray) -> float:
+    """|part| / |whole|, NaN when ``whole`` is empty (no pixel to measure on)."""
+    count = int(whole.sum())
+    return float(part.sum() / count) if count else float("nan")
+
+
+def recall(reference_centreline: np.ndarray, restored_vessels: np.ndarray, *, tolerance: float = TOLERANCE_PX) -> float:
+    """Fraction of reference centreline pixels with a restored vessel pixel within ``tolerance`` px."""
+    detected = reference_centreline & _within(restored_vessels, tolerance)
+    return _fraction(detected, reference_centreline)
+
+
+def spurious_rate(restored_vessels: np.ndarray, real_vessels: np.ndarray, *, tolerance: float = TOLERANCE_PX) -> float:
+    """Fraction of the restored centreline farther than ``tolerance`` px from every real vessel pixel.
+
+    ``real_vessels`` is whatever counts as really there (clean segmentation ∪ expert map);
+    an empty restored centreline invents nothing and gives 0.
+    """
+    restored_centreline = centerline(restored_vessels)
+    if not restored_centreline.any():
+        return 0.0
+    return _fraction(restored_centreline & ~_within(real_vessels, tolerance), restored_centreline)
+
+
+def cldice(predicted: np.ndarray, reference: np.ndarray) -> float:
+    """Centreline Dice (Shit et al., CVPR 2021) of two bool vessel maps.
+
+    Topology precision = |skeleton(predicted) ∩ reference| / |skeleton(predicted)|,
+    topology sensitivity = |skeleton(reference) ∩ predicted| / |skeleton(reference)|;
+    clDice is their harmonic mean (1 for identical maps, 0 when either is empty).
+    """
+    predicted = np.asarray(predicted, dtype=bool)
+    reference = np.asarray(reference, dtype=bool)
+    predicted_skeleton = centerline(predicted)
+    reference_skeleton = centerline(reference)
+    if not predicted_skeleton.any() or not reference_skeleton.any():
+        return 0.0
+    precision = _fraction(predicted_skeleton & reference, predicted_skeleton)
+    sensitivity = _fraction(reference_skeleton & predicted, reference_skeleton)
+    if precision + sensitivity == 0:
+        return 0.0
+    return 2 * precision * sensitivity / (precision + sensitivity)
+
+
+def _background_ring(vessels: np.ndarray, fov: np.ndarray, scale: float) -> np.ndarray:
+    outer = ndimage.binary_dilation(vessels, structure=disc(_RING_OUTER_PX * scale))
+    inner = ndimage.binary_dilation(vessels, structure=disc(_RING_INNER_PX * scale))
+    return outer & ~inner & fov
+
+
+def vessel_contrast(image: np.ndarray, centreline: np.ndarray, ring: np.ndarray, *, scale: float = 1.0) -> float:
+    """Mean over ``centreline`` pixels of local background minus vessel intensity (green channel).
+
+    The local background at a pixel is the mean of the ``ring`` pixels in a
+    15 px (at DRIVE scale) window around it; vessels are dark, so contrast is positive.
+    """
+    green = green_channel(image).astype(np.float64)
+    size = max(3, round(_BACKGROUND_WINDOW_PX * scale) | 1)
+    ring_sum = ndimage.uniform_filter(np.where(ring, green, 0.0), size)
+    ring_share = ndimage.uniform_filter(ring.astype(np.float64), size)
+    measured = centreline & (ring_share > 0)
+    background = ring_sum[measured] / ring_share[measured]
+    return float(np.mean(background - green[measured])) if measured.any() else float("nan")
+
+
+def contrast_retention(
+    clean: np.ndarray, restored: np.ndarray, centreline: np.ndarray, vessels: np.ndarray, fov: np.ndarray, *, scale: float = 1.0
+) -> float:
+    """Vessel contrast of ``restored`` over that of ``clean`` on the same centreline and
+    background ring (1.0 = kept, below = washed out), NaN where the clean image has none."""
+    ring = _background_ring(vessels, fov, scale)
+    clean_contrast = vessel_contrast(clean, centreline, ring, scale=scale)
+    if not clean_contrast > 0:
+        return float("nan")
+    return vessel_contrast(restored, centreline, ring, scale=scale) / clean_contrast
+
+
+def vessel_preservation(
+    clean: np.ndarray,
+    restored: np.ndarray,
+    *,
+    expert: np.ndarray | None = None,
+    fov: np.ndarray | None = None,
+    scale: float | None = None,
+) -> dict[str, float]:
+    """The vessel columns of an evaluation table, for one clean/restored pair of H×W×C [0, 1] images.
+
+    ``expert`` is a bool H×W vessel map (else the clean image's segmentation is the
+    reference); ``fov`` the field of view (else detected on the clean image); ``scale``
+    the image size relative to DRIVE (else width / 565). Keys: ``thin_recall``,
+    ``thick_recall``, ``spurious_rate``, ``cldice``, ``thin_contrast_retention``,
+    ``psnr_thin_band``; a metric with nothing to measure on (e.g. no thin vessel) is NaN.
+    """
+    clean = np.asarray(clean, dtype=np.float32)
+    restored = np.asarray(restored, dtype=np.float32)
+    if clean.shape != restored.shape:
+        raise ValueError(f"clean {clean.shape} and restored {restored.shape} differ in shape")
+    fov = checked_fov(clean, fov)
+    scale = image_scale(clean) if scale is None else scale
+    clean_vessels = segment_vessels(clean, fov, scale=scale)
+    restored_vessels = segment_vessels(restored, fov, scale=scale)
+    if expert is None:
+        reference = real = clean_vessels
+    else:
+        expert = np.asarray(expert, dtype=bool)
+        if expert.shape != fov.shape:
+            raise ValueError(f"expert map shape {expert.shape} does not match image shape {fov.shape}")
+        reference = expert & fov
+        real = clean_vessels | reference
+    thin, thick = classify_widths(reference, scale=scale)
+    tolerance = TOLERANCE_PX * scale
+    thin_band = ndimage.binary_dilation(thin, structure=disc(_THIN_BAND_PX * scale)) & fov
+    return {
+        "thin_recall": recall(thin, restored_vessels, tolerance=tolerance),
+        "thick_recall": recall(thick, restored_vessels, tolerance=tolerance),
+        "spurious_rate": spurious_rate(restored_vessels, real, tolerance=tolerance),
+        "cldice": cldice(restored_vessels, reference),
+        "thin_contrast_retention": contrast_retention(clean, restored, thin, reference, fov, scale=scale),
+        "psnr_thin_band": psnr(clean, restored, mask=thin_band) if thin_band.any() else float("nan"),
+    }
