@@ -33,12 +33,6 @@ def auc(score: np.ndarray, truth: np.ndarray) -> float:
     return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def read_vessel_map(path: Path) -> np.ndarray:
-    """An expert vessel map as bool H×W. Thresholded at half intensity, not ``read_mask``'s
-    "any nonzero": DRIVE's 2nd_manual GIFs paint the background palette entry (2, 4, 4), not black."""
-    return read_image(path, rgb=False).max(axis=-1) > 0.5
-
-
 def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
 
@@ -53,7 +47,7 @@ def tune(drive: Path) -> None:
     scores = []
     for number, image_path, mask_path in drive_images(drive, "training"):
         fov = read_mask(mask_path)
-        truth = read_vessel_map(drive / "training" / "1st_manual" / f"{number}_manual1.gif") & fov
+        truth = read_mask(drive / "training" / "1st_manual" / f"{number}_manual1.gif") & fov
         response = vesselness(read_image(image_path), fov)
         # The same small-component removal as segment_vessels, at DRIVE scale.
         scores.append([dice(remove_small_objects(response > t, max_size=30) & fov, truth) for t in TUNING_THRESHOLDS])
@@ -71,8 +65,8 @@ def main() -> int:
     rows = []
     for number, image_path, mask_path in drive_images(args.drive, "test"):
         fov = read_mask(mask_path)
-        first = read_vessel_map(args.drive / "test" / "1st_manual" / f"{number}_manual1.gif")
-        second = read_vessel_map(args.drive / "test" / "2nd_manual" / f"{number}_manual2.gif")
+        first = read_mask(args.drive / "test" / "1st_manual" / f"{number}_manual1.gif")
+        second = read_mask(args.drive / "test" / "2nd_manual" / f"{number}_manual2.gif")
         image = read_image(image_path)
         start = time.perf_counter()
         response = vesselness(image, fov)

@@ -111,12 +111,13 @@ def test_jpeg_and_bmp_and_gif_read(tmp_path: Path) -> None:
     assert image_bit_depth(tmp_path / "x.bmp") == 8
 
 
-def test_read_mask_nonzero_is_true(tmp_path: Path) -> None:
+def test_read_mask_is_true_above_half_intensity(tmp_path: Path) -> None:
     mask = np.zeros((5, 6), dtype=np.uint8)
     mask[1:3, 2:5] = 255
-    mask[4, 0] = 1
+    mask[4, 0] = 1  # a stray dim value is background, not mask
+    mask[0, 0] = 200
     Image.fromarray(mask).save(tmp_path / "mask.gif")
-    np.testing.assert_array_equal(read_mask(tmp_path / "mask.gif"), mask > 0)
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.gif"), mask > 127)
 
 
 def test_write_makes_no_partial_file_on_failure(tmp_path: Path) -> None:
@@ -224,3 +225,18 @@ def test_float_tiff_keeps_values_outside_the_unit_range(tmp_path: Path) -> None:
     assert image_bit_depth(path) == 32
     with pytest.raises(ImageFileError, match="only be written to TIFF"):
         write_image(tmp_path / "noisy.png", image, bit_depth=32)
+
+
+def test_mask_with_a_dim_background_is_not_all_true(tmp_path: Path) -> None:
+    # Like DRIVE's 2nd_manual GIFs: background (2, 4, 4), vessels white.
+    samples = np.full((6, 6, 3), (2, 4, 4), dtype=np.uint8)
+    samples[2:4, :] = 255
+    Image.fromarray(samples).save(tmp_path / "map.gif")
+    expected = np.zeros((6, 6), dtype=bool)
+    expected[2:4, :] = True
+    np.testing.assert_array_equal(read_mask(tmp_path / "map.gif"), expected)
+
+
+def test_drive_second_grader_map_reads_as_thin_vessels(drive_dir: Path) -> None:
+    second = read_mask(drive_dir / "test" / "2nd_manual" / "01_manual2.gif")
+    assert 0.05 < second.mean() < 0.2

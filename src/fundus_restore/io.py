@@ -125,8 +125,12 @@ def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask file (e.g. DRIVE's GIF field-of-view masks) as bool H×W: any nonzero channel is True."""
-    return read_image(path, rgb=False).max(axis=-1) > 0
+    """A mask file (e.g. DRIVE's GIF masks and vessel maps) as bool H×W: brighter than half is True.
+
+    Not "any nonzero": DRIVE's second-grader maps paint their background (2, 4, 4),
+    which "nonzero" would read as all vessel.
+    """
+    return read_image(path, rgb=False).max(axis=-1) > 0.5
 
 
 def image_bit_depth(path: str | Path) -> int:
