@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fundus_restore.models import register_architecture
+from fundus_restore.models.folding import fold_into
 
 
 @register_architecture("dncnn")
@@ -40,21 +41,4 @@ class DnCNN(nn.Module):
         """Return an equivalent inference model with every batch norm folded into its conv."""
         if not self.config["batch_norm"]:
             return self
-        folded = DnCNN(**{**self.config, "batch_norm": False})
-        convs = [m for m in folded.body if isinstance(m, nn.Conv2d)]
-        modules = list(self.body)
-        index = 0
-        for i, module in enumerate(modules):
-            if not isinstance(module, nn.Conv2d):
-                continue
-            weight = module.weight.detach()
-            bias = module.bias.detach() if module.bias is not None else torch.zeros(weight.shape[0])
-            following = modules[i + 1] if i + 1 < len(modules) else None
-            if isinstance(following, nn.BatchNorm2d):
-                scale = following.weight.detach() / torch.sqrt(following.running_var + following.eps)
-                weight = weight * scale[:, None, None, None]
-                bias = (bias - following.running_mean) * scale + following.bias.detach()
-            convs[index].weight.data.copy_(weight)
-            convs[index].bias.data.copy_(bias)
-            index += 1
-        return folded.eval()
+        return fold_into(self, DnCNN(**{**self.config, "batch_norm": False}))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fundus_restore.models import register_architecture
+from fundus_restore.models.folding import fold_into
 
 OUTER_KERNEL = 9  # the first and the output convolution
 INNER_KERNEL = 3
@@ -72,27 +73,6 @@ def upsampler_x2(width: int) -> nn.Sequential:
     conv = nn.Conv2d(width, 4 * width, INNER_KERNEL, padding=INNER_KERNEL // 2)
     _icnr_(conv, 2)
     return nn.Sequential(conv, nn.PixelShuffle(2), nn.PReLU(width))
-
-
-def fold_conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one convolution equivalent to ``conv`` then ``norm`` (in eval mode)."""
-    weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
-    if norm is None:
-        return weight, bias
-    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
-    return weight * scale[:, None, None, None], (bias - norm.running_mean) * scale + norm.bias.detach()
-
-
-def _batch_norm_after_each_conv(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
-    """Every convolution of ``model`` in module order, with the batch norm that follows it in its Sequential."""
-    following: dict[nn.Conv2d, nn.BatchNorm2d] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            for current, after in zip(module, list(module)[1:]):
-                if isinstance(current, nn.Conv2d) and isinstance(after, nn.BatchNorm2d):
-                    following[current] = after
-    return [(m, following.get(m)) for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
 @register_architecture("srresnet")
@@ -139,15 +119,4 @@ class SRResNet(nn.Module):
         """Return an equivalent inference model with every batch norm folded into its conv."""
         if not self.config["batch_norm"]:
             return self
-        folded = SRResNet(**{**self.config, "batch_norm": False}).to(self.tail.weight.device)
-        folded_convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
-        with torch.no_grad():
-            for target, (conv, norm) in zip(folded_convs, _batch_norm_after_each_conv(self), strict=True):
-                weight, bias = fold_conv_batch_norm(conv, norm)
-                target.weight.copy_(weight)
-                target.bias.copy_(bias)
-            prelus = zip((m for m in folded.modules() if isinstance(m, nn.PReLU)),
-                         (m for m in self.modules() if isinstance(m, nn.PReLU)), strict=True)  # fmt: skip
-            for target, source in prelus:
-                target.weight.copy_(source.weight)
-        return folded.eval()
+        return fold_into(self, SRResNet(**{**self.config, "batch_norm": False}))
