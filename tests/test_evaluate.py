@@ -78,3 +78,18 @@ def test_official_method_without_weights_is_skipped_by_default_and_refused_when_
     assert [m.name for m in build_methods(["noisy", "cdncnn-b"])] == ["noisy"]
     with pytest.raises(WeightsError, match="official-weights"):
         build_methods(["cdncnn-b"], skip_missing=False)
+
+
+def test_drive_photos_are_scored_against_their_expert_vessel_maps(drive_dir: Path):
+    from fundus_restore.evaluate import load_clean
+
+    photo = drive_dir / "test" / "images" / "01_test.tif"
+    clean, mask, expert = load_clean(photo, crop_size=256)
+    assert clean.shape == (256, 256, 3) and mask.shape == expert.shape == (256, 256)
+    assert 0.05 < expert[mask].mean() < 0.3  # vessels cover about a tenth of the field of view
+    rows = evaluate_images([photo], build_methods(["noisy", "nlmeans"]), protocols=("camera",), crop_size=256)
+    by_method = {row["method"]: row for row in rows}
+    for row in rows:
+        assert 0 <= row["thin_recall"] <= 1 and 0 <= row["spurious_rate"] <= 1 and 0 <= row["cldice"] <= 1
+    # Noise invents vessels; a denoiser removes most of them.
+    assert by_method["nlmeans"]["spurious_rate"] < by_method["noisy"]["spurious_rate"]

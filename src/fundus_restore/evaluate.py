@@ -17,14 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from fundus_restore.degrade import add_gaussian_noise, quantize
-from fundus_restore.fov import crop_to_fov
-from fundus_restore.io import read_image
+from fundus_restore.fov import crop_to_fov, fov_mask
+from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
+from fundus_restore.vessel_metrics import vessel_preservation
 
 PROTOCOLS = ("paper", "camera")
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "cbm3d")
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.
 SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b")
+# Vessel-preservation columns, shown when measured.
+VESSEL_COLUMNS = ("thin_recall", "thick_recall", "spurious_rate", "cldice", "thin_contrast_retention", "psnr_thin_band")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,24 @@ def centre_square(image: np.ndarray, mask: np.ndarray, size: int | None) -> tupl
     return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
 
 
+def expert_vessel_map(image_path: Path) -> Path | None:
+    """The expert vessel map of a photo in DRIVE's layout (``images/01_test.tif`` →
+    ``1st_manual/01_manual1.gif``, the first grader), or None where there is none."""
+    number = image_path.name.split("_")[0]
+    candidate = image_path.parent.parent / "1st_manual" / f"{number}_manual1.gif"
+    return candidate if candidate.is_file() else None
+
+
+def load_clean(path: Path, crop_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A clean photo cropped to its field of view (and to the central ``crop_size``²),
+    with its FOV mask and, where one exists, its expert vessel map cropped alike."""
+    image = read_image(path)
+    expert_path = expert_vessel_map(path)
+    layers = image if expert_path is None else np.dstack([image, read_mask(expert_path).astype(np.float32)])
+    layers, mask = centre_square(*crop_to_fov(layers, fov_mask(image)), crop_size)
+    return layers[..., :3], mask, None if expert_path is None else layers[..., 3] > 0.5
+
+
 def evaluate_images(
     paths: Iterable[Path],
     methods: Sequence[Method],
@@ -126,21 +147,27 @@ def evaluate_images(
     protocols: Sequence[str] = PROTOCOLS,
     seed: int = 0,
     crop_size: int | None = None,
+    vessels: bool = True,
     on_step: Callable[[str], None] | None = None,
 ) -> list[dict[str, float | str]]:
-    """One row per (image, sigma, protocol, method) with every quality measure.
+    """One row per (image, sigma, protocol, method) with every quality measure and,
+    with ``vessels``, the vessel-preservation measures (against the expert map where
+    the photo has one in DRIVE's layout, else against the clean photo's segmentation).
 
     Image i (in the given order) gets noise seed ``seed + i`` for every sigma and
     protocol, so all methods see exactly the same noisy input.
     """
     rows: list[dict[str, float | str]] = []
     for index, path in enumerate(paths):
-        clean, mask = centre_square(*crop_to_fov(read_image(path)), crop_size)
+        clean, mask, expert = load_clean(path, crop_size)
         for sigma in sigmas:
             for protocol in protocols:
                 noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
                 for method in methods:
-                    quality = image_quality(clean, method.restore(noisy, sigma), mask=mask)
+                    restored = method.restore(noisy, sigma)
+                    quality = image_quality(clean, restored, mask=mask)
+                    if vessels:
+                        quality |= vessel_preservation(clean, restored, expert=expert, fov=mask)
                     rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
                     if on_step:
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
@@ -155,9 +182,15 @@ def summarise(rows: Sequence[dict[str, float | str]]) -> list[dict[str, float | 
     summary = []
     for (sigma, protocol, method), members in groups.items():
         measures = [k for k, v in members[0].items() if isinstance(v, float) and k != "sigma"]
-        means = {k: float(np.mean([m[k] for m in members])) for k in measures}
+        means = {k: _mean_of_finite([m[k] for m in members]) for k in measures}
         summary.append({"sigma": sigma, "protocol": protocol, "method": method, "images": len(members), **means})
     return summary
+
+
+def _mean_of_finite(values: Sequence[float]) -> float:
+    # A vessel measure is NaN on an image with nothing to measure (e.g. no thin vessels).
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def write_tables(rows: Sequence[dict[str, float | str]], report_dir: Path, title: str = "Denoising") -> tuple[Path, Path]:
@@ -166,11 +199,12 @@ def write_tables(rows: Sequence[dict[str, float | str]], report_dir: Path, title
     _write_csv(rows, report_dir / "per_image.csv")
     summary = summarise(rows)
     summary_csv = _write_csv(summary, report_dir / "summary.csv")
-    header = ["σ", "noise", "method", "images", *SUMMARY_COLUMNS]
+    columns = SUMMARY_COLUMNS + tuple(c for c in VESSEL_COLUMNS if c in summary[0])
+    header = ["σ", "noise", "method", "images", *columns]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
         values = [f"{row['sigma']:g}", str(row["protocol"]), str(row["method"]), str(row["images"])]
-        values += [f"{row[c]:.4f}" if c.startswith("ssim") else f"{row[c]:.2f}" for c in SUMMARY_COLUMNS]
+        values += [f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in columns]
         lines.append("| " + " | ".join(values) + " |")
     markdown = report_dir / "results.md"
     markdown.write_text("\n".join(lines) + "\n")
