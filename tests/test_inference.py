@@ -20,10 +20,11 @@ from fundus_restore.inference import (
     default_overlap,
     denoise,
     prepare_model,
+    upscale,
 )
 from fundus_restore.metrics import psnr
 from fundus_restore.models import create_model
-from fundus_restore.pretrained import save_model
+from fundus_restore.pretrained import WeightsError, save_model
 
 
 def random_dncnn(depth: int = 5, width: int = 8, batch_norm: bool = False) -> nn.Module:
@@ -258,3 +259,44 @@ def test_fast_path_keeps_official_dncnn_psnr(dncnn_weights_dir) -> None:
     reference = whole_image(network, noisy)
     assert psnr(clean, fast) > psnr(clean, noisy) + 8  # the network does denoise
     assert abs(psnr(clean, fast) - psnr(clean, reference)) < 0.02
+
+
+def random_srresnet(scale: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("srresnet", blocks=2, width=16, scale=scale)
+    with torch.no_grad():  # non-trivial batch-norm statistics, so that folding them is exercised
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("scale", "tile"), [(4, 29), (4, 64), (2, 41)])
+def test_tiled_upscale_equals_whole_image(scale: int, tile: int) -> None:
+    image = np.random.default_rng(3).random((61, 87, 3), dtype=np.float32)
+    model = random_srresnet(scale)
+    upscaled = upscale(image, model, tile=tile, device="cpu")
+    assert upscaled.shape == (scale * 61, scale * 87, 3) and upscaled.dtype == np.float32
+    assert np.abs(upscaled - whole_image(model, image)).max() < 1e-4
+
+
+def test_upscale_from_a_file_matches_the_module(tmp_path, odd_image: np.ndarray) -> None:
+    model = random_srresnet(2)
+    weights = save_model(model, tmp_path / "sr.safetensors")
+    crop = odd_image[:40, :50]
+    np.testing.assert_allclose(upscale(crop, weights, device="cpu"), upscale(crop, model, device="cpu"), atol=1e-5)
+
+
+def test_package_exposes_upscale() -> None:
+    assert fundus_restore.upscale is upscale
+
+
+def test_upscale_without_a_model_says_none_is_bundled(odd_image: np.ndarray) -> None:
+    with pytest.raises(WeightsError, match="no super-resolution model is bundled.*--model FILE.safetensors"):
+        upscale(odd_image, device="cpu")
+
+
+def test_upscale_refuses_a_denoiser(odd_image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="not a super-resolution model"):
+        upscale(odd_image, random_dncnn(), device="cpu")

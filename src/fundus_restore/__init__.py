@@ -5,13 +5,13 @@ from fundus_restore.pretrained import list_models, load_model, save_model
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "denoise", "list_models", "load_model", "save_model"]
+__all__ = ["__version__", "denoise", "list_models", "load_model", "save_model", "upscale"]
 
 
 def __getattr__(name: str):
     # Inference pulls in more of torch; import it only when asked for.
-    if name == "denoise":
-        from fundus_restore.inference import denoise
+    if name in ("denoise", "upscale"):
+        from fundus_restore import inference
 
-        return denoise
+        return getattr(inference, name)
     raise AttributeError(f"module 'fundus_restore' has no attribute {name!r}")

@@ -6,7 +6,8 @@ network's receptive-field radius the result equals the whole-image result (up to
 floating-point summation order) while memory stays bounded by the tile size. It
 takes an output ``scale`` so that super-resolution networks reuse it.
 
-``denoise`` wraps it for the package's denoisers. Measured on the 2-core AMD EPYC
+``denoise`` wraps it for the package's denoisers and ``upscale`` for its
+super-resolution networks; both share one runner. Measured on the 2-core AMD EPYC
 (AVX-512, avx512_bf16) this project is developed on, with the official CDnCNN-B:
 
 * channels-last inputs and ``inference_mode`` let oneDNN run every convolution
@@ -38,9 +39,12 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from fundus_restore.pretrained import default_model_name, load_model, resolve_weights
+from fundus_restore.pretrained import WeightsError, default_model_name, list_models, load_model, resolve_weights
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
+
+# The bundled super-resolution model ``upscale`` uses by default, once it is trained (issue 5).
+DEFAULT_UPSCALE_MODEL = "srresnet-x4-retina"
 
 # Input tile side: photographs up to about 2k pixels a side run as one or two tiles,
 # so little overlap is recomputed (tile 1024 costs 5% more on a 1696² image, tile 512
@@ -235,6 +239,67 @@ def _checked_image(image: np.ndarray, channels: int | None) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
+def _prepared(model: str | Path | nn.Module | None, default_name: Callable[[], str], device: torch.device) -> nn.Module:
+    """``model`` prepared for ``device``; a name or file is loaded once and cached, None means ``default_name()``."""
+    if isinstance(model, nn.Module):
+        return prepare_model(model, device)
+    return prepared_from_file(resolve_weights(default_name() if model is None else model), device)
+
+
+def upscale_factor(model: nn.Module) -> int:
+    """The integer factor by which a super-resolution ``model`` enlarges images (its config's ``scale``)."""
+    scale = getattr(model, "config", {}).get("scale")
+    if not isinstance(scale, int) or scale < 2:
+        name = getattr(model, "name", type(model).__name__)
+        raise ValueError(f"{name} is not a super-resolution model: no integer 'scale' ≥ 2 in its config")
+    return scale
+
+
+def default_upscale_model_name() -> str:
+    """The bundled super-resolution model used when none is given; refused while none is bundled."""
+    if DEFAULT_UPSCALE_MODEL not in list_models():
+        raise WeightsError("no super-resolution model is bundled yet: pass --model FILE.safetensors")
+    return DEFAULT_UPSCALE_MODEL
+
+
+def _run_network(
+    image: np.ndarray,
+    model: str | Path | nn.Module | None,
+    *,
+    default_name: Callable[[], str],
+    super_resolution: bool,
+    tile: int | None,
+    overlap: int | None,
+    device: str,
+    precision: Precision,
+    progress: bool,
+    sigma: float | None = None,
+) -> np.ndarray:
+    """Shared by ``denoise`` and ``upscale``: prepare the model, check the image, run it tiled."""
+    torch_device = resolve_device(device)
+    network = _prepared(model, default_name, torch_device)
+    scale = upscale_factor(network) if super_resolution else 1
+    pixels = _checked_image(image, input_channels(network))
+    dtype = resolve_precision(precision, torch_device)
+
+    def forward(patch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return network(patch) if sigma is None else network(patch, sigma)
+
+    # H×W×C memory is a channels-last 1×C×H×W tensor: the view costs no copy.
+    source = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    result = apply_tiled(
+        forward,
+        source,
+        tile=DEFAULT_TILE if tile is None else tile,
+        overlap=default_overlap(network) if overlap is None else overlap,
+        scale=scale,
+        device=torch_device,
+        progress=progress,
+    )
+    return result[0].permute(1, 2, 0).numpy()
+
+
 def denoise(
     image: np.ndarray,
     model: str | Path | nn.Module | None = None,
@@ -258,26 +323,47 @@ def denoise(
     CUDA. Values outside [0, 1] are neither rejected nor clipped, in the input or in
     the output. ``progress`` shows a progress bar over the tiles.
     """
-    torch_device = resolve_device(device)
-    if isinstance(model, nn.Module):
-        network = prepare_model(model, torch_device)
-    else:
-        network = prepared_from_file(resolve_weights(default_model_name() if model is None else model), torch_device)
-    pixels = _checked_image(image, input_channels(network))
-    dtype = resolve_precision(precision, torch_device)
-
-    def forward(patch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return network(patch) if sigma is None else network(patch, sigma)
-
-    # H×W×C memory is a channels-last 1×C×H×W tensor: the view costs no copy.
-    source = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
-    restored = apply_tiled(
-        forward,
-        source,
-        tile=DEFAULT_TILE if tile is None else tile,
-        overlap=default_overlap(network) if overlap is None else overlap,
-        device=torch_device,
+    return _run_network(
+        image,
+        model,
+        default_name=default_model_name,
+        super_resolution=False,
+        sigma=sigma,
+        tile=tile,
+        overlap=overlap,
+        device=device,
+        precision=precision,
         progress=progress,
     )
-    return restored[0].permute(1, 2, 0).numpy()
+
+
+def upscale(
+    image: np.ndarray,
+    model: str | Path | nn.Module | None = None,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    device: str = "auto",
+    precision: Precision = "auto",
+    progress: bool = False,
+) -> np.ndarray:
+    """Super-resolve a float32 H×W×C image on [0, 1]; returns float32 (s·H)×(s·W)×C.
+
+    ``s`` is the model's ``scale`` (2 or 4 for SRResNet). ``model`` is a bundled
+    name, a safetensors file or an ``nn.Module``; None means the bundled default
+    super-resolution model, and is refused with a ``WeightsError`` while none is
+    bundled. Tiling, overlap, device, precision and progress work as in ``denoise``
+    (``tile`` and ``overlap`` in input pixels): the tiled result equals the
+    whole-image one. The output is not clipped.
+    """
+    return _run_network(
+        image,
+        model,
+        default_name=default_upscale_model_name,
+        super_resolution=True,
+        tile=tile,
+        overlap=overlap,
+        device=device,
+        precision=precision,
+        progress=progress,
+    )
