@@ -10,7 +10,14 @@ from scipy import ndimage
 from test_vessels import drawn_vessels, horizontal_bar, photo
 
 from fundus_restore.io import read_image, read_mask
-from fundus_restore.vessel_metrics import cldice, contrast_retention, recall, spurious_rate, vessel_preservation
+from fundus_restore.vessel_metrics import (
+    cldice,
+    contrast_retention,
+    hallucinated_vessels,
+    recall,
+    spurious_rate,
+    vessel_preservation,
+)
 from fundus_restore.vessels import classify_widths
 
 KEYS = {"thin_recall", "thick_recall", "spurious_rate", "cldice", "thin_contrast_retention", "psnr_thin_band"}
@@ -118,3 +125,20 @@ def test_drive_image_with_noise_gives_sane_scores(drive_dir) -> None:
     assert 0.1 < scores["thin_recall"] < scores["thick_recall"] <= 1.0
     assert 0.0 < scores["spurious_rate"] < 1.0
     assert 0.2 < scores["cldice"] < 1.0
+
+
+def test_hallucination_guard_maps_lines_absent_from_the_reference(vessels: np.ndarray) -> None:
+    # The reference (bicubic) shows no vessel at all; the "super-resolved" image has drawn lines.
+    reference = photo(np.zeros_like(vessels), depth=0.05)
+    invented = photo(vessels, depth=0.05)
+    hallucinated, rate = hallucinated_vessels(invented, reference, FOV, scale=1.0)
+    assert rate == 1.0
+    assert hallucinated.sum() > 500 and not (hallucinated & ~ndimage.binary_dilation(vessels, iterations=2)).any()
+    # Vessels present in both images are not hallucinations.
+    kept, rate = hallucinated_vessels(invented, invented, FOV, scale=1.0)
+    assert rate == 0.0 and not kept.any()
+
+
+def test_hallucination_guard_refuses_images_of_different_shapes(clean: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="differ in shape"):
+        hallucinated_vessels(clean, clean[:-1], FOV, scale=1.0)

@@ -54,16 +54,32 @@ def recall(reference_centreline: np.ndarray, restored_vessels: np.ndarray, *, to
     return _fraction(detected, reference_centreline)
 
 
+def _spurious_centreline(
+    restored_vessels: np.ndarray, real_vessels: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, float]:
+    """(The restored centreline pixels farther than ``tolerance`` px from every real vessel pixel,
+    their fraction of the restored centreline); an empty restored centreline gives rate 0."""
+    restored_centreline = centerline(restored_vessels)
+    spurious = restored_centreline & ~_within(np.asarray(real_vessels, dtype=bool), tolerance)
+    return spurious, _fraction(spurious, restored_centreline) if restored_centreline.any() else 0.0
+
+
 def spurious_rate(restored_vessels: np.ndarray, real_vessels: np.ndarray, *, tolerance: float = TOLERANCE_PX) -> float:
     """Fraction of the restored centreline farther than ``tolerance`` px from every real vessel pixel.
 
     ``real_vessels`` is whatever counts as really there (clean segmentation ∪ expert map);
     an empty restored centreline invents nothing and gives 0.
     """
-    restored_centreline = centerline(restored_vessels)
-    if not restored_centreline.any():
-        return 0.0
-    return _fraction(restored_centreline & ~_within(real_vessels, tolerance), restored_centreline)
+    return _spurious_centreline(restored_vessels, real_vessels, tolerance)[1]
+
+
+def _same_shape(first: np.ndarray, second: np.ndarray, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Both images as float32, refused when their shapes differ."""
+    first = np.asarray(first, dtype=np.float32)
+    second = np.asarray(second, dtype=np.float32)
+    if first.shape != second.shape:
+        raise ValueError(f"{names[0]} {first.shape} and {names[1]} {second.shape} differ in shape")
+    return first, second
 
 
 def cldice(predicted: np.ndarray, reference: np.ndarray) -> float:
@@ -135,10 +151,7 @@ def vessel_preservation(
     ``thick_recall``, ``spurious_rate``, ``cldice``, ``thin_contrast_retention``,
     ``psnr_thin_band``; a metric with nothing to measure on (e.g. no thin vessel) is NaN.
     """
-    clean = np.asarray(clean, dtype=np.float32)
-    restored = np.asarray(restored, dtype=np.float32)
-    if clean.shape != restored.shape:
-        raise ValueError(f"clean {clean.shape} and restored {restored.shape} differ in shape")
+    clean, restored = _same_shape(clean, restored, ("clean", "restored"))
     fov = checked_fov(clean, fov)
     scale = image_scale(clean) if scale is None else scale
     clean_vessels = segment_vessels(clean, fov, scale=scale)
@@ -162,3 +175,30 @@ def vessel_preservation(
         "thin_contrast_retention": contrast_retention(clean, restored, thin, reference, fov, scale=scale),
         "psnr_thin_band": psnr(clean, restored, mask=thin_band) if thin_band.any() else float("nan"),
     }
+
+
+def hallucinated_vessels(
+    upscaled: np.ndarray,
+    reference_upscaled: np.ndarray,
+    fov: np.ndarray | None = None,
+    *,
+    scale: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """The hallucination guard of super-resolution: (bool H×W map, rate) of invented vessels.
+
+    ``upscaled`` is a super-resolved image and ``reference_upscaled`` the same input
+    enlarged by plain bicubic interpolation, which cannot invent structure. Both are
+    segmented alike (``fov`` detected on the reference when None; ``scale`` the size
+    relative to DRIVE, default width / 565); the map holds the centreline pixels of
+    the super-resolved vessels farther than ``TOLERANCE_PX``·``scale`` from every
+    vessel pixel of the reference, and the rate is their share of the super-resolved
+    centreline (0 when it has none).
+    """
+    upscaled, reference_upscaled = _same_shape(upscaled, reference_upscaled, ("upscaled", "reference"))
+    fov = checked_fov(reference_upscaled, fov)
+    scale = image_scale(upscaled) if scale is None else scale
+    return _spurious_centreline(
+        segment_vessels(upscaled, fov, scale=scale),
+        segment_vessels(reference_upscaled, fov, scale=scale),
+        TOLERANCE_PX * scale,
+    )
