@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fundus_restore import load_model, save_model
+from fundus_restore import denoise, load_model, save_model, upscale
 from fundus_restore.cli import app
 from fundus_restore.io import image_bit_depth, read_image, write_image
 from fundus_restore.models import create_model
@@ -142,3 +142,65 @@ def test_set_override_without_a_value_is_refused():
 
     with pytest.raises(typer.BadParameter):
         parse_override("steps")
+
+
+@pytest.fixture
+def tiny_upscaler_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_model(create_model("srresnet", blocks=2, width=16, scale=2), tmp_path / "sr.safetensors")
+
+
+def test_upscale_batch_goes_on_past_a_bad_file_and_fails_at_the_end(
+    photos: Path, tiny_upscaler_file: Path, tmp_path: Path
+):
+    out = tmp_path / "out"
+    args = ["upscale", str(photos), "-o", str(out), "--model", str(tiny_upscaler_file), "--device", "cpu", "--tile", "30"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "broken.png" in result.output
+    assert "2 of 3 images written, 1 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a (1).png", "b.tif"]
+    assert image_bit_depth(out / "b.tif") == 16
+    expected = upscale(read_image(photos / "b.tif"), tiny_upscaler_file, device="cpu").clip(0, 1)
+    assert read_image(out / "b.tif").shape == (66, 94, 3)
+    assert np.abs(read_image(out / "b.tif") - expected).max() < 2 / 65535
+
+
+def test_upscale_without_a_model_says_none_is_bundled(photos: Path, tmp_path: Path):
+    result = runner.invoke(app, ["upscale", str(photos), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "no super-resolution model is bundled" in result.output and "--model FILE.safetensors" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_upscale_refuses_a_denoiser_before_touching_any_file(photos: Path, tiny_model_file: Path, tmp_path: Path):
+    result = runner.invoke(app, ["upscale", str(photos), "-o", str(tmp_path / "out"), "-m", str(tiny_model_file)])
+    assert result.exit_code == 2
+    assert "not a super-resolution model" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Path, tmp_path: Path):
+    folder = tmp_path / "in"
+    write_image(folder / "a.png", np.random.default_rng(0).random((40, 50, 3)), bit_depth=8)
+    out = tmp_path / "out"
+    args = ["upscale", str(folder), "-o", str(out), "-m", str(tiny_upscaler_file), "--device", "cpu", "--check"]
+    result = runner.invoke(app, [*args, "--check-threshold", "1.0"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.hallucination.png", "a.png"]
+    assert read_image(out / "a.hallucination.png").shape == (80, 100, 3)
+    assert "a.png: spurious vessel rate" in result.output and "warning" not in result.output
+    # A threshold below any rate turns the printed rate into a warning naming the file.
+    result = runner.invoke(app, [*args, "--check-threshold", "-1"])
+    assert result.exit_code == 0 and "warning:" in result.output and "a.png" in result.output
+
+
+def test_restore_is_upscale_of_denoise(photos: Path, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    models = ["--denoise-model", str(tiny_model_file), "--upscale-model", str(tiny_upscaler_file)]
+    args = ["restore", str(photos), "-o", str(out), *models, "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "2 of 3 images written, 1 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a (1).png", "b.tif"]  # no intermediate files
+    expected = upscale(denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu"), tiny_upscaler_file, device="cpu")
+    assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:  # torch is imported only by the commands that run a model
+    from torch import nn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # soft_wrap: an error stays one line (file names are long); messages are escaped
@@ -26,6 +29,8 @@ OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for the output
 ModelOption = Annotated[
     Optional[str], typer.Option("--model", "-m", help="Bundled model name or a .safetensors file (default: best bundled).")
 ]
+_UPSCALE_MODEL_HELP = "Super-resolution model: bundled name or .safetensors file (none bundled yet)."
+UpscaleModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help=_UPSCALE_MODEL_HELP)]
 TileOption = Annotated[Optional[int], typer.Option(help="Tile size for bounded memory on large photos (e.g. 512).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 SigmaOption = Annotated[float, typer.Option(help="Noise standard deviation on the 0-255 scale.")]
@@ -74,6 +79,22 @@ def _output_path(out_dir: Path, path: Path) -> Path:
     return out_dir / (path.name if suffix in {".png", ".tif", ".tiff", ".jpg", ".jpeg"} else path.stem + ".png")
 
 
+def _write_output(out_dir: Path, path: Path, image: np.ndarray) -> None:
+    """Write the result for input ``path`` into ``out_dir`` with the input's bit depth."""
+    from fundus_restore.io import image_bit_depth, write_image
+
+    write_image(_output_path(out_dir, path), image, bit_depth=image_bit_depth(path))
+
+
+def _loaded(load: Callable[[], nn.Module]) -> nn.Module:
+    """The model ``load`` returns; unusable weights end the command (exit 2) before any file is read."""
+    try:
+        return load()
+    except ValueError as error:  # WeightsError is one
+        _report_error(str(error))
+        raise typer.Exit(2) from None
+
+
 def _expand(inputs: Iterable[Path]) -> list[Path]:
     from fundus_restore.io import list_images
 
@@ -90,20 +111,101 @@ def denoise(
 ) -> None:
     """Denoise photographs; writes one output per input with the same name and bit depth."""
     from fundus_restore.inference import denoise as denoise_image
-    from fundus_restore.io import image_bit_depth, read_image, write_image
-    from fundus_restore.pretrained import WeightsError, load_model
+    from fundus_restore.io import read_image
+    from fundus_restore.pretrained import load_model
 
-    try:
-        network = load_model(model, device="cpu")
-    except WeightsError as error:
-        _report_error(str(error))
-        raise typer.Exit(2) from None
+    network = _loaded(lambda: load_model(model, device="cpu"))
 
     def handle(_: int, path: Path) -> None:
-        restored = denoise_image(read_image(path), network, tile=tile, device=device)
-        write_image(_output_path(out, path), restored, bit_depth=image_bit_depth(path))
+        _write_output(out, path, denoise_image(read_image(path), network, tile=tile, device=device))
 
     _process_files(_expand(inputs), f"denoising with {getattr(network, 'name', model)}", handle)
+
+
+def _hallucination_map(upscaled: np.ndarray, hallucinated: np.ndarray) -> np.ndarray:
+    """The upscaled image (clipped to [0, 1]) with the hallucinated centreline pixels in pure red."""
+    overlay = np.clip(upscaled, 0.0, 1.0)
+    overlay[hallucinated] = (1.0, 0.0, 0.0)
+    return overlay
+
+
+def _check_hallucinations(path: Path, image: np.ndarray, upscaled: np.ndarray, out_dir: Path, threshold: float) -> None:
+    """The --check guard for one file: write NAME.hallucination.png, print the spurious
+    vessel rate against the bicubic upscale, and warn when it exceeds ``threshold``."""
+    from fundus_restore.degrade import bicubic_upsample
+    from fundus_restore.io import write_image
+    from fundus_restore.vessel_metrics import hallucinated_vessels
+
+    reference = bicubic_upsample(image, upscaled.shape[0] // image.shape[0])
+    hallucinated, rate = hallucinated_vessels(upscaled, reference)
+    write_image(out_dir / f"{path.stem}.hallucination.png", _hallucination_map(upscaled, hallucinated))
+    console.print(f"{escape(str(path))}: spurious vessel rate {rate:.3f}")
+    if rate > threshold:
+        _report_error(
+            f"{path}: {rate:.1%} of the upscaled vessel centreline is absent from the bicubic upscale "
+            f"(threshold {threshold:.1%}): the model may be inventing vessels",
+            "warning",
+        )
+
+
+@app.command()
+def upscale(
+    inputs: Inputs,
+    out: OutDir,
+    model: UpscaleModelOption = None,
+    tile: TileOption = None,
+    device: DeviceOption = "auto",
+    check: Annotated[
+        bool,
+        typer.Option(
+            help="Hallucination guard: write NAME.hallucination.png (the output with, in red, vessel centreline "
+            "absent from the bicubic upscale's segmentation) and print the rate of such centreline."
+        ),
+    ] = False,
+    check_threshold: Annotated[
+        float, typer.Option(help="With --check, warn when the spurious vessel rate exceeds this fraction.")
+    ] = 0.05,
+) -> None:
+    """Super-resolve photographs; writes one output per input with the same name and bit depth."""
+    from fundus_restore.inference import load_upscaler, upscale as upscale_image
+    from fundus_restore.io import read_image
+
+    network = _loaded(lambda: load_upscaler(model))
+
+    def handle(_: int, path: Path) -> None:
+        image = read_image(path)
+        upscaled = upscale_image(image, network, tile=tile, device=device)
+        _write_output(out, path, upscaled)
+        if check:
+            _check_hallucinations(path, image, upscaled, out, check_threshold)
+
+    _process_files(_expand(inputs), f"upscaling with {getattr(network, 'name', model)}", handle)
+
+
+@app.command()
+def restore(
+    inputs: Inputs,
+    out: OutDir,
+    denoise_model: Annotated[
+        Optional[str], typer.Option(help="Denoiser: bundled name or .safetensors file (default: best bundled).")
+    ] = None,
+    upscale_model: Annotated[Optional[str], typer.Option(help=_UPSCALE_MODEL_HELP)] = None,
+    tile: TileOption = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Denoise then upscale each photograph in one pass (no intermediate files)."""
+    from fundus_restore.inference import denoise as denoise_image, load_upscaler, upscale as upscale_image
+    from fundus_restore.io import read_image
+    from fundus_restore.pretrained import load_model
+
+    denoiser = _loaded(lambda: load_model(denoise_model, device="cpu"))
+    upscaler = _loaded(lambda: load_upscaler(upscale_model))
+
+    def handle(_: int, path: Path) -> None:
+        denoised = denoise_image(read_image(path), denoiser, tile=tile, device=device)
+        _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device))
+
+    _process_files(_expand(inputs), "restoring", handle)
 
 
 @app.command()

@@ -262,6 +262,15 @@ def default_upscale_model_name() -> str:
     return DEFAULT_UPSCALE_MODEL
 
 
+def load_upscaler(model: str | Path | None = None) -> nn.Module:
+    """A super-resolution model on the CPU: a bundled name, a safetensors file, or None for
+    the bundled default; a file that is not a super-resolution model is refused here,
+    before any image is read (``WeightsError`` / ``ValueError``)."""
+    network = load_model(default_upscale_model_name() if model is None else model)
+    upscale_factor(network)
+    return network
+
+
 def _run_network(
     image: np.ndarray,
     model: str | Path | nn.Module | None,
