@@ -64,12 +64,13 @@ def test_evaluate_command_writes_the_tables(clean_dir: Path, tmp_path: Path):
     model = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "m.safetensors")
     report = tmp_path / "report"
     args = ["evaluate", "--clean", str(clean_dir), "--report", str(report), "--method", "noisy", "--method", str(model)]
-    result = CliRunner().invoke(app, [*args, "--protocol", "camera", "--device", "cpu"])
+    result = CliRunner().invoke(app, [*args, "--protocol", "camera", "--device", "cpu", "--no-vessels"])
     assert result.exit_code == 0, result.output
     assert {"results.md", "summary.csv", "per_image.csv"} <= {p.name for p in report.iterdir()}
     with (report / "per_image.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {r["method"] for r in rows} == {"noisy", "m"} and {r["image"] for r in rows} == {"eye 0.png", "eye 1.png"}
+    assert "thin_recall" not in rows[0]  # --no-vessels
 
 
 def test_official_method_without_weights_is_skipped_by_default_and_refused_when_asked():

@@ -316,6 +316,9 @@ def evaluate(
     ] = None,
     seed: SeedOption = 0,
     crop: Annotated[Optional[int], typer.Option(help="Evaluate the central CROP² of each photo (after the FOV crop).")] = None,
+    vessels: Annotated[
+        bool, typer.Option(help="Vessel-preservation columns (expert maps in DRIVE's layout, else the clean photo's).")
+    ] = True,
     tile: TileOption = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -332,7 +335,9 @@ def evaluate(
         def advance(description: str) -> None:
             progress.update(task, advance=1, description=description)
 
-        rows = evaluate_images(files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, on_step=advance)
+        rows = evaluate_images(
+            files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels, on_step=advance
+        )
     markdown, _ = write_tables(rows, report)
     print(markdown.read_text())
     console.print(f"wrote {report}/results.md, summary.csv, per_image.csv")
