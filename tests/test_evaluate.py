@@ -94,3 +94,27 @@ def test_drive_photos_are_scored_against_their_expert_vessel_maps(drive_dir: Pat
         assert 0 <= row["thin_recall"] <= 1 and 0 <= row["spurious_rate"] <= 1 and 0 <= row["cldice"] <= 1
     # Noise invents vessels; a denoiser removes most of them.
     assert by_method["nlmeans"]["spurious_rate"] < by_method["noisy"]["spurious_rate"]
+
+
+def test_the_example_is_the_first_image_under_camera_noise_at_the_first_sigma(clean_dir: Path):
+    examples = []
+    paths = sorted(clean_dir.iterdir())
+    evaluate_images(paths, build_methods(["noisy", "nlmeans"]), sigmas=(15, 25), vessels=False, on_example=examples.append)
+    assert len(examples) == 1
+    example = examples[0]
+    assert (example.image, example.sigma, example.protocol) == ("eye 0.png", 15, "camera")
+    assert set(example.restored) == {"noisy", "nlmeans"}
+    np.testing.assert_array_equal(example.restored["noisy"], example.noisy)
+    np.testing.assert_array_equal(example.noisy, degrade_for_protocol(example.clean, 15, "camera", seed=0))
+
+
+def test_evaluate_command_writes_a_self_contained_html_report(clean_dir: Path, tmp_path: Path):
+    report = tmp_path / "report"
+    args = ["evaluate", "--clean", str(clean_dir), "--report", str(report), "--method", "noisy", "--method", "nlmeans"]
+    result = CliRunner().invoke(app, [*args, "--protocol", "camera", "--sigma", "25"])
+    assert result.exit_code == 0, result.output
+    page = (report / "report.html").read_text()
+    assert "<table>" in page and "<td>nlmeans</td>" in page and "thin_recall" in page
+    assert "camera" in page and "eye 0.png" in page  # the run settings
+    assert page.count("src='data:image/png;base64,") >= 3
+    assert {"comparison.png", "error_maps.png", "vessel_overlays.png"} <= {p.name for p in (report / "figures").iterdir()}

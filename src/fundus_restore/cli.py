@@ -303,7 +303,7 @@ def train(
 @app.command()
 def evaluate(
     clean: Annotated[list[Path], typer.Option("--clean", help="Clean photographs (files or folders).")],
-    report: Annotated[Path, typer.Option("--report", help="Folder for the tables.")],
+    report: Annotated[Path, typer.Option("--report", help="Folder for the tables, report.html and figures/.")],
     sigma: Annotated[list[float], typer.Option(help="Noise level(s) on the 0-255 scale; repeat for several.")] = [25.0],
     methods: Annotated[
         Optional[list[str]], typer.Option("--method", help="Method to compare; repeat. Default: the paper's table.")
@@ -322,8 +322,10 @@ def evaluate(
     tile: TileOption = None,
     device: DeviceOption = "auto",
 ) -> None:
-    """Degrade clean photos, restore them with each method, write Markdown and CSV tables."""
-    from fundus_restore.evaluate import DEFAULT_METHODS, build_methods, evaluate_images, write_tables
+    """Degrade clean photos, restore them with each method, write Markdown and CSV tables
+    and an HTML report with figures of the first photo."""
+    from fundus_restore.evaluate import DEFAULT_METHODS, Example, build_methods, evaluate_images, write_tables
+    from fundus_restore.report import write_html_report
 
     files = _expand(clean)
     chosen = build_methods(methods or DEFAULT_METHODS, official_weights=official_weights, tile=tile, device=device,
@@ -335,12 +337,23 @@ def evaluate(
         def advance(description: str) -> None:
             progress.update(task, advance=1, description=description)
 
+        examples: list[Example] = []
         rows = evaluate_images(
-            files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels, on_step=advance
+            files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
+            on_step=advance, on_example=examples.append,
         )
     markdown, _ = write_tables(rows, report)
+    settings = {
+        "sigmas": ", ".join(f"{s:g}" for s in sigma),
+        "noise protocols": ", ".join(protocol),
+        "seed": str(seed),
+        "methods": ", ".join(m.name for m in chosen),
+        "images": f"{len(files)}: " + ", ".join(f.name for f in files),
+        "crop": "whole field of view" if crop is None else f"central {crop}²",
+    }
+    write_html_report(rows, report, settings=settings, example=examples[0] if examples else None)
     print(markdown.read_text())
-    console.print(f"wrote {report}/results.md, summary.csv, per_image.csv")
+    console.print(f"wrote {report}/results.md, summary.csv, per_image.csv, report.html, figures/")
 
 
 @app.command()

@@ -139,6 +139,26 @@ def load_clean(path: Path, crop_size: int | None = None) -> tuple[np.ndarray, np
     return layers[..., :3], mask, None if expert_path is None else layers[..., 3] > 0.5
 
 
+@dataclass(frozen=True)
+class Example:
+    """One image's arrays at one noise setting, kept for the report's figures."""
+
+    image: str
+    sigma: float
+    protocol: str
+    clean: np.ndarray
+    noisy: np.ndarray
+    restored: dict[str, np.ndarray]  # method name → its output
+    mask: np.ndarray
+    expert: np.ndarray | None
+
+
+def example_setting(sigmas: Sequence[float], protocols: Sequence[str]) -> tuple[float, str]:
+    """The (sigma, protocol) shown in figures: the first sigma, camera noise when evaluated
+    (what real noisy files look like), else the first protocol."""
+    return sigmas[0], "camera" if "camera" in protocols else protocols[0]
+
+
 def evaluate_images(
     paths: Iterable[Path],
     methods: Sequence[Method],
@@ -149,6 +169,7 @@ def evaluate_images(
     crop_size: int | None = None,
     vessels: bool = True,
     on_step: Callable[[str], None] | None = None,
+    on_example: Callable[[Example], None] | None = None,
 ) -> list[dict[str, float | str]]:
     """One row per (image, sigma, protocol, method) with every quality measure and,
     with ``vessels``, the vessel-preservation measures (against the expert map where
@@ -156,21 +177,30 @@ def evaluate_images(
 
     Image i (in the given order) gets noise seed ``seed + i`` for every sigma and
     protocol, so all methods see exactly the same noisy input.
+    ``on_example`` receives the first image's ``Example`` at ``example_setting``; only
+    that one image's outputs are kept, so memory stays bounded on any number of images.
     """
     rows: list[dict[str, float | str]] = []
+    shown_setting = example_setting(sigmas, protocols)
     for index, path in enumerate(paths):
         clean, mask, expert = load_clean(path, crop_size)
         for sigma in sigmas:
             for protocol in protocols:
                 noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
+                keep = on_example is not None and index == 0 and (sigma, protocol) == shown_setting
+                outputs: dict[str, np.ndarray] = {}
                 for method in methods:
                     restored = method.restore(noisy, sigma)
+                    if keep:
+                        outputs[method.name] = restored
                     quality = image_quality(clean, restored, mask=mask)
                     if vessels:
                         quality |= vessel_preservation(clean, restored, expert=expert, fov=mask)
                     rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
                     if on_step:
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
+                if keep:
+                    on_example(Example(path.name, sigma, protocol, clean, noisy, outputs, mask, expert))
     return rows
 
 
@@ -199,16 +229,24 @@ def write_tables(rows: Sequence[dict[str, float | str]], report_dir: Path, title
     _write_csv(rows, report_dir / "per_image.csv")
     summary = summarise(rows)
     summary_csv = _write_csv(summary, report_dir / "summary.csv")
-    columns = SUMMARY_COLUMNS + tuple(c for c in VESSEL_COLUMNS if c in summary[0])
-    header = ["σ", "noise", "method", "images", *columns]
+    header, body = summary_table(summary)
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in summary:
-        values = [f"{row['sigma']:g}", str(row["protocol"]), str(row["method"]), str(row["images"])]
-        values += [f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in columns]
-        lines.append("| " + " | ".join(values) + " |")
+    lines += ["| " + " | ".join(values) + " |" for values in body]
     markdown = report_dir / "results.md"
     markdown.write_text("\n".join(lines) + "\n")
     return markdown, summary_csv
+
+
+def summary_table(summary: Sequence[dict[str, float | str]]) -> tuple[list[str], list[list[str]]]:
+    """(header, formatted rows) of the summary table, vessel columns included when measured."""
+    columns = SUMMARY_COLUMNS + tuple(c for c in VESSEL_COLUMNS if c in summary[0])
+    header = ["σ", "noise", "method", "images", *columns]
+    body = []
+    for row in summary:
+        values = [f"{row['sigma']:g}", str(row["protocol"]), str(row["method"]), str(row["images"])]
+        values += [f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in columns]
+        body.append(values)
+    return header, body
 
 
 def _write_csv(rows: Sequence[dict[str, float | str]], path: Path) -> Path:

@@ -1,8 +1,12 @@
-"""Figures for people: side-by-side comparisons with a zoom on thin vessels."""
+"""Figures for people: side-by-side comparisons with a zoom on thin vessels, error maps,
+vessel overlays, and the self-contained HTML report of an evaluation."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -10,9 +14,20 @@ import matplotlib
 matplotlib.use("Agg")  # figures are written to files; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from skimage.filters import sato  # noqa: E402
+from skimage.measure import block_reduce  # noqa: E402
+
+from .evaluate import Example, summarise, summary_table  # noqa: E402
+from .vessel_metrics import VesselChanges, vessel_changes  # noqa: E402
+
+# Full views are reduced to at most this many pixels a side (about twice what a panel
+# shows on screen); zoomed insets stay at full resolution.
+FULL_VIEW_MAX_PX = 800
+# Colours of the vessel overlay, chosen to stand out on a red-orange fundus.
+OVERLAY_COLOURS = {"kept thin": "lime", "lost thin": "magenta", "spurious": "cyan"}
 
 
 def thin_vessel_window(image: np.ndarray, mask: np.ndarray | None = None, size: int = 128) -> tuple[int, int]:
@@ -57,22 +72,137 @@ def comparison_figure(
     ``zoom`` is (top, left, size); the window is outlined on the full views.
     ``captions`` adds a line (e.g. PSNR/SSIM) under a panel's title.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = 2 if zoom else 1
-    figure, axes = plt.subplots(rows, len(panels), figsize=(4 * len(panels), 4 * rows), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, len(panels), figsize=(4 * len(panels), 4 * rows), squeeze=False, layout="constrained"
+    )
     for column, (title, image) in enumerate(panels.items()):
         shown = np.clip(image, 0.0, 1.0)
+        reduced, step = reduced_view(shown)
         caption = (captions or {}).get(title)
-        axes[0, column].imshow(shown)
+        axes[0, column].imshow(reduced)
         axes[0, column].set_title(f"{title}\n{caption}" if caption else title, fontsize=11)
         if zoom:
             top, left, size = zoom
-            axes[0, column].add_patch(Rectangle((left, top), size, size, fill=False, edgecolor="yellow", linewidth=1.2))
+            outline = Rectangle((left / step, top / step), size / step, size / step, fill=False, edgecolor="yellow", linewidth=1.2)
+            axes[0, column].add_patch(outline)
             axes[1, column].imshow(shown[top : top + size, left : left + size], interpolation="nearest")
     for axis in axes.flat:
         axis.set_axis_off()
-    figure.tight_layout()
+    return _save(figure, path)
+
+
+def reduced_view(image: np.ndarray, max_side: int = FULL_VIEW_MAX_PX) -> tuple[np.ndarray, int]:
+    """(``image`` block-averaged by an integer step to at most ``max_side`` px a side, the step)."""
+    step = max(1, math.ceil(max(image.shape[:2]) / max_side))
+    if step == 1:
+        return image, 1
+    block = (step, step, 1) if image.ndim == 3 else (step, step)
+    return block_reduce(image, block, np.mean).astype(np.float32), step
+
+
+def _save(figure: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def error_maps_figure(clean: np.ndarray, restored: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """The paper's Figure 3: per-channel absolute error |restored − clean|, one row per
+    channel (R, G, B), one column per method, on one colour scale shared by all panels
+    (up to the 99.5th percentile of all errors, so a few outliers don't wash it out)."""
+    errors = {name: np.abs(np.clip(image, 0.0, 1.0) - clean) for name, image in restored.items()}
+    top = float(np.percentile(np.stack(list(errors.values())), 99.5)) or 1.0
+    figure, axes = plt.subplots(3, len(errors), figsize=(4 * len(errors) + 1, 12), squeeze=False, layout="constrained")
+    for column, (name, error) in enumerate(errors.items()):
+        for row, channel in enumerate("RGB"):
+            shown = axes[row, column].imshow(reduced_view(error[..., row])[0], cmap="inferno", vmin=0.0, vmax=top)
+            axes[row, column].set_title(f"{name}: |error| {channel}", fontsize=11)
+            axes[row, column].set_axis_off()
+    figure.colorbar(shown, ax=axes, shrink=0.6, label="absolute error (0-1 scale)")
+    return _save(figure, path)
+
+
+def vessel_overlay(image: np.ndarray, changes: VesselChanges) -> np.ndarray:
+    """``image`` (H×W×3) with kept thin, lost thin and spurious vessel centrelines painted
+    in ``OVERLAY_COLOURS``."""
+    overlay = np.clip(image[..., :3], 0.0, 1.0).astype(np.float32, copy=True)
+    maps = {"kept thin": changes.kept_thin, "lost thin": changes.lost_thin, "spurious": changes.spurious}
+    for label, where in maps.items():
+        overlay[where] = to_rgb(OVERLAY_COLOURS[label])
+    return overlay
+
+
+def example_figures(example: Example, rows: Sequence[dict[str, float | str]], folder: Path) -> dict[str, Path]:
+    """The report's figures for one example image, written under ``folder``: comparison
+    (Figure 2), error maps (Figure 3, the first two methods other than "noisy") and the
+    vessel overlays; returns caption → PNG path."""
+    size = min(128, min(example.clean.shape[:2]) // 2)
+    zoom = (*thin_vessel_window(example.clean, example.mask, size), size)
+    scores = {
+        row["method"]: f"PSNR {row['psnr_fov']:.2f} dB, SSIM {row['ssim_fov']:.3f} (FOV)"
+        for row in rows
+        if (row["image"], row["sigma"], row["protocol"]) == (example.image, example.sigma, example.protocol)
+    }
+    setting = f"{example.image}, σ {example.sigma:g}, {example.protocol} noise"
+    figures = {
+        f"Clean, noisy and each method ({setting}); the yellow window is shown at full resolution below": comparison_figure(
+            {"clean": example.clean, **example.restored}, folder / "comparison.png", zoom=zoom, captions=scores
+        )
+    }
+    compared = {name: image for name, image in example.restored.items() if name != "noisy"}
+    if compared:
+        two = dict(list(compared.items())[:2])
+        figures[f"Per-channel absolute error of {' and '.join(two)} ({setting})"] = error_maps_figure(
+            example.clean, two, folder / "error_maps.png"
+        )
+    overlays = {
+        name: vessel_overlay(image, vessel_changes(example.clean, image, expert=example.expert, fov=example.mask))
+        for name, image in example.restored.items()
+    }
+    legend = ", ".join(f"{label} {colour}" for label, colour in OVERLAY_COLOURS.items())
+    figures[f"Thin vessels per method ({legend}; {setting})"] = comparison_figure(
+        overlays, folder / "vessel_overlays.png", zoom=zoom
+    )
+    return figures
+
+
+def write_html_report(
+    rows: Sequence[dict[str, float | str]],
+    report_dir: str | Path,
+    *,
+    settings: Mapping[str, str],
+    example: Example | None = None,
+    title: str = "Denoising evaluation",
+) -> Path:
+    """``report_dir/report.html``: title, run settings, summary table and the example's
+    figures embedded as base64 PNG (one self-contained file); the PNGs also go to
+    ``report_dir/figures/``."""
+    report_dir = Path(report_dir)
+    figures = example_figures(example, rows, report_dir / "figures") if example else {}
+    header, body = summary_table(summarise(rows))
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}img{max-width:100%}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Settings</h2><ul>",
+        *(f"<li><b>{html.escape(key)}</b>: {html.escape(value)}</li>" for key, value in settings.items()),
+        "</ul><h2>Summary</h2><table>",
+        "<tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr>",
+        *("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in values) + "</tr>" for values in body),
+        "</table>",
+    ]
+    if figures:
+        parts.append("<h2>Figures</h2>")
+    for caption, path in figures.items():
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        image = f"<img src='data:image/png;base64,{encoded}' alt='{html.escape(path.stem)}'>"
+        parts.append(f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    report = report_dir / "report.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(parts), encoding="utf-8")
+    return report

@@ -18,6 +18,9 @@ the field of view. Pixel sizes are at DRIVE scale and multiplied by ``scale``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 
@@ -135,6 +138,34 @@ def contrast_retention(
     return vessel_contrast(restored, centreline, ring, scale=scale) / clean_contrast
 
 
+class _SegmentedPair(NamedTuple):
+    clean: np.ndarray
+    restored: np.ndarray
+    fov: np.ndarray
+    scale: float
+    reference: np.ndarray  # the expert map inside the FOV, else the clean image's segmentation
+    real: np.ndarray  # everything that counts as really there: clean segmentation ∪ expert map
+    restored_vessels: np.ndarray
+
+
+def _segmented_pair(
+    clean: np.ndarray, restored: np.ndarray, expert: np.ndarray | None, fov: np.ndarray | None, scale: float | None
+) -> _SegmentedPair:
+    """Checked float32 images, FOV, scale and the vessel maps both measures and drawings use."""
+    clean, restored = _same_shape(clean, restored, ("clean", "restored"))
+    fov = checked_fov(clean, fov)
+    scale = image_scale(clean) if scale is None else scale
+    clean_vessels = segment_vessels(clean, fov, scale=scale)
+    reference = real = clean_vessels
+    if expert is not None:
+        expert = np.asarray(expert, dtype=bool)
+        if expert.shape != fov.shape:
+            raise ValueError(f"expert map shape {expert.shape} does not match image shape {fov.shape}")
+        reference = expert & fov
+        real = clean_vessels | reference
+    return _SegmentedPair(clean, restored, fov, scale, reference, real, segment_vessels(restored, fov, scale=scale))
+
+
 def vessel_preservation(
     clean: np.ndarray,
     restored: np.ndarray,
@@ -151,19 +182,7 @@ def vessel_preservation(
     ``thick_recall``, ``spurious_rate``, ``cldice``, ``thin_contrast_retention``,
     ``psnr_thin_band``; a metric with nothing to measure on (e.g. no thin vessel) is NaN.
     """
-    clean, restored = _same_shape(clean, restored, ("clean", "restored"))
-    fov = checked_fov(clean, fov)
-    scale = image_scale(clean) if scale is None else scale
-    clean_vessels = segment_vessels(clean, fov, scale=scale)
-    restored_vessels = segment_vessels(restored, fov, scale=scale)
-    if expert is None:
-        reference = real = clean_vessels
-    else:
-        expert = np.asarray(expert, dtype=bool)
-        if expert.shape != fov.shape:
-            raise ValueError(f"expert map shape {expert.shape} does not match image shape {fov.shape}")
-        reference = expert & fov
-        real = clean_vessels | reference
+    clean, restored, fov, scale, reference, real, restored_vessels = _segmented_pair(clean, restored, expert, fov, scale)
     thin, thick = classify_widths(reference, scale=scale)
     tolerance = TOLERANCE_PX * scale
     thin_band = ndimage.binary_dilation(thin, structure=disc(_THIN_BAND_PX * scale)) & fov
@@ -175,6 +194,34 @@ def vessel_preservation(
         "thin_contrast_retention": contrast_retention(clean, restored, thin, reference, fov, scale=scale),
         "psnr_thin_band": psnr(clean, restored, mask=thin_band) if thin_band.any() else float("nan"),
     }
+
+
+@dataclass(frozen=True)
+class VesselChanges:
+    """Where restoration kept, lost or invented vessels: bool H×W centreline maps."""
+
+    kept_thin: np.ndarray  # thin reference centreline with a restored vessel within tolerance
+    lost_thin: np.ndarray  # thin reference centreline with none
+    spurious: np.ndarray  # restored centreline far from every real vessel
+
+
+def vessel_changes(
+    clean: np.ndarray,
+    restored: np.ndarray,
+    *,
+    expert: np.ndarray | None = None,
+    fov: np.ndarray | None = None,
+    scale: float | None = None,
+) -> VesselChanges:
+    """The maps behind ``thin_recall`` and ``spurious_rate`` of ``vessel_preservation``
+    (same arguments, same reference and tolerance), for drawing where vessels changed."""
+    pair = _segmented_pair(clean, restored, expert, fov, scale)
+    restored_vessels, scale = pair.restored_vessels, pair.scale
+    thin, _ = classify_widths(pair.reference, scale=scale)
+    tolerance = TOLERANCE_PX * scale
+    detected = thin & _within(restored_vessels, tolerance)
+    spurious, _ = _spurious_centreline(restored_vessels, pair.real, tolerance)
+    return VesselChanges(kept_thin=detected, lost_thin=thin & ~detected, spurious=spurious)
 
 
 def hallucinated_vessels(
