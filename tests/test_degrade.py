@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from fundus_restore.degrade import add_gaussian_noise, bicubic_downsample, bicubic_upsample, quantize
+from fundus_restore.degrade import add_gaussian_noise, bicubic_downsample, bicubic_upsample, degrade_for_protocol, quantize
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,14 @@ def test_bad_factor_or_tiny_image() -> None:
         bicubic_upsample(np.zeros((8, 8)), 2.5)
     with pytest.raises(ValueError, match="smaller than the factor"):
         bicubic_downsample(np.zeros((3, 8)), 4)
+
+
+def test_protocols_differ_only_by_clipping_and_quantisation() -> None:
+    clean = np.linspace(0, 1, 32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3)
+    paper = degrade_for_protocol(clean, 25, "paper", seed=3)
+    camera = degrade_for_protocol(clean, 25, "camera", seed=3)
+    np.testing.assert_array_equal(paper, add_gaussian_noise(clean, 25, seed=3))
+    assert paper.min() < 0 and camera.min() >= 0 and camera.max() <= 1
+    np.testing.assert_allclose(camera, np.round(np.clip(paper, 0, 1) * 255) / 255, atol=1e-6)
+    with pytest.raises(ValueError, match="protocol"):
+        degrade_for_protocol(clean, 25, "phone", seed=0)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fundus_restore.degrade import quantize
-from fundus_restore.evaluate import PROTOCOLS, centre_square, degrade_for_protocol
+from fundus_restore.degrade import PROTOCOLS, degrade_for_protocol, quantize
+from fundus_restore.evaluate import centre_square
 from fundus_restore.fov import crop_to_fov
 from fundus_restore.io import read_image
 

@@ -108,3 +108,16 @@ def bicubic_upsample(image: np.ndarray, factor: int = 4) -> np.ndarray:
     """Enlarge by an integer ``factor`` with bicubic, as MATLAB's ``imresize(x, factor)``; not clipped."""
     _check_factor(factor)
     return _resize(image, float(factor))
+
+
+# Noise protocols: the paper's (float noise, not clipped) and the camera's (clipped
+# to [0, 1] and quantised to 8 bits, as every real noisy file is).
+PROTOCOLS = ("paper", "camera")
+
+
+def degrade_for_protocol(clean: np.ndarray, sigma: float, protocol: str, seed: int) -> np.ndarray:
+    """``clean`` with seeded noise of ``sigma`` (0–255 scale) under one of ``PROTOCOLS``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown noise protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    noisy = add_gaussian_noise(clean, sigma, seed=seed, clip=protocol == "camera")
+    return quantize(noisy, bits=8) if protocol == "camera" else noisy

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_restore.degrade import add_gaussian_noise, quantize
+from fundus_restore.degrade import PROTOCOLS, degrade_for_protocol
 from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
 from fundus_restore.vessel_metrics import vessel_preservation
 
-PROTOCOLS = ("paper", "camera")
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "cbm3d")
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.
 SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b")
@@ -36,13 +35,6 @@ class Method:
 
     name: str
     restore: Callable[[np.ndarray, float], np.ndarray]
-
-
-def degrade_for_protocol(clean: np.ndarray, sigma: float, protocol: str, seed: int) -> np.ndarray:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown noise protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
-    noisy = add_gaussian_noise(clean, sigma, seed=seed, clip=protocol == "camera")
-    return quantize(noisy, bits=8) if protocol == "camera" else noisy
 
 
 def _cbm3d(noisy: np.ndarray, sigma: float) -> np.ndarray:
