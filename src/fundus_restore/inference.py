@@ -364,8 +364,9 @@ def upscale(
     name, a safetensors file or an ``nn.Module``; None means the bundled default
     super-resolution model, and is refused with a ``WeightsError`` while none is
     bundled. Tiling, overlap, device, precision and progress work as in ``denoise``
-    (``tile`` and ``overlap`` in input pixels): the tiled result equals the
-    whole-image one. The output is not clipped.
+    (``tile`` and ``overlap`` in input pixels; the default tile is
+    ``DEFAULT_TILE // s``): the tiled result equals the whole-image one. The output
+    is not clipped.
     """
     return _run_network(
         image,
