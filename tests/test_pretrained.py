@@ -72,3 +72,15 @@ def test_file_without_architecture_is_refused(tmp_path: Path):
 def test_unknown_name_lists_the_bundled_models():
     with pytest.raises(WeightsError, match=default_model_name()):
         load_model("no-such-model")
+
+
+def test_default_is_the_bundled_denoiser_with_the_best_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import fundus_restore.pretrained as pretrained
+
+    model = create_model("dncnn", depth=3, width=4, batch_norm=False)
+    for name, psnr, task in (("weak", 30.0, "denoise"), ("strong", 38.0, "denoise"), ("sr", 45.0, "upscale")):
+        save_model(model, tmp_path / f"{name}.safetensors")
+        card = {"task": task, "validation": {pretrained.RANKING_MEASURE: psnr}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(card))
+    monkeypatch.setattr(pretrained, "BUNDLED_DIR", tmp_path)
+    assert pretrained.default_model_name() == "strong"
