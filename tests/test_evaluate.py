@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fundus_restore import save_model
 from fundus_restore.cli import app
 from fundus_restore.degrade import degrade_for_protocol
-from fundus_restore.evaluate import build_methods, evaluate_images, summarise, write_tables
+from fundus_restore.evaluate import Method, ScoreCache, build_methods, evaluate_images, summarise, weights_fingerprint, write_tables
 from fundus_restore.io import write_image
 from fundus_restore.models import create_model
 
@@ -109,3 +111,39 @@ def test_evaluate_command_writes_a_self_contained_html_report(clean_dir: Path, t
     assert "camera" in page and "eye 0.png" in page  # the run settings
     assert page.count("src='data:image/png;base64,") >= 3
     assert {"comparison.png", "error_maps.png", "vessel_overlays.png"} <= {p.name for p in (report / "figures").iterdir()}
+
+
+def test_score_cache_reuses_scores_and_recomputes_only_what_changed(clean_dir: Path, tmp_path: Path):
+    calls: list[str] = []
+
+    def counting(name: str, fingerprint: str) -> Method:
+        def restore(noisy, sigma):
+            calls.append(name)
+            return np.clip(noisy, 0, 1)
+
+        return Method(name, restore, fingerprint)
+
+    paths = sorted(clean_dir.iterdir())
+    cache_file = tmp_path / "scores.jsonl"
+    first = evaluate_images(paths, [counting("clip", "v1")], protocols=("paper",), cache=ScoreCache(cache_file))
+    assert len(calls) == 2
+    calls.clear()
+    again = evaluate_images(paths, [counting("clip", "v1")], protocols=("paper",), cache=ScoreCache(cache_file))
+    assert calls == [] and json.dumps(again) == json.dumps(first)  # NaN-safe comparison
+    # Another fingerprint (e.g. retrained weights) under the same name is measured anew.
+    evaluate_images(paths, [counting("clip", "v2")], protocols=("paper",), cache=ScoreCache(cache_file))
+    assert len(calls) == 2
+    calls.clear()
+    # The image shown in figures is restored even when its scores are cached.
+    examples: list = []
+    evaluate_images(paths, [counting("clip", "v1")], protocols=("paper",), cache=ScoreCache(cache_file),
+                    on_example=examples.append)
+    assert calls == ["clip"] and "clip" in examples[0].restored
+
+
+def test_model_fingerprint_changes_with_the_weights():
+    model = create_model("dncnn", depth=3, width=8, batch_norm=False)
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert weights_fingerprint(model) != before

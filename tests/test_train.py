@@ -105,6 +105,16 @@ def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, 
     assert (output / "scalars.csv").read_text().startswith("wall_time,step,tag,value\n")
 
 
+def test_bfloat16_on_the_cpu_trains_and_keeps_float32_weights(photo_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    config = tiny_config(photo_dir, output, steps=40, validate_every=40, mixed_precision="bfloat16",
+                         **{"optimizer.lr": 1e-2})
+    model = load_model(train_from_config(config))
+    losses = [loss for _, loss in logged(output, "train/loss")]
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -321,10 +321,16 @@ def evaluate(
     ] = True,
     tile: TileOption = None,
     device: DeviceOption = "auto",
+    cache: Annotated[
+        Optional[Path],
+        typer.Option(help="JSON-lines file of scores: those measured before are reused, new ones added."),
+    ] = None,
 ) -> None:
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
-    from fundus_restore.evaluate import DEFAULT_METHODS, Example, build_methods, evaluate_images, write_tables
+    from fundus_restore.evaluate import (
+        DEFAULT_METHODS, Example, ScoreCache, build_methods, evaluate_images, write_tables,
+    )
     from fundus_restore.report import write_html_report
 
     files = _expand(clean)
@@ -340,7 +346,7 @@ def evaluate(
         examples: list[Example] = []
         rows = evaluate_images(
             files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
-            on_step=advance, on_example=examples.append,
+            on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None,
         )
     markdown, _ = write_tables(rows, report)
     settings = {

@@ -9,6 +9,8 @@ method and scored overall, per channel and inside the field of view.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,12 +31,67 @@ SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_f
 VESSEL_COLUMNS = ("thin_recall", "thick_recall", "spurious_rate", "cldice", "thin_contrast_retention", "psnr_thin_band")
 
 
+# Bump when a measure's definition changes: cached scores of older definitions are then ignored.
+SCORES_VERSION = 1
+
+
 @dataclass(frozen=True)
 class Method:
-    """A named restoration: noisy image and sigma (0–255 scale) in, restored image out."""
+    """A named restoration: noisy image and sigma (0–255 scale) in, restored image out.
+
+    ``fingerprint`` identifies what the method computes (for a model, a hash of its
+    weights), so cached scores are reused only for the very same restoration.
+    """
 
     name: str
     restore: Callable[[np.ndarray, float], np.ndarray]
+    fingerprint: str = ""
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's architecture and weights."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class ScoreCache:
+    """Scores already measured, in a JSON-lines file, so that rerunning an evaluation with
+    one more method (or more images) computes only what is new.
+
+    A score is keyed by the image's content, the noise setting, the crop, whether
+    vessel measures were asked for, the method's fingerprint and ``SCORES_VERSION``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.scores: dict[str, dict[str, float]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.scores[entry["key"]] = entry["scores"]
+
+    @staticmethod
+    def key(image_digest: str, sigma: float, protocol: str, noise_seed: int, crop_size: int | None,
+            vessels: bool, method: Method) -> str:
+        return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels,
+                           method.name, method.fingerprint])
+
+    def get(self, key: str) -> dict[str, float] | None:
+        return self.scores.get(key)
+
+    def put(self, key: str, scores: dict[str, float]) -> None:
+        self.scores[key] = scores
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:  # one line per score: a killed run keeps what it measured
+            handle.write(json.dumps({"key": key, "scores": scores}) + "\n")
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _cbm3d(noisy: np.ndarray, sigma: float) -> np.ndarray:
@@ -79,7 +136,8 @@ def build_methods(
     methods = []
     for name in names:
         if name in CLASSICAL_METHODS:
-            methods.append(Method(name, CLASSICAL_METHODS[name]))
+            version = _package_version(name)
+            methods.append(Method(name, CLASSICAL_METHODS[name], fingerprint=f"{name} {version}"))
             continue
         try:
             if name == "cdncnn-b":
@@ -94,8 +152,17 @@ def build_methods(
             print(f"skipping {name}: {error}")
             continue
         label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
-        methods.append(Method(label, lambda noisy, sigma, model=model: denoise(noisy, model, tile=tile, device=device)))
+        methods.append(
+            Method(label, lambda noisy, sigma, model=model: denoise(noisy, model, tile=tile, device=device),
+                   fingerprint=weights_fingerprint(model))
+        )
     return methods
+
+
+def _package_version(method_name: str) -> str:
+    from importlib.metadata import version
+
+    return version({"cbm3d": "bm3d", "nlmeans": "scikit-image"}.get(method_name, "fundus-restore"))
 
 
 def _load_official(path: Path):
@@ -162,6 +229,7 @@ def evaluate_images(
     vessels: bool = True,
     on_step: Callable[[str], None] | None = None,
     on_example: Callable[[Example], None] | None = None,
+    cache: ScoreCache | None = None,
 ) -> list[dict[str, float | str]]:
     """One row per (image, sigma, protocol, method) with every quality measure and,
     with ``vessels``, the vessel-preservation measures (against the expert map where
@@ -171,10 +239,12 @@ def evaluate_images(
     protocol, so all methods see exactly the same noisy input.
     ``on_example`` receives the first image's ``Example`` at ``example_setting``; only
     that one image's outputs are kept, so memory stays bounded on any number of images.
+    With a ``cache``, scores measured before are reused and new ones are added to it.
     """
     rows: list[dict[str, float | str]] = []
     shown_setting = example_setting(sigmas, protocols)
     for index, path in enumerate(paths):
+        digest = file_digest(path) if cache is not None else ""
         clean, mask, expert = load_clean(path, crop_size)
         for sigma in sigmas:
             for protocol in protocols:
@@ -182,12 +252,18 @@ def evaluate_images(
                 keep = on_example is not None and index == 0 and (sigma, protocol) == shown_setting
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
-                    restored = method.restore(noisy, sigma)
-                    if keep:
-                        outputs[method.name] = restored
-                    quality = image_quality(clean, restored, mask=mask)
-                    if vessels:
-                        quality |= vessel_preservation(clean, restored, expert=expert, fov=mask)
+                    key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size, vessels, method)
+                    quality = cache.get(key) if cache is not None else None
+                    if quality is None or keep:  # the figures' image is always restored
+                        restored = method.restore(noisy, sigma)
+                        if keep:
+                            outputs[method.name] = restored
+                        if quality is None:
+                            quality = image_quality(clean, restored, mask=mask)
+                            if vessels:
+                                quality |= vessel_preservation(clean, restored, expert=expert, fov=mask)
+                            if cache is not None:
+                                cache.put(key, {k: float(v) for k, v in quality.items()})
                     rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
                     if on_step:
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")

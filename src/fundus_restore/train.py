@@ -18,7 +18,8 @@ patch batches (``fundus_restore.data``), and writes into the ``output`` folder:
 Run it on several processes with ``torchrun --nproc_per_node N -m fundus_restore
 train CONFIG``: each rank trains on its own share of the patches
 (DistributedDataParallel; gloo on CPU, nccl on CUDA) and only rank 0 writes.
-CUDA and bfloat16 mixed precision are used when present.
+CUDA and bfloat16 mixed precision are used when present; `mixed_precision: bfloat16`
+also trains in bfloat16 on a CPU that has it.
 
 Relative paths in a config are relative to the working directory, like the
 command-line overrides that replace them (``base:``, the config a config extends,
@@ -71,7 +72,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "validate_every": 500,
     "checkpoint_every": 500,
     "device": "auto",  # auto | cpu | cuda
-    "mixed_precision": "auto",  # auto: bfloat16 on CUDA | off
+    # auto: bfloat16 on CUDA, float32 on the CPU | bfloat16: also on the CPU (about 2x
+    # faster where it has avx512_bf16; validation stays float32) | off
+    "mixed_precision": "auto",
     "model": {"architecture": None, "kwargs": {}, "init_weights": None},
     "data": {
         "train": [],
@@ -90,6 +93,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 FREE_FORM = {"model.kwargs"}
 DECAYS = ("none", "step", "exponential", "cosine")
+PRECISIONS = ("auto", "bfloat16", "off")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -177,8 +181,8 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError(f"schedule.decay must be one of {', '.join(DECAYS)}, got {schedule['decay']!r}")
     if schedule["decay"] in ("step", "exponential") and not 0 < schedule["lr_min"] <= merged["optimizer"]["lr"]:
         raise TrainingError(f"schedule.lr_min must lie in (0, optimizer.lr] for {schedule['decay']} decay")
-    if merged["mixed_precision"] not in ("auto", "off"):
-        raise TrainingError(f"mixed_precision must be 'auto' or 'off', got {merged['mixed_precision']!r}")
+    if merged["mixed_precision"] not in PRECISIONS:
+        raise TrainingError(f"mixed_precision must be one of {PRECISIONS}, got {merged['mixed_precision']!r}")
     for key in ("steps", "batch_size", "log_every", "validate_every", "checkpoint_every"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
@@ -352,7 +356,8 @@ class Trainer:
         self.config = config
         self.placement = placement
         torch.manual_seed(config["seed"])  # the same initial weights on every rank and run
-        self.model = build_model(config["model"]).to(placement.device)
+        # Channels-last is the layout oneDNN and cuDNN convolve fastest (1.1x float32, 2x bfloat16 on the CPU).
+        self.model = build_model(config["model"]).to(placement.device, memory_format=torch.channels_last)
         self.network: nn.Module = self.model
         if placement.world_size > 1:
             device_ids = [placement.device.index] if placement.device.type == "cuda" else None
@@ -364,7 +369,8 @@ class Trainer:
         )
         factor = partial(learning_rate_factor, steps=config["steps"], lr=optimizer_config["lr"], **schedule)
         self.scheduler = LambdaLR(self.optimizer, factor)
-        self.autocast = placement.device.type == "cuda" and config["mixed_precision"] == "auto"
+        precision = config["mixed_precision"]
+        self.autocast = precision == "bfloat16" or (precision == "auto" and placement.device.type == "cuda")
         self.step = 0
         self.train_seconds = 0.0  # time spent in training steps, over all resumed runs
 
@@ -380,6 +386,7 @@ class Trainer:
         """
         device = self.placement.device
         noisy, clean, sigma = (t.to(device, non_blocking=True) for t in (noisy, clean, sigma))
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             restored = self.network(noisy, sigma)
         loss = self.criterion(restored.float(), clean)
