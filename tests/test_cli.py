@@ -204,3 +204,15 @@ def test_restore_is_upscale_of_denoise(photos: Path, tiny_model_file: Path, tiny
     assert sorted(p.name for p in out.iterdir()) == ["a (1).png", "b.tif"]  # no intermediate files
     expected = upscale(denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu"), tiny_upscaler_file, device="cpu")
     assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
+
+
+def test_train_with_a_missing_vgg_weights_file_says_so_in_one_line(photos: Path, tmp_path: Path):
+    config = tmp_path / "srgan.yaml"
+    config.write_text(
+        "model: {architecture: srresnet, kwargs: {scale: 2, blocks: 1, width: 8}}\n"
+        f"data: {{train: ['{photos}'], scale: 2, patch_size: 16, workers: 0}}\n"
+        f"output: '{tmp_path / 'run'}'\nperceptual: {{features: vgg19}}\nadversarial: {{weight: 1.0e-3}}\n"
+    )
+    result = runner.invoke(app, ["train", str(config), "--vgg-weights", str(tmp_path / "vgg19.pth")])
+    assert result.exit_code == 1
+    assert "vgg19.pth: no such VGG19 weights file" in result.output and "Traceback" not in result.output

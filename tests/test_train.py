@@ -75,7 +75,7 @@ def tiny_config(photo_dir: Path, output: Path, **changes: Any) -> dict[str, Any]
     }
     for key, value in changes.items():
         section, _, leaf = key.rpartition(".")
-        (config[section] if section else config)[leaf] = value
+        (config.setdefault(section, {}) if section else config)[leaf] = value
     return config
 
 
@@ -269,3 +269,45 @@ def test_torchrun_two_cpu_processes(photo_dir: Path, tmp_path: Path) -> None:
     card = json.loads((output / "model.json").read_text())
     assert card["training"]["processes"] == 2 and card["recipe"]["batch_size"] == 8
     load_model(output / "model.safetensors")
+
+
+def sr_config(photo_dir: Path, output: Path, **changes: Any) -> dict[str, Any]:
+    """A tiny x2 SRResNet; pass ``adversarial.weight`` to train it as an SRGAN."""
+    config = tiny_config(photo_dir, output, **changes)
+    config["model"] = {"architecture": "srresnet", "kwargs": {"scale": 2, "blocks": 1, "width": 8}}
+    config["data"] |= {"scale": 2}
+    return config
+
+
+def test_super_resolution_run_lowers_the_loss_and_writes_an_upscaler(photo_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "sr"
+    weights = train_from_config(sr_config(photo_dir, output, steps=30, validate_every=30, **{"optimizer.lr": 3e-3}))
+    losses = [loss for _, loss in logged(output, "train/loss")]
+    assert np.mean(losses[-6:]) < 0.7 * np.mean(losses[:6])
+    card = json.loads((output / "model.json").read_text())
+    assert card["task"] == "upscale" and card["recipe"]["scale"] == 2
+    model = load_model(weights)
+    assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
+
+
+def test_adversarial_training_alternates_after_pretraining_and_resumes_exactly(photo_dir: Path, tmp_path: Path) -> None:
+    changes = {"steps": 6, "checkpoint_every": 2, "adversarial.weight": 1e-3, "adversarial.start_step": 2,
+               "adversarial.discriminator_width": 8, "schedule.decay": "none"}  # the same rates when stopped at 4
+    whole = tmp_path / "whole"
+    train_from_config(sr_config(photo_dir, whole, **changes))
+    discriminator_steps = [step for step, _ in logged(whole, "train/discriminator")]
+    assert discriminator_steps == [3, 4, 5, 6]  # content-only pre-training for the first 2 steps
+    assert all(value > 0 for _, value in logged(whole, "train/adversarial")[2:])
+
+    part = tmp_path / "part"
+    train_from_config(sr_config(photo_dir, part, **{**changes, "steps": 4}))
+    resumed = load_model(train_from_config(sr_config(photo_dir, part, **changes), resume=True))
+    uninterrupted = load_model(whole / "model.safetensors")
+    for a, b in zip(resumed.state_dict().values(), uninterrupted.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_vgg_perceptual_loss_without_weights_is_refused_before_training(photo_dir: Path, tmp_path: Path) -> None:
+    config = sr_config(photo_dir, tmp_path / "vgg", **{"perceptual.features": "vgg19"})
+    with pytest.raises(TrainingError, match="--vgg-weights"):
+        train_from_config(config)

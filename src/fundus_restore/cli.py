@@ -285,6 +285,10 @@ def train(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: key.sub=value (YAML value).")
     ] = None,
+    vgg_weights: Annotated[
+        Optional[Path],
+        typer.Option(help="ImageNet VGG19 weights (torchvision state-dict layout) for a VGG perceptual loss."),
+    ] = None,
 ) -> None:
     """Train a model from a config; checkpoints atomically and resumes exactly."""
     from fundus_restore.io import ImageFileError
@@ -292,6 +296,8 @@ def train(
     from fundus_restore.train import TrainingError, train_from_config
 
     overrides = dict(parse_override(item) for item in set_ or [])
+    if vgg_weights is not None:
+        overrides["perceptual.vgg_weights"] = str(vgg_weights)
     try:
         weights = train_from_config(config, resume=resume, overrides=overrides)
     except (TrainingError, ImageFileError, WeightsError) as error:

@@ -23,6 +23,10 @@ Design, and why:
   8 bits as every real noisy file is. A model trained without it leaves the black
   surround as biased noise (clipping turns zero-mean noise on black into a
   positive offset), which costs the official CDnCNN-B up to 4 dB on such input.
+* **Super-resolution pairs** (``scale`` > 1): the input is the clean patch shrunk
+  by antialiased bicubic (MATLAB's ``imresize``), cut from a window wider by the
+  kernel's reach so the low-resolution patch equals that of the whole photograph,
+  then noised like a denoiser's input (sigma 0: plain low resolution).
 * Patch centres are drawn inside the field of view, except a ``border_fraction``
   drawn anywhere in the FOV-cropped photograph, so the model also learns the
   border and the black surround.
@@ -40,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fundus_restore.degrade import PROTOCOLS, degrade_for_protocol, quantize
+from fundus_restore.degrade import PROTOCOLS, bicubic_downsample, degrade_for_protocol, quantize
 from fundus_restore.evaluate import centre_square
 from fundus_restore.fov import crop_to_fov
 from fundus_restore.io import read_image
@@ -50,11 +54,17 @@ _ORDER, _BATCH, _SPLIT = 0, 1, 2
 # Tries to draw a patch centre inside the field of view before taking any place:
 # the FOV covers most of its crop, so this rarely runs out.
 _CENTRE_TRIES = 20
+# Reach of the antialiased bicubic kernel beyond a pixel when shrinking by s: 2 output pixels, 2·s input pixels.
+_BICUBIC_REACH = 2
 
 
 @dataclass(frozen=True)
 class PatchSettings:
-    """How training patches are cut and degraded (sigma on the 0–255 scale)."""
+    """How training patches are cut and degraded (sigma on the 0–255 scale).
+
+    With ``scale`` > 1 the input is the patch shrunk ``scale`` times (super-resolution)
+    and ``patch_size`` is the size of the high-resolution target.
+    """
 
     patch_size: int = 80
     sigma: float | tuple[float, float] = 25.0
@@ -62,6 +72,7 @@ class PatchSettings:
     border_fraction: float = 0.2
     patches_per_image: int = 128
     images_per_group: int = 4
+    scale: int = 1
 
     def __post_init__(self) -> None:
         low, high = self.sigma_range
@@ -70,9 +81,16 @@ class PatchSettings:
         for name in ("clip_probability", "border_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("patch_size", "patches_per_image", "images_per_group"):
+        for name in ("patch_size", "patches_per_image", "images_per_group", "scale"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.patch_size % self.scale:
+            raise ValueError(f"patch_size {self.patch_size} is not a multiple of the scale {self.scale}")
+
+    @property
+    def margin(self) -> int:
+        """High-resolution pixels read beyond each side of a patch to shrink it exactly."""
+        return _BICUBIC_REACH * self.scale if self.scale > 1 else 0
 
     @property
     def sigma_range(self) -> tuple[float, float]:
@@ -83,7 +101,8 @@ class PatchSettings:
 
 
 class PatchBatch(NamedTuple):
-    """N×C×P×P float32 tensors, and each patch's noise sigma on the [0, 1] scale."""
+    """Input (``noisy``: N×C×P/s×P/s) and target (``clean``: N×C×P×P) float32 tensors,
+    and each patch's noise sigma on the [0, 1] scale; s is the scale (1 for denoising)."""
 
     noisy: torch.Tensor
     clean: torch.Tensor
@@ -211,11 +230,10 @@ class PatchStream(IterableDataset):
         """The image at ``position`` of the endless sequence of seeded shuffles of all images."""
         epoch, offset = divmod(position, len(self.images))
         order = np.random.default_rng((self.seed, _ORDER, epoch)).permutation(len(self.images))
-        return load_fov_crop(self.images[order[offset]], self.settings.patch_size)
+        return load_fov_crop(self.images[order[offset]], self.settings.patch_size + 2 * self.settings.margin)
 
-    def _corner(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-        """Top-left corner of a patch whose centre lies in the FOV (but for a border fraction)."""
-        size = self.settings.patch_size
+    def _corner(self, mask: np.ndarray, rng: np.random.Generator, size: int) -> tuple[int, int]:
+        """Top-left corner of a ``size``² window whose centre lies in the FOV (but for a border fraction)."""
         anywhere = rng.random() < self.settings.border_fraction
         for _ in range(_CENTRE_TRIES):
             top = int(rng.integers(mask.shape[0] - size + 1))
@@ -225,13 +243,21 @@ class PatchStream(IterableDataset):
         return top, left
 
     def _degrade(self, sources: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> PatchBatch:
-        size, settings = self.settings.patch_size, self.settings
-        clean = np.empty((len(sources), size, size, sources[0][0].shape[2]), dtype=np.float32)
+        settings = self.settings
+        size, margin, scale = settings.patch_size, settings.margin, settings.scale
+        window, low = size + 2 * margin, size // scale
+        channels = sources[0][0].shape[2]
+        clean = np.empty((len(sources), size, size, channels), dtype=np.float32)
+        inputs = clean if scale == 1 else np.empty((len(sources), low, low, channels), dtype=np.float32)
         for index, (image, mask) in enumerate(sources):
-            top, left = self._corner(mask, rng)
-            clean[index] = _augment(image[top : top + size, left : left + size], rng)
+            top, left = self._corner(mask, rng, window)
+            patch = _augment(image[top : top + window, left : left + window], rng)
+            clean[index] = patch[margin : margin + size, margin : margin + size]
+            if scale > 1:
+                reach = margin // scale
+                inputs[index] = bicubic_downsample(patch, scale)[reach : reach + low, reach : reach + low]
         sigma = rng.uniform(*settings.sigma_range, size=len(clean)).astype(np.float32) / 255.0
-        noisy = clean + rng.standard_normal(clean.shape, dtype=np.float32) * sigma[:, None, None, None]
+        noisy = inputs + rng.standard_normal(inputs.shape, dtype=np.float32) * sigma[:, None, None, None]
         camera = rng.random(len(clean)) < settings.clip_probability
         noisy[camera] = quantize(noisy[camera], bits=8)  # clips, then rounds to 8 bits
         return PatchBatch(_channels_first(noisy), _channels_first(clean), torch.from_numpy(sigma))
@@ -247,7 +273,8 @@ _RIM_STEPS = np.linspace(0.0, 1.0, 17)
 @dataclass(frozen=True)
 class ValidationCrop:
     """A fixed noisy/clean crop (H×W×C) of a validation photograph under one protocol;
-    ``sigma`` is the noise level on the [0, 1] scale."""
+    ``sigma`` is the noise level on the [0, 1] scale. For super-resolution ``noisy``
+    is the crop shrunk by the scale, then noised."""
 
     name: str
     region: str
@@ -275,6 +302,7 @@ def validation_crops(
     sigma: float = 25.0,
     protocols: Sequence[str] = PROTOCOLS,
     seed: int = 0,
+    scale: int = 1,
 ) -> list[ValidationCrop]:
     """A ``crop``² at the centre and on the FOV rim (``REGIONS``) of each FOV-cropped
     photograph, under each protocol, with fixed-seed noise (image i gets seed
@@ -285,7 +313,12 @@ def validation_crops(
         photograph = load_fov_crop(path)
         for region, cut in zip(REGIONS, (centre_square, _rim_square), strict=True):
             clean, mask = cut(*photograph, crop)
+            low = clean
+            if scale > 1:
+                low = bicubic_downsample(clean, scale)  # cropped to a multiple of the scale first
+                height, width = low.shape[0] * scale, low.shape[1] * scale
+                clean, mask = clean[:height, :width], mask[:height, :width]
             for protocol in protocols:
-                noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
+                noisy = degrade_for_protocol(low, sigma, protocol, seed + index)
                 crops.append(ValidationCrop(path.name, region, protocol, sigma / 255.0, noisy, clean, mask))
     return crops

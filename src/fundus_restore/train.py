@@ -21,6 +21,14 @@ train CONFIG``: each rank trains on its own share of the patches
 CUDA and bfloat16 mixed precision are used when present; `mixed_precision: bfloat16`
 also trains in bfloat16 on a CPU that has it.
 
+Super-resolution (SRResNet, SRGAN) trains the same way with ``data.scale`` > 1
+(low-resolution inputs shrunk from the high-resolution patches, see ``data``). Its
+content loss may add a ``perceptual`` term (VGG19 features from a local weights file)
+and an ``adversarial`` one: with ``adversarial.weight`` > 0 an SRGAN discriminator
+is trained in alternation with the generator after ``adversarial.start_step``
+content-only (pre-training) steps. The discriminator, its optimizer and schedule are
+checkpointed and resumed with the rest.
+
 Relative paths in a config are relative to the working directory, like the
 command-line overrides that replace them (``base:``, the config a config extends,
 is relative to the config file).
@@ -58,6 +66,7 @@ from fundus_restore.data import PatchSettings, PatchStream, ValidationCrop, spli
 from fundus_restore.io import list_images
 from fundus_restore.losses import ChannelWeightedMSE
 from fundus_restore.metrics import image_quality
+from fundus_restore.perceptual import PerceptualLoss, discriminator_loss, generator_loss
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import count_parameters, load_model, save_model
 
@@ -85,9 +94,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "patches_per_image": 128,
         "images_per_group": 4,
         "workers": 1,
+        "scale": 1,  # > 1: super-resolution, inputs shrunk this many times from the patches
     },
     "validation": {"holdout": 0, "among": None, "files": None, "seed": 0, "crop": 256, "sigma": 25.0},
     "loss": {"weights": [1.0, 1.0, 1.0]},
+    # Content loss term on features (SRGAN's VGG54): features none | vgg19 (needs vgg_weights).
+    "perceptual": {"features": None, "vgg_weights": None, "layer": "relu5_4", "feature_scale": 1 / 12.75},
+    # weight > 0 trains an SRGAN discriminator against the model from start_step on.
+    "adversarial": {"weight": 0.0, "start_step": 0, "discriminator_width": 64, "lr": None},
     "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
     "schedule": {"decay": "none", "lr_min": 0.0, "intervals": 10},  # decay: none | step | exponential | cosine
 }
@@ -186,6 +200,9 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     for key in ("steps", "batch_size", "log_every", "validate_every", "checkpoint_every"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
+    data = merged["data"]
+    if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
+        raise TrainingError(f"data.scale must be a positive integer dividing data.patch_size, got {data['scale']!r}")
     return merged
 
 
@@ -349,6 +366,25 @@ def _placement(device_name: str) -> Iterator[Placement]:
 # ----------------------------------------------------------------------------- trainer
 
 
+def _perceptual_loss(settings: Mapping[str, Any], device: torch.device) -> PerceptualLoss | None:
+    """The configured feature loss, refusing before training where its weights are missing."""
+    features = settings["features"]
+    if features is None:
+        return None
+    if features != "vgg19":
+        raise TrainingError(f"perceptual.features must be null or 'vgg19', got {features!r}")
+    if settings["vgg_weights"] is None:
+        raise TrainingError(
+            "perceptual.features 'vgg19' needs ImageNet VGG19 weights: give a local file in torchvision's "
+            "state-dict layout with --vgg-weights PATH (nothing is downloaded), or set perceptual.features to null"
+        )
+    from fundus_restore.models.vgg import VGG19Features
+
+    extractor = VGG19Features.from_file(settings["vgg_weights"], layer=settings["layer"])
+    return PerceptualLoss(extractor, settings["feature_scale"]).to(device)
+
+
+
 class Trainer:
     """Model, loss, optimizer and schedule of one run, stepped one batch at a time."""
 
@@ -363,23 +399,44 @@ class Trainer:
             device_ids = [placement.device.index] if placement.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.model, device_ids=device_ids)
         self.criterion = ChannelWeightedMSE(config["loss"]["weights"])
+        self.perceptual = _perceptual_loss(config["perceptual"], placement.device)
         optimizer_config, schedule = config["optimizer"], config["schedule"]
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=optimizer_config["lr"], weight_decay=optimizer_config["weight_decay"]
         )
-        factor = partial(learning_rate_factor, steps=config["steps"], lr=optimizer_config["lr"], **schedule)
-        self.scheduler = LambdaLR(self.optimizer, factor)
+        self.factor = partial(learning_rate_factor, steps=config["steps"], lr=optimizer_config["lr"], **schedule)
+        self.scheduler = LambdaLR(self.optimizer, self.factor)
+        self.adversarial = config["adversarial"]
+        self.discriminator: nn.Module | None = None
+        if self.adversarial["weight"] > 0:
+            self._build_discriminator()
         precision = config["mixed_precision"]
         self.autocast = precision == "bfloat16" or (precision == "auto" and placement.device.type == "cuda")
         self.step = 0
         self.train_seconds = 0.0  # time spent in training steps, over all resumed runs
 
+    def _build_discriminator(self) -> None:
+        device, lr = self.placement.device, self.adversarial["lr"] or self.config["optimizer"]["lr"]
+        self.discriminator = create_model(
+            "srgan-discriminator", width=self.adversarial["discriminator_width"]
+        ).to(device, memory_format=torch.channels_last)
+        self.critic: nn.Module = self.discriminator
+        if self.placement.world_size > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.critic = DistributedDataParallel(self.discriminator, device_ids=device_ids)
+        self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr)
+        self.discriminator_scheduler = LambdaLR(self.discriminator_optimizer, self.factor)
+
     @property
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor) -> float:
-        """One optimisation step; returns the loss averaged over ranks.
+    def _adversarial_now(self) -> bool:
+        return self.discriminator is not None and self.step >= self.adversarial["start_step"]
+
+    def train_step(self, noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor) -> dict[str, float]:
+        """One optimisation step (of the discriminator, then the model, when adversarial);
+        returns the losses averaged over ranks: ``loss`` (the model's total) and its terms.
 
         A NaN or infinite loss raises ``TrainingError`` before the weights are touched,
         so the last checkpoint stays the last good state.
@@ -389,23 +446,53 @@ class Trainer:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             restored = self.network(noisy, sigma)
-        loss = self.criterion(restored.float(), clean)
-        reported = loss.detach().clone()
-        if self.placement.world_size > 1:
-            dist.all_reduce(reported)  # every rank sees a NaN anywhere and stops together
-            reported /= self.placement.world_size
-        value = reported.item()
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"step {self.step + 1}: the loss is {value}; training stopped and the last good checkpoint "
-                f"in {self.config['output']} is kept (lower optimizer.lr or check the training images)"
+        terms: dict[str, torch.Tensor] = {}
+        fake_logits = None
+        if self._adversarial_now():
+            # One forward over real and generated images: DistributedDataParallel expects one per backward.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.critic(torch.cat([clean, restored.detach()]).contiguous(memory_format=torch.channels_last))
+            real_logits, detached_logits = logits.float().chunk(2)
+            terms["discriminator"] = discriminator_loss(real_logits, detached_logits)
+            self._check_finite(terms["discriminator"], "discriminator loss")
+            self.discriminator_optimizer.zero_grad(set_to_none=True)
+            terms["discriminator"].backward()
+            self.discriminator_optimizer.step()
+            self.discriminator_scheduler.step()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                fake_logits = self.critic(restored).float()
+        if self.perceptual is None and fake_logits is None:
+            loss = self.criterion(restored.float(), clean)
+        else:
+            parts = generator_loss(
+                restored.float(), clean, fake_logits, pixel_weights=self.criterion.weights,
+                perceptual=self.perceptual, adversarial_weight=self.adversarial["weight"],
             )
+            loss = parts.total
+            terms |= {"pixel": parts.pixel, "perceptual": parts.perceptual, "adversarial": parts.adversarial}
+        value = self._check_finite(loss, "loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return value
+        return {"loss": value} | {name: self._averaged(term) for name, term in terms.items()}
+
+    def _averaged(self, value: torch.Tensor) -> float:
+        reported = value.detach().float().clone()
+        if self.placement.world_size > 1:
+            dist.all_reduce(reported)  # every rank sees a NaN anywhere and stops together
+            reported /= self.placement.world_size
+        return reported.item()
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> float:
+        number = self._averaged(value)
+        if not math.isfinite(number):
+            raise TrainingError(
+                f"step {self.step + 1}: the {what} is {number}; training stopped and the last good checkpoint "
+                f"in {self.config['output']} is kept (lower optimizer.lr or check the training images)"
+            )
+        return number
 
     @torch.no_grad()
     def validate(self, crops: list[ValidationCrop]) -> dict[str, float]:
@@ -438,12 +525,25 @@ class Trainer:
                 "workers": self.config["data"]["workers"],
             },
             "config": dict(self.config),
+        } | self._discriminator_state()
+
+    def _discriminator_state(self) -> dict[str, Any]:
+        if self.discriminator is None:
+            return {}
+        return {
+            "discriminator": self.discriminator.state_dict(),
+            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
+            "discriminator_scheduler": self.discriminator_scheduler.state_dict(),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.discriminator is not None and "discriminator" in state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+            self.discriminator_scheduler.load_state_dict(state["discriminator_scheduler"])
         _restore_random_states(state["random"])
         self.step, self.train_seconds = int(state["step"]), float(state["train_seconds"])
 
@@ -479,6 +579,7 @@ def _patch_stream(config: Mapping[str, Any], images: list[Path], start_step: int
         border_fraction=data["border_fraction"],
         patches_per_image=data["patches_per_image"],
         images_per_group=data["images_per_group"],
+        scale=data["scale"],
     )
     return PatchStream(
         images,
@@ -532,7 +633,7 @@ def _model_card(
     data = config["data"]
     patches = trainer.step * config["batch_size"] * trainer.placement.world_size
     return {
-        "task": "denoise",
+        "task": "denoise" if data["scale"] == 1 else "upscale",
         "summary": f"{model.architecture} trained {trainer.step} steps on {len(train_images)} fundus photographs",
         "architecture": model.architecture,
         "config": model.config,
@@ -549,7 +650,13 @@ def _model_card(
             "steps": trainer.step,
             "batch_size": config["batch_size"] * trainer.placement.world_size,
             "patch_size": data["patch_size"],
-            "loss": {"name": "channel_weighted_mse", "weights": list(trainer.criterion.weights)},
+            "loss": {
+                "name": "channel_weighted_mse",
+                "weights": list(trainer.criterion.weights),
+                "perceptual": config["perceptual"] if config["perceptual"]["features"] else None,
+                "adversarial": config["adversarial"] if trainer.discriminator is not None else None,
+            },
+            "scale": data["scale"],
             "noise": {
                 "sigma": data["sigma"],
                 "clip_probability": data["clip_probability"],
@@ -607,7 +714,9 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
         validation = config["validation"]
-        crops = validation_crops(validation_images, crop=validation["crop"], sigma=validation["sigma"])
+        crops = validation_crops(
+            validation_images, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"]
+        )
 
     stream = _patch_stream(config, train_images, trainer.step, placement)
     workers = config["data"]["workers"]
@@ -624,7 +733,8 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         while trainer.step < config["steps"]:
             started = time.perf_counter()
             batch = next(batches)
-            loss = trainer.train_step(batch.noisy, batch.clean, batch.sigma)
+            losses = trainer.train_step(batch.noisy, batch.clean, batch.sigma)
+            loss = losses["loss"]
             elapsed = time.perf_counter() - started
             trainer.train_seconds += elapsed
             window_seconds, window_steps = window_seconds + elapsed, window_steps + 1
@@ -633,7 +743,8 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
                 rate = window_steps * patches_per_step / window_seconds
                 progress.update(task, completed=step, loss=loss, rate=rate)
                 if main:
-                    log.write(step, {"train/loss": loss, "train/lr": trainer.learning_rate, "train/patches_per_s": rate})
+                    scalars = {f"train/{name}": value for name, value in losses.items()}
+                    log.write(step, scalars | {"train/lr": trainer.learning_rate, "train/patches_per_s": rate})
                 window_seconds, window_steps = 0.0, 0
             if main and crops and (step % config["validate_every"] == 0 or step == config["steps"]):
                 scores = _validate(trainer, crops, log, progress.console)
