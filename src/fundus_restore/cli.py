@@ -310,9 +310,14 @@ def train(
 def evaluate(
     clean: Annotated[list[Path], typer.Option("--clean", help="Clean photographs (files or folders).")],
     report: Annotated[Path, typer.Option("--report", help="Folder for the tables, report.html and figures/.")],
-    sigma: Annotated[list[float], typer.Option(help="Noise level(s) on the 0-255 scale; repeat for several.")] = [25.0],
+    sigma: Annotated[
+        Optional[list[float]],
+        typer.Option(help="Noise level(s) on the 0-255 scale; repeat for several. Default 25; 0 with --scale."),
+    ] = None,
     methods: Annotated[
-        Optional[list[str]], typer.Option("--method", help="Method to compare; repeat. Default: the paper's table.")
+        Optional[list[str]],
+        typer.Option("--method", help="Method to compare; repeat. Default: the paper's table (with --scale: bicubic "
+                     "and the bundled SR models)."),
     ] = None,
     protocol: Annotated[list[str], typer.Option(help="paper (float, unclipped) and/or camera (clipped, 8-bit).")] = list(
         ("paper", "camera")
@@ -331,17 +336,26 @@ def evaluate(
         Optional[Path],
         typer.Option(help="JSON-lines file of scores: those measured before are reused, new ones added."),
     ] = None,
+    scale: Annotated[
+        int, typer.Option(help="Super-resolution: shrink each photo SCALE times (bicubic) and compare upscalers.")
+    ] = 1,
 ) -> None:
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
     from fundus_restore.evaluate import (
-        DEFAULT_METHODS, Example, ScoreCache, build_methods, evaluate_images, write_tables,
+        DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, Example, ScoreCache, build_methods, evaluate_images, write_tables,
     )
     from fundus_restore.report import write_html_report
 
     files = _expand(clean)
-    chosen = build_methods(methods or DEFAULT_METHODS, official_weights=official_weights, tile=tile, device=device,
-                           skip_missing=methods is None)
+    sigma = sigma or [25.0 if scale == 1 else 0.0]
+    defaults = DEFAULT_METHODS if scale == 1 else DEFAULT_UPSCALE_METHODS
+    try:
+        chosen = build_methods(methods or defaults, official_weights=official_weights, tile=tile, device=device,
+                               skip_missing=methods is None, scale=scale)
+    except ValueError as error:
+        _report_error(str(error))
+        raise typer.Exit(1) from None
     steps = len(files) * len(sigma) * len(protocol) * len(chosen)
     with _progress() as progress:
         task = progress.add_task("evaluating", total=steps)
@@ -352,9 +366,9 @@ def evaluate(
         examples: list[Example] = []
         rows = evaluate_images(
             files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
-            on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None,
+            on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
         )
-    markdown, _ = write_tables(rows, report)
+    markdown, _ = write_tables(rows, report, title="Denoising" if scale == 1 else f"Super-resolution x{scale}")
     settings = {
         "sigmas": ", ".join(f"{s:g}" for s in sigma),
         "noise protocols": ", ".join(protocol),
@@ -362,6 +376,7 @@ def evaluate(
         "methods": ", ".join(m.name for m in chosen),
         "images": f"{len(files)}: " + ", ".join(f.name for f in files),
         "crop": "whole field of view" if crop is None else f"central {crop}²",
+        "task": "denoising" if scale == 1 else f"super-resolution x{scale} (input: antialiased bicubic shrink, then noise)",
     }
     write_html_report(rows, report, settings=settings, example=examples[0] if examples else None)
     print(markdown.read_text())

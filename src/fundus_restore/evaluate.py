@@ -4,6 +4,10 @@ Every clean image is degraded with seeded noise under one or both protocols —
 ``paper`` (noise added to the float image, not clipped) and ``camera`` (clipped to
 [0, 1] and quantised to 8 bits, as every real noisy file is) — then restored by each
 method and scored overall, per channel and inside the field of view.
+
+With ``scale`` > 1 the task is super-resolution: the clean image (cropped to a
+multiple of the scale) is first shrunk by antialiased bicubic, then noised (sigma 0:
+plain low resolution), and the methods are upscalers: ``bicubic`` and SR models.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from fundus_restore.degrade import PROTOCOLS, degrade_for_protocol
+from fundus_restore.degrade import PROTOCOLS, bicubic_downsample, bicubic_upsample, degrade_for_protocol
 from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
 from fundus_restore.vessel_metrics import vessel_preservation
 
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "cbm3d")
+DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.
 SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b")
 # Vessel-preservation columns, shown when measured.
@@ -76,9 +82,9 @@ class ScoreCache:
 
     @staticmethod
     def key(image_digest: str, sigma: float, protocol: str, noise_seed: int, crop_size: int | None,
-            vessels: bool, method: Method) -> str:
+            vessels: bool, scale: int, method: Method) -> str:
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels,
-                           method.name, method.fingerprint])
+                           method.name, method.fingerprint] + ([scale] if scale > 1 else []))
 
     def get(self, key: str) -> dict[str, float] | None:
         return self.scores.get(key)
@@ -123,18 +129,23 @@ def build_methods(
     tile: int | None = None,
     device: str = "auto",
     skip_missing: bool = True,
+    scale: int = 1,
 ) -> list[Method]:
     """Methods by name: classical ones, bundled model names, ``.safetensors`` paths, and
     ``cdncnn-b`` for the official CDnCNN-B when ``official_weights`` (.mat or .safetensors) is given.
+    With ``scale`` > 1 they are upscalers: ``bicubic`` and super-resolution models of that scale.
 
     With ``skip_missing`` a default method whose weights are absent is left out with a
     note rather than failing the whole evaluation.
     """
-    from fundus_restore.inference import denoise
+    from fundus_restore.inference import denoise, upscale, upscale_factor
     from fundus_restore.pretrained import WeightsError, load_model
 
     methods = []
     for name in names:
+        if scale > 1 and name == "bicubic":
+            methods.append(Method(name, lambda low, sigma: bicubic_upsample(low, scale), fingerprint=f"bicubic x{scale}"))
+            continue
         if name in CLASSICAL_METHODS:
             version = _package_version(name)
             methods.append(Method(name, CLASSICAL_METHODS[name], fingerprint=f"{name} {version}"))
@@ -152,10 +163,14 @@ def build_methods(
             print(f"skipping {name}: {error}")
             continue
         label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
-        methods.append(
-            Method(label, lambda noisy, sigma, model=model: denoise(noisy, model, tile=tile, device=device),
-                   fingerprint=weights_fingerprint(model))
-        )
+        if scale > 1:
+            if model.config.get("scale") != scale:
+                raise ValueError(f"{label} does not upscale by {scale} (its config: {model.config})")
+            upscale_factor(model)
+            run = partial(upscale, model=model, tile=tile, device=device)
+        else:
+            run = partial(denoise, model=model, tile=tile, device=device)
+        methods.append(Method(label, lambda noisy, sigma, run=run: run(noisy), fingerprint=weights_fingerprint(model)))
     return methods
 
 
@@ -230,6 +245,7 @@ def evaluate_images(
     on_step: Callable[[str], None] | None = None,
     on_example: Callable[[Example], None] | None = None,
     cache: ScoreCache | None = None,
+    scale: int = 1,
 ) -> list[dict[str, float | str]]:
     """One row per (image, sigma, protocol, method) with every quality measure and,
     with ``vessels``, the vessel-preservation measures (against the expert map where
@@ -240,19 +256,27 @@ def evaluate_images(
     ``on_example`` receives the first image's ``Example`` at ``example_setting``; only
     that one image's outputs are kept, so memory stays bounded on any number of images.
     With a ``cache``, scores measured before are reused and new ones are added to it.
+    With ``scale`` > 1 the methods upscale the shrunk, noised image (the example's
+    ``noisy`` is then that input enlarged by bicubic, for display).
     """
     rows: list[dict[str, float | str]] = []
     shown_setting = example_setting(sigmas, protocols)
     for index, path in enumerate(paths):
         digest = file_digest(path) if cache is not None else ""
         clean, mask, expert = load_clean(path, crop_size)
+        low = clean
+        if scale > 1:
+            low = bicubic_downsample(clean, scale)
+            height, width = low.shape[0] * scale, low.shape[1] * scale
+            clean, mask = clean[:height, :width], mask[:height, :width]
+            expert = None if expert is None else expert[:height, :width]
         for sigma in sigmas:
             for protocol in protocols:
-                noisy = degrade_for_protocol(clean, sigma, protocol, seed + index)
+                noisy = degrade_for_protocol(low, sigma, protocol, seed + index)
                 keep = on_example is not None and index == 0 and (sigma, protocol) == shown_setting
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
-                    key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size, vessels, method)
+                    key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size, vessels, scale, method)
                     quality = cache.get(key) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)
@@ -268,7 +292,8 @@ def evaluate_images(
                     if on_step:
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
                 if keep:
-                    on_example(Example(path.name, sigma, protocol, clean, noisy, outputs, mask, expert))
+                    shown = noisy if scale == 1 else bicubic_upsample(noisy, scale)
+                    on_example(Example(path.name, sigma, protocol, clean, shown, outputs, mask, expert))
     return rows
 
 
