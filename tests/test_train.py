@@ -307,6 +307,15 @@ def test_adversarial_training_alternates_after_pretraining_and_resumes_exactly(p
         assert torch.equal(a, b)
 
 
+def test_vessel_perceptual_loss_trains_and_is_logged(photo_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "ridges"
+    train_from_config(sr_config(photo_dir, output, steps=3, **{"perceptual.features": "vessels",
+                                                                "perceptual.feature_scale": 10.0}))
+    assert all(value > 0 for _, value in logged(output, "train/perceptual"))
+    card = json.loads((output / "model.json").read_text())
+    assert card["recipe"]["loss"]["perceptual"]["features"] == "vessels"
+
+
 def test_vgg_perceptual_loss_without_weights_is_refused_before_training(photo_dir: Path, tmp_path: Path) -> None:
     config = sr_config(photo_dir, tmp_path / "vgg", **{"perceptual.features": "vgg19"})
     with pytest.raises(TrainingError, match="--vgg-weights"):

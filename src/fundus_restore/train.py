@@ -24,6 +24,7 @@ also trains in bfloat16 on a CPU that has it.
 Super-resolution (SRResNet, SRGAN) trains the same way with ``data.scale`` > 1
 (low-resolution inputs shrunk from the high-resolution patches, see ``data``). Its
 content loss may add a ``perceptual`` term (VGG19 features from a local weights file)
+(or the vessel-aware Hessian ridge features, which need no weights)
 and an ``adversarial`` one: with ``adversarial.weight`` > 0 an SRGAN discriminator
 is trained in alternation with the generator after ``adversarial.start_step``
 content-only (pre-training) steps. The discriminator, its optimizer and schedule are
@@ -66,7 +67,7 @@ from fundus_restore.data import PatchSettings, PatchStream, ValidationCrop, spli
 from fundus_restore.io import list_images
 from fundus_restore.losses import ChannelWeightedMSE
 from fundus_restore.metrics import image_quality
-from fundus_restore.perceptual import PerceptualLoss, discriminator_loss, generator_loss
+from fundus_restore.perceptual import PerceptualLoss, RidgeFeatures, discriminator_loss, generator_loss
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import count_parameters, load_model, save_model
 
@@ -98,7 +99,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
     "validation": {"holdout": 0, "among": None, "files": None, "seed": 0, "crop": 256, "sigma": 25.0},
     "loss": {"weights": [1.0, 1.0, 1.0]},
-    # Content loss term on features (SRGAN's VGG54): features none | vgg19 (needs vgg_weights).
+    # Content loss term on features: features null | vgg19 (SRGAN's VGG54, needs vgg_weights)
+    # | vessels (multi-scale Hessian ridges of the green channel: no weights needed).
     "perceptual": {"features": None, "vgg_weights": None, "layer": "relu5_4", "feature_scale": 1 / 12.75},
     # weight > 0 trains an SRGAN discriminator against the model from start_step on.
     "adversarial": {"weight": 0.0, "start_step": 0, "discriminator_width": 64, "lr": None},
@@ -371,8 +373,10 @@ def _perceptual_loss(settings: Mapping[str, Any], device: torch.device) -> Perce
     features = settings["features"]
     if features is None:
         return None
+    if features == "vessels":
+        return PerceptualLoss(RidgeFeatures(), settings["feature_scale"]).to(device)
     if features != "vgg19":
-        raise TrainingError(f"perceptual.features must be null or 'vgg19', got {features!r}")
+        raise TrainingError(f"perceptual.features must be null, 'vgg19' or 'vessels', got {features!r}")
     if settings["vgg_weights"] is None:
         raise TrainingError(
             "perceptual.features 'vgg19' needs ImageNet VGG19 weights: give a local file in torchvision's "

@@ -24,7 +24,7 @@ from .fov import fov_mask
 
 DRIVE_WIDTH = 565
 # Hessian scales at DRIVE scale: thin capillaries (~1 px) up to the widest vessels near the disc (~8 px).
-_SIGMAS = (1.0, 1.5, 2.0, 3.0, 4.0)
+HESSIAN_SIGMAS = (1.0, 1.5, 2.0, 3.0, 4.0)
 # CLAHE clip limit: enough to even out the illumination, not so much that noise is boosted.
 _CLAHE_CLIP = 0.01
 # The FOV is eroded by this much before vesselness is kept: the disc rim is a dark edge, not a vessel.
@@ -93,7 +93,7 @@ def vesselness(image: np.ndarray, mask: np.ndarray | None = None, *, scale: floa
     scale = image_scale(image) if scale is None else scale
     normalised = _normalised_green(image, fov)
     response = np.zeros(normalised.shape, dtype=np.float32)
-    for sigma in _SIGMAS:
+    for sigma in HESSIAN_SIGMAS:
         sigma = sigma * scale
         hessian = hessian_matrix(normalised, sigma=sigma, order="rc", use_gaussian_derivatives=False)
         largest = hessian_matrix_eigvals(hessian)[0]
