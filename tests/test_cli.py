@@ -166,10 +166,17 @@ def test_upscale_batch_goes_on_past_a_bad_file_and_fails_at_the_end(
     assert np.abs(read_image(out / "b.tif") - expected).max() < 2 / 65535
 
 
-def test_upscale_without_a_model_says_none_is_bundled(photos: Path, tmp_path: Path):
-    result = runner.invoke(app, ["upscale", str(photos), "-o", str(tmp_path / "out")])
+def test_upscale_at_a_scale_with_no_bundled_model_says_so(photos: Path, tmp_path: Path):
+    result = runner.invoke(app, ["upscale", str(photos), "-o", str(tmp_path / "out"), "--scale", "2"])
     assert result.exit_code == 2
-    assert "no super-resolution model is bundled" in result.output and "--model FILE.safetensors" in result.output
+    assert "no x2 super-resolution model is bundled" in result.output and "--model FILE.safetensors" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_upscale_refuses_a_model_of_another_scale(photos: Path, tiny_upscaler_file: Path, tmp_path: Path):
+    args = ["upscale", str(photos), "-o", str(tmp_path / "out"), "-m", str(tiny_upscaler_file), "--scale", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "upscales by 2, not by the asked 4" in result.output
     assert not (tmp_path / "out").exists()
 
 

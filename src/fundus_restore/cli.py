@@ -29,8 +29,11 @@ OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for the output
 ModelOption = Annotated[
     Optional[str], typer.Option("--model", "-m", help="Bundled model name or a .safetensors file (default: best bundled).")
 ]
-_UPSCALE_MODEL_HELP = "Super-resolution model: bundled name or .safetensors file (none bundled yet)."
+_UPSCALE_MODEL_HELP = "Super-resolution model: bundled name or .safetensors file (default: the bundled one)."
 UpscaleModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help=_UPSCALE_MODEL_HELP)]
+ScaleOption = Annotated[
+    Optional[int], typer.Option(help="Upscaling factor: picks the bundled model of that scale, or checks --model's.")
+]
 TileOption = Annotated[Optional[int], typer.Option(help="Tile size for bounded memory on large photos (e.g. 512).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 SigmaOption = Annotated[float, typer.Option(help="Noise standard deviation on the 0-255 scale.")]
@@ -153,6 +156,7 @@ def upscale(
     inputs: Inputs,
     out: OutDir,
     model: UpscaleModelOption = None,
+    scale: ScaleOption = None,
     tile: TileOption = None,
     device: DeviceOption = "auto",
     check: Annotated[
@@ -170,7 +174,7 @@ def upscale(
     from fundus_restore.inference import load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
 
-    network = _loaded(lambda: load_upscaler(model))
+    network = _loaded(lambda: load_upscaler(model, scale))
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)
@@ -190,6 +194,7 @@ def restore(
         Optional[str], typer.Option(help="Denoiser: bundled name or .safetensors file (default: best bundled).")
     ] = None,
     upscale_model: Annotated[Optional[str], typer.Option(help=_UPSCALE_MODEL_HELP)] = None,
+    scale: ScaleOption = None,
     tile: TileOption = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -199,7 +204,7 @@ def restore(
     from fundus_restore.pretrained import load_model
 
     denoiser = _loaded(lambda: load_model(denoise_model, device="cpu"))
-    upscaler = _loaded(lambda: load_upscaler(upscale_model))
+    upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
 
     def handle(_: int, path: Path) -> None:
         denoised = denoise_image(read_image(path), denoiser, tile=tile, device=device)

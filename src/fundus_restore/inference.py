@@ -39,7 +39,9 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from fundus_restore.pretrained import WeightsError, default_model_name, list_models, load_model, resolve_weights
+from fundus_restore.pretrained import (
+    WeightsError, default_model_name, list_models, load_model, model_card, resolve_weights,
+)
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -255,19 +257,27 @@ def upscale_factor(model: nn.Module) -> int:
     return scale
 
 
-def default_upscale_model_name() -> str:
-    """The bundled super-resolution model used when none is given; refused while none is bundled."""
-    if DEFAULT_UPSCALE_MODEL not in list_models():
-        raise WeightsError("no super-resolution model is bundled yet: pass --model FILE.safetensors")
-    return DEFAULT_UPSCALE_MODEL
+def default_upscale_model_name(scale: int | None = None) -> str:
+    """The bundled super-resolution model used when none is given (``DEFAULT_UPSCALE_MODEL``,
+    or for another ``scale`` the first bundled model of that scale); refused where none is."""
+    candidates = [DEFAULT_UPSCALE_MODEL] + [name for name in list_models() if name != DEFAULT_UPSCALE_MODEL]
+    for name in candidates:
+        card = model_card(name) if name in list_models() else {}
+        if card.get("task") == "upscale" and scale in (None, card.get("config", {}).get("scale")):
+            return name
+    wanted = "super-resolution" if scale is None else f"x{scale} super-resolution"
+    raise WeightsError(f"no {wanted} model is bundled: pass --model FILE.safetensors")
 
 
-def load_upscaler(model: str | Path | None = None) -> nn.Module:
+def load_upscaler(model: str | Path | None = None, scale: int | None = None) -> nn.Module:
     """A super-resolution model on the CPU: a bundled name, a safetensors file, or None for
-    the bundled default; a file that is not a super-resolution model is refused here,
-    before any image is read (``WeightsError`` / ``ValueError``)."""
-    network = load_model(default_upscale_model_name() if model is None else model)
-    upscale_factor(network)
+    the bundled default (of ``scale``, when given); a file that is not a super-resolution
+    model, or not of ``scale``, is refused here, before any image is read
+    (``WeightsError`` / ``ValueError``)."""
+    network = load_model(default_upscale_model_name(scale) if model is None else model)
+    factor = upscale_factor(network)
+    if scale is not None and factor != scale:
+        raise ValueError(f"{getattr(network, 'name', model)} upscales by {factor}, not by the asked {scale}")
     return network
 
 
