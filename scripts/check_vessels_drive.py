@@ -16,25 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import rankdata
 from skimage.morphology import remove_small_objects
 
 from fundus_restore.io import read_image, read_mask
+from fundus_restore.vessel_metrics import dice, segmentation_auc as auc
 from fundus_restore.vessels import DEFAULT_THRESHOLD, segment_vessels, vesselness
 
 TUNING_THRESHOLDS = (0.015, 0.02, 0.022, 0.025, 0.028, 0.03, 0.035, 0.05)
-
-
-def auc(score: np.ndarray, truth: np.ndarray) -> float:
-    """Area under the ROC curve of ``score`` for bool ``truth`` (Mann–Whitney, ties counted half)."""
-    ranks = rankdata(score)
-    positives = int(truth.sum())
-    negatives = truth.size - positives
-    return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
-    return float(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
 
 
 def drive_images(drive: Path, split: str) -> list[tuple[str, Path, Path]]:

@@ -66,3 +66,13 @@ def test_bad_weights_are_refused(weights: tuple[float, ...]) -> None:
 def test_shape_mismatch_is_refused() -> None:
     with pytest.raises(ValueError, match="N×C×H×W"):
         channel_weighted_mse(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
+
+
+def test_vessel_segmentation_loss_rewards_confident_right_maps_and_module_agrees() -> None:
+    from fundus_restore.losses import VesselSegmentationLoss, vessel_segmentation_loss
+
+    target = (torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) < 0.15).float()
+    right, wrong = (target * 2 - 1) * 8, (1 - target * 2) * 8
+    assert vessel_segmentation_loss(right, target) < 0.01 < 1.0 < vessel_segmentation_loss(wrong, target)
+    unsure = torch.zeros_like(target)
+    assert torch.equal(VesselSegmentationLoss(0.5)(unsure, target), vessel_segmentation_loss(unsure, target, 0.5))

@@ -320,3 +320,41 @@ def test_vgg_perceptual_loss_without_weights_is_refused_before_training(photo_di
     config = sr_config(photo_dir, tmp_path / "vgg", **{"perceptual.features": "vgg19"})
     with pytest.raises(TrainingError, match="--vgg-weights"):
         train_from_config(config)
+
+
+@pytest.fixture
+def drive_like_dir(tmp_path: Path) -> Path:
+    """Photos with dark lines and the lines' maps in DRIVE's layout (images/, 1st_manual/)."""
+    images, manual = tmp_path / "drive" / "images", tmp_path / "drive" / "1st_manual"
+    images.mkdir(parents=True)
+    manual.mkdir()
+    for index in range(4):
+        photo = smooth_fundus(64, index)
+        vessels = np.zeros((64, 64), dtype=bool)
+        for row in np.random.default_rng(index).integers(12, 52, 4):
+            vessels[row : row + 2, 8:56] = True
+        photo[vessels] = photo[vessels] // 2
+        Image.fromarray(photo).save(images / f"{21 + index}_training.png")
+        Image.fromarray(vessels.astype(np.uint8) * 255).save(manual / f"{21 + index}_manual1.gif")
+    return images
+
+
+def test_vessel_segmenter_learns_the_expert_maps(drive_like_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "unet"
+    config = tiny_config(drive_like_dir, output, steps=40, validate_every=40, **{"optimizer.lr": 1e-2})
+    config["model"] = {"architecture": "unet", "kwargs": {"widths": [8, 16]}}
+    config["data"] |= {"targets": "vessels", "patch_size": 32, "sigma": 0.0}
+    config["loss"] = {"name": "vessel_segmentation"}
+    model = load_model(train_from_config(config))
+    losses = [loss for _, loss in logged(output, "train/loss")]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    dice_scores = logged(output, "val/dice_paper_centre")
+    assert [step for step, _ in dice_scores] == [0, 40] and dice_scores[-1][1] > dice_scores[0][1] + 0.2
+    card = json.loads((output / "model.json").read_text())
+    assert card["task"] == "segment-vessels" and card["recipe"]["loss"]["name"] == "vessel_segmentation"
+    assert model(torch.rand(1, 3, 30, 30)).shape == (1, 1, 30, 30)
+
+
+def test_targets_and_loss_must_match() -> None:
+    with pytest.raises(TrainingError, match="trains with loss.name 'vessel_segmentation'"):
+        load_config({"data": {"targets": "vessels"}})

@@ -142,3 +142,14 @@ def test_hallucination_guard_maps_lines_absent_from_the_reference(vessels: np.nd
 def test_hallucination_guard_refuses_images_of_different_shapes(clean: np.ndarray) -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         hallucinated_vessels(clean, clean[:-1], FOV, scale=1.0)
+
+
+def test_dice_and_auc_on_known_cases() -> None:
+    from fundus_restore.vessel_metrics import dice, segmentation_auc
+
+    truth = np.array([True, True, False, False])
+    assert dice(truth, truth) == 1.0 and dice(~truth, truth) == 0.0
+    assert dice(np.array([True, False, True, False]), truth) == 0.5
+    assert segmentation_auc(np.array([0.9, 0.8, 0.1, 0.2]), truth) == 1.0
+    assert segmentation_auc(np.array([0.1, 0.2, 0.9, 0.8]), truth) == 0.0
+    assert segmentation_auc(np.array([0.5, 0.5, 0.5, 0.5]), truth) == 0.5  # ties count half

@@ -27,6 +27,10 @@ Design, and why:
   by antialiased bicubic (MATLAB's ``imresize``), cut from a window wider by the
   kernel's reach so the low-resolution patch equals that of the whole photograph,
   then noised like a denoiser's input (sigma 0: plain low resolution).
+* **Vessel maps as targets** (``targets="vessels"``, to train a segmenter): the
+  target is the expert vessel map beside each photograph (DRIVE's layout), cut and
+  turned with the photo; the input is the photo, noised with ``sigma`` (0: as is)
+  so that the segmenter also works on noisy and restored photographs.
 * Patch centres are drawn inside the field of view, except a ``border_fraction``
   drawn anywhere in the FOV-cropped photograph, so the model also learns the
   border and the black surround.
@@ -45,7 +49,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fundus_restore.degrade import PROTOCOLS, bicubic_downsample, degrade_for_protocol, quantize
-from fundus_restore.evaluate import centre_square
+from fundus_restore.evaluate import centre_square, load_clean
 from fundus_restore.fov import crop_to_fov
 from fundus_restore.io import read_image
 
@@ -54,6 +58,7 @@ _ORDER, _BATCH, _SPLIT = 0, 1, 2
 # Tries to draw a patch centre inside the field of view before taking any place:
 # the FOV covers most of its crop, so this rarely runs out.
 _CENTRE_TRIES = 20
+TARGETS = ("clean", "vessels")
 # Reach of the antialiased bicubic kernel beyond a pixel when shrinking by s: 2 output pixels, 2·s input pixels.
 _BICUBIC_REACH = 2
 
@@ -73,6 +78,7 @@ class PatchSettings:
     patches_per_image: int = 128
     images_per_group: int = 4
     scale: int = 1
+    targets: str = "clean"  # or "vessels": expert vessel maps (1 channel) for a segmenter
 
     def __post_init__(self) -> None:
         low, high = self.sigma_range
@@ -86,6 +92,10 @@ class PatchSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.patch_size % self.scale:
             raise ValueError(f"patch_size {self.patch_size} is not a multiple of the scale {self.scale}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.targets == "vessels" and self.scale != 1:
+            raise ValueError("vessel-map targets are for segmentation: the scale must be 1")
 
     @property
     def margin(self) -> int:
@@ -146,9 +156,16 @@ def split_images(
     return train, validation
 
 
-def load_fov_crop(path: Path, min_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """A photograph cropped to its field of view, with the FOV mask."""
-    image, mask = crop_to_fov(read_image(path))
+def load_fov_crop(path: Path, min_size: int = 1, vessels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A photograph cropped to its field of view, with the FOV mask; with ``vessels``
+    its expert vessel map (0/1) is appended as a fourth channel."""
+    if vessels:
+        image, mask, expert = load_clean(path)
+        if expert is None:
+            raise ValueError(f"{path}: no expert vessel map beside it (DRIVE layout: ../1st_manual/NN_manual1.gif)")
+        image = np.dstack([image, expert.astype(np.float32)])
+    else:
+        image, mask = crop_to_fov(read_image(path))
     if min(image.shape[:2]) < min_size:
         raise ValueError(f"{path}: its field of view crop is {image.shape[1]}×{image.shape[0]}, smaller than {min_size}²")
     return image, mask
@@ -230,7 +247,9 @@ class PatchStream(IterableDataset):
         """The image at ``position`` of the endless sequence of seeded shuffles of all images."""
         epoch, offset = divmod(position, len(self.images))
         order = np.random.default_rng((self.seed, _ORDER, epoch)).permutation(len(self.images))
-        return load_fov_crop(self.images[order[offset]], self.settings.patch_size + 2 * self.settings.margin)
+        settings = self.settings
+        return load_fov_crop(self.images[order[offset]], settings.patch_size + 2 * settings.margin,
+                             vessels=settings.targets == "vessels")
 
     def _corner(self, mask: np.ndarray, rng: np.random.Generator, size: int) -> tuple[int, int]:
         """Top-left corner of a ``size``² window whose centre lies in the FOV (but for a border fraction)."""
@@ -256,6 +275,8 @@ class PatchStream(IterableDataset):
             if scale > 1:
                 reach = margin // scale
                 inputs[index] = bicubic_downsample(patch, scale)[reach : reach + low, reach : reach + low]
+        if settings.targets == "vessels":  # photo channels in, the vessel map channel out
+            inputs, clean = clean[..., :-1], clean[..., -1:]
         sigma = rng.uniform(*settings.sigma_range, size=len(clean)).astype(np.float32) / 255.0
         noisy = inputs + rng.standard_normal(inputs.shape, dtype=np.float32) * sigma[:, None, None, None]
         camera = rng.random(len(clean)) < settings.clip_probability
@@ -303,18 +324,22 @@ def validation_crops(
     protocols: Sequence[str] = PROTOCOLS,
     seed: int = 0,
     scale: int = 1,
+    targets: str = "clean",
 ) -> list[ValidationCrop]:
     """A ``crop``² at the centre and on the FOV rim (``REGIONS``) of each FOV-cropped
     photograph, under each protocol, with fixed-seed noise (image i gets seed
     ``seed + i``, as in ``evaluate``): validation scores are comparable from one
-    step, and one run, to the next."""
+    step, and one run, to the next. ``scale`` and ``targets`` make super-resolution
+    and segmentation crops, as ``PatchSettings`` does for training patches."""
     crops = []
     for index, path in enumerate(images):
-        photograph = load_fov_crop(path)
+        photograph = load_fov_crop(path, vessels=targets == "vessels")
         for region, cut in zip(REGIONS, (centre_square, _rim_square), strict=True):
             clean, mask = cut(*photograph, crop)
             low = clean
-            if scale > 1:
+            if targets == "vessels":  # the photo is the input, its vessel map the target
+                low, clean = clean[..., :-1], clean[..., -1:]
+            elif scale > 1:
                 low = bicubic_downsample(clean, scale)  # cropped to a multiple of the scale first
                 height, width = low.shape[0] * scale, low.shape[1] * scale
                 clean, mask = clean[:height, :width], mask[:height, :width]

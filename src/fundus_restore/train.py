@@ -65,8 +65,9 @@ from torch.utils.data import DataLoader
 
 from fundus_restore.data import PatchSettings, PatchStream, ValidationCrop, split_images, validation_crops
 from fundus_restore.io import list_images
-from fundus_restore.losses import ChannelWeightedMSE
+from fundus_restore.losses import ChannelWeightedMSE, VesselSegmentationLoss
 from fundus_restore.metrics import image_quality
+from fundus_restore.vessel_metrics import dice, segmentation_auc
 from fundus_restore.perceptual import PerceptualLoss, RidgeFeatures, discriminator_loss, generator_loss
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import count_parameters, load_model, save_model
@@ -96,9 +97,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "images_per_group": 4,
         "workers": 1,
         "scale": 1,  # > 1: super-resolution, inputs shrunk this many times from the patches
+        "targets": "clean",  # or "vessels": train a segmenter on the expert maps beside the photos
     },
     "validation": {"holdout": 0, "among": None, "files": None, "seed": 0, "crop": 256, "sigma": 25.0},
-    "loss": {"weights": [1.0, 1.0, 1.0]},
+    # channel_weighted_mse (restoration) | vessel_segmentation (BCE + dice_weight × soft Dice)
+    "loss": {"name": "channel_weighted_mse", "weights": [1.0, 1.0, 1.0], "dice_weight": 1.0},
     # Content loss term on features: features null | vgg19 (SRGAN's VGG54, needs vgg_weights)
     # | vessels (multi-scale Hessian ridges of the green channel: no weights needed).
     "perceptual": {"features": None, "vgg_weights": None, "layer": "relu5_4", "feature_scale": 1 / 12.75},
@@ -203,6 +206,14 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
     data = merged["data"]
+    expected_loss = "vessel_segmentation" if data["targets"] == "vessels" else "channel_weighted_mse"
+    if data["targets"] not in ("clean", "vessels") or merged["loss"]["name"] != expected_loss:
+        raise TrainingError(
+            f"data.targets {data['targets']!r} trains with loss.name {expected_loss!r} "
+            f"(targets: clean | vessels), got loss.name {merged['loss']['name']!r}"
+        )
+    if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):
+        raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
     if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
         raise TrainingError(f"data.scale must be a positive integer dividing data.patch_size, got {data['scale']!r}")
     return merged
@@ -402,7 +413,11 @@ class Trainer:
         if placement.world_size > 1:
             device_ids = [placement.device.index] if placement.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.criterion = ChannelWeightedMSE(config["loss"]["weights"])
+        loss = config["loss"]
+        self.segmentation = config["data"]["targets"] == "vessels"
+        self.criterion: nn.Module = (
+            VesselSegmentationLoss(loss["dice_weight"]) if self.segmentation else ChannelWeightedMSE(loss["weights"])
+        )
         self.perceptual = _perceptual_loss(config["perceptual"], placement.device)
         optimizer_config, schedule = config["optimizer"], config["schedule"]
         self.optimizer = torch.optim.Adam(
@@ -508,8 +523,14 @@ class Trainer:
             # In float32 (bfloat16 would cap PSNR near the values being measured) and not
             # clipped, like the restorations `evaluate` scores, so that the numbers agree.
             restored_image = self.model(noisy, crop.sigma)[0].permute(1, 2, 0).cpu().numpy()
-            quality = image_quality(crop.clean, restored_image, mask=crop.mask)
-            for measure in ("psnr", "ssim"):
+            if self.segmentation:  # logits of the vessel map against the expert's
+                probability, truth = 1 / (1 + np.exp(-restored_image[..., 0])), crop.clean[..., 0] > 0.5
+                fov = crop.mask.astype(bool)
+                quality = {"dice": dice((probability > 0.5) & fov, truth & fov),
+                            "auc": segmentation_auc(probability[fov], truth[fov])}
+            else:
+                quality = image_quality(crop.clean, restored_image, mask=crop.mask)
+            for measure in ("dice", "auc") if self.segmentation else ("psnr", "ssim"):
                 scores.setdefault(f"val/{measure}_{crop.protocol}_{crop.region}", []).append(float(quality[measure]))
         self.model.train()
         return {tag: float(np.mean(values)) for tag, values in scores.items()}
@@ -584,6 +605,7 @@ def _patch_stream(config: Mapping[str, Any], images: list[Path], start_step: int
         patches_per_image=data["patches_per_image"],
         images_per_group=data["images_per_group"],
         scale=data["scale"],
+        targets=data["targets"],
     )
     return PatchStream(
         images,
@@ -637,7 +659,7 @@ def _model_card(
     data = config["data"]
     patches = trainer.step * config["batch_size"] * trainer.placement.world_size
     return {
-        "task": "denoise" if data["scale"] == 1 else "upscale",
+        "task": "segment-vessels" if trainer.segmentation else "denoise" if data["scale"] == 1 else "upscale",
         "summary": f"{model.architecture} trained {trainer.step} steps on {len(train_images)} fundus photographs",
         "architecture": model.architecture,
         "config": model.config,
@@ -655,8 +677,9 @@ def _model_card(
             "batch_size": config["batch_size"] * trainer.placement.world_size,
             "patch_size": data["patch_size"],
             "loss": {
-                "name": "channel_weighted_mse",
-                "weights": list(trainer.criterion.weights),
+                "name": config["loss"]["name"],
+                **({"dice_weight": config["loss"]["dice_weight"]} if trainer.segmentation
+                   else {"weights": list(trainer.criterion.weights)}),
                 "perceptual": config["perceptual"] if config["perceptual"]["features"] else None,
                 "adversarial": config["adversarial"] if trainer.discriminator is not None else None,
             },
@@ -699,8 +722,10 @@ def train_from_config(
 def _validate(trainer: Trainer, crops: list[ValidationCrop], log: ScalarLog, console: Console) -> dict[str, float]:
     scores = trainer.validate(crops)
     log.write(trainer.step, scores)
-    psnr = (f"{tag.removeprefix('val/psnr_')} {value:.2f}" for tag, value in scores.items() if tag.startswith("val/psnr"))
-    console.print(f"step {trainer.step}: validation PSNR " + ", ".join(psnr))
+    measure = "dice" if trainer.segmentation else "psnr"
+    shown = (f"{tag.removeprefix(f'val/{measure}_')} {value:.{4 if trainer.segmentation else 2}f}"
+             for tag, value in scores.items() if tag.startswith(f"val/{measure}"))
+    console.print(f"step {trainer.step}: validation {measure.upper() if measure == 'psnr' else 'Dice'} " + ", ".join(shown))
     return scores
 
 
@@ -719,7 +744,8 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
         validation = config["validation"]
         crops = validation_crops(
-            validation_images, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"]
+            validation_images, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"],
+            targets=config["data"]["targets"],
         )
 
     stream = _patch_stream(config, train_images, trainer.step, placement)

@@ -38,6 +38,25 @@ _BACKGROUND_WINDOW_PX = 15
 _THIN_BAND_PX = 3.0
 
 
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Dice overlap 2|P∩T| / (|P| + |T|) of two bool maps (1.0 when both are empty)."""
+    total = int(predicted.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
+
+
+def segmentation_auc(score: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for bool ``truth`` (Mann–Whitney, ties counted half)."""
+    from scipy.stats import rankdata
+
+    score, truth = np.ravel(score), np.ravel(truth).astype(bool)
+    positives = int(truth.sum())
+    negatives = truth.size - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
 def _within(mask: np.ndarray, tolerance: float) -> np.ndarray:
     """Pixels at most ``tolerance`` px (Euclidean) from a True pixel of ``mask``."""
     if not mask.any():
