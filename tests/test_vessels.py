@@ -12,6 +12,7 @@ from fundus_restore.vessels import (
     centerline,
     classify_widths,
     image_scale,
+    learned_vesselness,
     segment_vessels,
     vessel_width,
     vesselness,
@@ -123,3 +124,27 @@ def test_vesselness_ranks_drive_vessels_above_background(drive_dir) -> None:
     segmented = segment_vessels(image, fov)
     dice = 2 * (segmented & truth).sum() / (segmented.sum() + truth.sum())
     assert dice > 0.65
+
+
+def test_learned_vesselness_is_a_probability_inside_the_fov_at_any_size(tmp_path) -> None:
+    import torch
+
+    from fundus_restore import save_model
+    from fundus_restore.models import create_model
+
+    torch.manual_seed(0)
+    model = save_model(create_model("unet", widths=[4, 8]), tmp_path / "unet.safetensors")
+    image = photo(drawn_vessels((1, 3)))
+    fov = np.zeros(image.shape[:2], dtype=bool)
+    fov[10:-10, 10:-10] = True
+    probability = learned_vesselness(image, fov, model=str(model))
+    assert probability.shape == fov.shape and probability.dtype == np.float32
+    assert (probability[~fov] == 0).all() and 0 < probability[fov].min() and probability[fov].max() < 1
+    # A photo 4x DRIVE's width is segmented at DRIVE's scale and the map brought back to its size.
+    wide = np.zeros((40, 2260, 3), dtype=np.float32) + 0.5
+    assert learned_vesselness(wide, np.ones((40, 2260), bool), model=str(model)).shape == (40, 2260)
+
+
+def test_segment_vessels_refuses_an_unknown_method() -> None:
+    with pytest.raises(ValueError, match="hessian or unet"):
+        segment_vessels(photo(drawn_vessels((3,))), method="frangi")

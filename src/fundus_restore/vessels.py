@@ -1,4 +1,8 @@
-"""Classical vessel maps of colour fundus photographs: vesselness, segmentation, centrelines, widths.
+"""Vessel maps of colour fundus photographs: vesselness, segmentation, centrelines, widths.
+
+Two segmenters: the classical one below (no training) and a learned one,
+``learned_vesselness``, the bundled ``vessels-unet`` (a small U-Net trained on DRIVE
+training's expert maps); ``segment_vessels(..., method="unet")`` picks it.
 
 Vesselness is the multi-scale Hessian ridge measure at the heart of Frangi's filter,
 on the green channel (where vessels contrast most) after CLAHE: at each scale sigma
@@ -14,7 +18,10 @@ default the image width over 565, so a 2196-px-wide photo is filtered at 3.9× t
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
+import torch
 from scipy import ndimage
 from skimage.exposure import equalize_adapthist
 from skimage.feature import hessian_matrix, hessian_matrix_eigvals
@@ -23,6 +30,7 @@ from skimage.morphology import remove_small_objects, skeletonize
 from .fov import fov_mask
 
 DRIVE_WIDTH = 565
+LEARNED_SEGMENTER = "vessels-unet"
 # Hessian scales at DRIVE scale: thin capillaries (~1 px) up to the widest vessels near the disc (~8 px).
 HESSIAN_SIGMAS = (1.0, 1.5, 2.0, 3.0, 4.0)
 # CLAHE clip limit: enough to even out the illumination, not so much that noise is boosted.
@@ -102,18 +110,60 @@ def vesselness(image: np.ndarray, mask: np.ndarray | None = None, *, scale: floa
     return np.where(inner, response, np.float32(0))
 
 
+@lru_cache(maxsize=2)
+def _segmenter(model: str) -> torch.nn.Module:
+    from fundus_restore.pretrained import load_model
+
+    return load_model(model).eval()
+
+
+def learned_vesselness(
+    image: np.ndarray, mask: np.ndarray | None = None, *, model: str = LEARNED_SEGMENTER, scale: float | None = None
+) -> np.ndarray:
+    """Float32 H×W vessel probability from a learned segmenter (a bundled name or a
+    safetensors file), zero outside the field of view.
+
+    The network learnt vessels at DRIVE's scale, so a photo of another size is resized
+    to DRIVE's width (``scale`` = its size relative to DRIVE's) and the map resized back.
+    """
+    from skimage.transform import resize
+
+    fov = checked_fov(image, mask)
+    scale = image_scale(image) if scale is None else scale
+    height, width = np.shape(image)[:2]
+    shrunk = np.asarray(image, dtype=np.float32)
+    if abs(scale - 1) > 0.05:
+        size = (max(1, round(height / scale)), max(1, round(width / scale)))
+        shrunk = resize(shrunk, size, order=3, anti_aliasing=scale > 1).astype(np.float32)
+    with torch.inference_mode():
+        logits = _segmenter(str(model))(torch.from_numpy(shrunk.transpose(2, 0, 1)[None].copy()))[0, 0].numpy()
+    probability = 1 / (1 + np.exp(-logits))
+    if probability.shape != (height, width):
+        probability = resize(probability, (height, width), order=1)
+    return np.where(fov, probability, 0).astype(np.float32)
+
+
 def segment_vessels(
     image: np.ndarray,
     mask: np.ndarray | None = None,
     *,
     threshold: float | None = None,
     scale: float | None = None,
+    method: str = "hessian",
 ) -> np.ndarray:
-    """Bool H×W vessel map: vesselness above ``threshold`` (default ``DEFAULT_THRESHOLD``,
-    tuned on DRIVE training), without components of at most 30 px at DRIVE scale."""
+    """Bool H×W vessel map, without components of at most 30 px at DRIVE scale.
+
+    ``method="hessian"``: vesselness above ``threshold`` (default ``DEFAULT_THRESHOLD``,
+    tuned on DRIVE training); ``"unet"``: the learned segmenter's probability above
+    ``threshold`` (default 0.5).
+    """
     scale = image_scale(image) if scale is None else scale
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    vessels = vesselness(image, mask, scale=scale) > threshold
+    if method == "hessian":
+        vessels = vesselness(image, mask, scale=scale) > (DEFAULT_THRESHOLD if threshold is None else threshold)
+    elif method == "unet":
+        vessels = learned_vesselness(image, mask, scale=scale) > (0.5 if threshold is None else threshold)
+    else:
+        raise ValueError(f"unknown segmentation method {method!r}: hessian or unet")
     return remove_small_objects(vessels, max_size=round(_MIN_COMPONENT_PX * scale**2))
 
 
