@@ -344,6 +344,9 @@ def evaluate(
     scale: Annotated[
         int, typer.Option(help="Super-resolution: shrink each photo SCALE times (bicubic) and compare upscalers.")
     ] = 1,
+    segmenter: Annotated[
+        str, typer.Option(help="Vessel segmenter behind the vessel columns: hessian (classical) or unet (learned).")
+    ] = "hessian",
 ) -> None:
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
@@ -372,6 +375,7 @@ def evaluate(
         rows = evaluate_images(
             files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
             on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
+            segmenter=segmenter,
         )
     markdown, _ = write_tables(rows, report, title="Denoising" if scale == 1 else f"Super-resolution x{scale}")
     settings = {
@@ -381,6 +385,7 @@ def evaluate(
         "methods": ", ".join(m.name for m in chosen),
         "images": f"{len(files)}: " + ", ".join(f.name for f in files),
         "crop": "whole field of view" if crop is None else f"central {crop}²",
+        "vessel segmenter": segmenter,
         "task": "denoising" if scale == 1 else f"super-resolution x{scale} (input: antialiased bicubic shrink, then noise)",
     }
     write_html_report(rows, report, settings=settings, example=examples[0] if examples else None)

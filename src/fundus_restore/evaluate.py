@@ -82,7 +82,7 @@ class ScoreCache:
 
     @staticmethod
     def key(image_digest: str, sigma: float, protocol: str, noise_seed: int, crop_size: int | None,
-            vessels: bool, scale: int, method: Method) -> str:
+            vessels: bool | str, scale: int, method: Method) -> str:
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels,
                            method.name, method.fingerprint] + ([scale] if scale > 1 else []))
 
@@ -225,6 +225,7 @@ class Example:
     restored: dict[str, np.ndarray]  # method name → its output
     mask: np.ndarray
     expert: np.ndarray | None
+    segmenter: str = "hessian"  # the vessel segmenter of the evaluation
 
 
 def example_setting(sigmas: Sequence[float], protocols: Sequence[str]) -> tuple[float, str]:
@@ -246,6 +247,7 @@ def evaluate_images(
     on_example: Callable[[Example], None] | None = None,
     cache: ScoreCache | None = None,
     scale: int = 1,
+    segmenter: str = "hessian",
 ) -> list[dict[str, float | str]]:
     """One row per (image, sigma, protocol, method) with every quality measure and,
     with ``vessels``, the vessel-preservation measures (against the expert map where
@@ -256,6 +258,7 @@ def evaluate_images(
     ``on_example`` receives the first image's ``Example`` at ``example_setting``; only
     that one image's outputs are kept, so memory stays bounded on any number of images.
     With a ``cache``, scores measured before are reused and new ones are added to it.
+    ``segmenter`` is the ``segment_vessels`` method behind the vessel measures.
     With ``scale`` > 1 the methods upscale the shrunk, noised image (the example's
     ``noisy`` is then that input enlarged by bicubic, for display).
     """
@@ -276,7 +279,8 @@ def evaluate_images(
                 keep = on_example is not None and index == 0 and (sigma, protocol) == shown_setting
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
-                    key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size, vessels, scale, method)
+                    vessel_key = vessels and (True if segmenter == "hessian" else segmenter)  # keeps older keys valid
+                    key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size, vessel_key, scale, method)
                     quality = cache.get(key) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)
@@ -285,7 +289,8 @@ def evaluate_images(
                         if quality is None:
                             quality = image_quality(clean, restored, mask=mask)
                             if vessels:
-                                quality |= vessel_preservation(clean, restored, expert=expert, fov=mask)
+                                quality |= vessel_preservation(clean, restored, expert=expert, fov=mask,
+                                                               segmenter=segmenter)
                             if cache is not None:
                                 cache.put(key, {k: float(v) for k, v in quality.items()})
                     rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
@@ -293,7 +298,7 @@ def evaluate_images(
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
                 if keep:
                     shown = noisy if scale == 1 else bicubic_upsample(noisy, scale)
-                    on_example(Example(path.name, sigma, protocol, clean, shown, outputs, mask, expert))
+                    on_example(Example(path.name, sigma, protocol, clean, shown, outputs, mask, expert, segmenter))
     return rows
 
 

@@ -159,7 +159,9 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
             example.clean, two, folder / "error_maps.png"
         )
     overlays = {
-        name: vessel_overlay(image, vessel_changes(example.clean, image, expert=example.expert, fov=example.mask))
+        name: vessel_overlay(image, vessel_changes(
+            example.clean, image, expert=example.expert, fov=example.mask, segmenter=example.segmenter
+        ))
         for name, image in example.restored.items()
     }
     legend = ", ".join(f"{label} {colour}" for label, colour in OVERLAY_COLOURS.items())

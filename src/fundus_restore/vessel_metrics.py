@@ -168,13 +168,18 @@ class _SegmentedPair(NamedTuple):
 
 
 def _segmented_pair(
-    clean: np.ndarray, restored: np.ndarray, expert: np.ndarray | None, fov: np.ndarray | None, scale: float | None
+    clean: np.ndarray,
+    restored: np.ndarray,
+    expert: np.ndarray | None,
+    fov: np.ndarray | None,
+    scale: float | None,
+    segmenter: str,
 ) -> _SegmentedPair:
     """Checked float32 images, FOV, scale and the vessel maps both measures and drawings use."""
     clean, restored = _same_shape(clean, restored, ("clean", "restored"))
     fov = checked_fov(clean, fov)
     scale = image_scale(clean) if scale is None else scale
-    clean_vessels = segment_vessels(clean, fov, scale=scale)
+    clean_vessels = segment_vessels(clean, fov, scale=scale, method=segmenter)
     reference = real = clean_vessels
     if expert is not None:
         expert = np.asarray(expert, dtype=bool)
@@ -182,7 +187,8 @@ def _segmented_pair(
             raise ValueError(f"expert map shape {expert.shape} does not match image shape {fov.shape}")
         reference = expert & fov
         real = clean_vessels | reference
-    return _SegmentedPair(clean, restored, fov, scale, reference, real, segment_vessels(restored, fov, scale=scale))
+    restored_vessels = segment_vessels(restored, fov, scale=scale, method=segmenter)
+    return _SegmentedPair(clean, restored, fov, scale, reference, real, restored_vessels)
 
 
 def vessel_preservation(
@@ -192,16 +198,20 @@ def vessel_preservation(
     expert: np.ndarray | None = None,
     fov: np.ndarray | None = None,
     scale: float | None = None,
+    segmenter: str = "hessian",
 ) -> dict[str, float]:
     """The vessel columns of an evaluation table, for one clean/restored pair of H×W×C [0, 1] images.
 
     ``expert`` is a bool H×W vessel map (else the clean image's segmentation is the
     reference); ``fov`` the field of view (else detected on the clean image); ``scale``
-    the image size relative to DRIVE (else width / 565). Keys: ``thin_recall``,
+    the image size relative to DRIVE (else width / 565); ``segmenter`` the
+    ``segment_vessels`` method that finds vessels in both images. Keys: ``thin_recall``,
     ``thick_recall``, ``spurious_rate``, ``cldice``, ``thin_contrast_retention``,
     ``psnr_thin_band``; a metric with nothing to measure on (e.g. no thin vessel) is NaN.
     """
-    clean, restored, fov, scale, reference, real, restored_vessels = _segmented_pair(clean, restored, expert, fov, scale)
+    clean, restored, fov, scale, reference, real, restored_vessels = _segmented_pair(
+        clean, restored, expert, fov, scale, segmenter
+    )
     thin, thick = classify_widths(reference, scale=scale)
     tolerance = TOLERANCE_PX * scale
     thin_band = ndimage.binary_dilation(thin, structure=disc(_THIN_BAND_PX * scale)) & fov
@@ -231,10 +241,11 @@ def vessel_changes(
     expert: np.ndarray | None = None,
     fov: np.ndarray | None = None,
     scale: float | None = None,
+    segmenter: str = "hessian",
 ) -> VesselChanges:
     """The maps behind ``thin_recall`` and ``spurious_rate`` of ``vessel_preservation``
     (same arguments, same reference and tolerance), for drawing where vessels changed."""
-    pair = _segmented_pair(clean, restored, expert, fov, scale)
+    pair = _segmented_pair(clean, restored, expert, fov, scale, segmenter)
     restored_vessels, scale = pair.restored_vessels, pair.scale
     thin, _ = classify_widths(pair.reference, scale=scale)
     tolerance = TOLERANCE_PX * scale
