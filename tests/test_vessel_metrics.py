@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -153,3 +154,17 @@ def test_dice_and_auc_on_known_cases() -> None:
     assert segmentation_auc(np.array([0.9, 0.8, 0.1, 0.2]), truth) == 1.0
     assert segmentation_auc(np.array([0.1, 0.2, 0.9, 0.8]), truth) == 0.0
     assert segmentation_auc(np.array([0.5, 0.5, 0.5, 0.5]), truth) == 0.5  # ties count half
+
+
+def test_a_given_clean_segmentation_gives_the_same_measures() -> None:
+    from fundus_restore.vessels import segment_vessels
+
+    rng = np.random.default_rng(1)
+    rows, cols = np.mgrid[:120, :120]
+    clean = np.stack([0.6 + 0 * rows] * 3, axis=-1).astype(np.float32)
+    clean[40:42, 10:110] -= 0.2
+    clean[80:83, 10:110] -= 0.25
+    restored = (clean + rng.normal(0, 0.02, clean.shape)).astype(np.float32)
+    fov = np.ones((120, 120), dtype=bool)
+    given = vessel_preservation(clean, restored, fov=fov, clean_vessels=segment_vessels(clean, fov))
+    assert json.dumps(given) == json.dumps(vessel_preservation(clean, restored, fov=fov))

@@ -28,6 +28,7 @@ from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
 from fundus_restore.vessel_metrics import vessel_preservation
+from fundus_restore.vessels import segment_vessels
 
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "cbm3d")
 DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
@@ -273,6 +274,7 @@ def evaluate_images(
             height, width = low.shape[0] * scale, low.shape[1] * scale
             clean, mask = clean[:height, :width], mask[:height, :width]
             expert = None if expert is None else expert[:height, :width]
+        clean_vessels = None  # segmented once per image, when a vessel measure is first needed
         for sigma in sigmas:
             for protocol in protocols:
                 noisy = degrade_for_protocol(low, sigma, protocol, seed + index)
@@ -289,8 +291,10 @@ def evaluate_images(
                         if quality is None:
                             quality = image_quality(clean, restored, mask=mask)
                             if vessels:
+                                if clean_vessels is None:
+                                    clean_vessels = segment_vessels(clean, mask, method=segmenter)
                                 quality |= vessel_preservation(clean, restored, expert=expert, fov=mask,
-                                                               segmenter=segmenter)
+                                                               segmenter=segmenter, clean_vessels=clean_vessels)
                             if cache is not None:
                                 cache.put(key, {k: float(v) for k, v in quality.items()})
                     rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})

@@ -174,12 +174,14 @@ def _segmented_pair(
     fov: np.ndarray | None,
     scale: float | None,
     segmenter: str,
+    clean_vessels: np.ndarray | None = None,
 ) -> _SegmentedPair:
     """Checked float32 images, FOV, scale and the vessel maps both measures and drawings use."""
     clean, restored = _same_shape(clean, restored, ("clean", "restored"))
     fov = checked_fov(clean, fov)
     scale = image_scale(clean) if scale is None else scale
-    clean_vessels = segment_vessels(clean, fov, scale=scale, method=segmenter)
+    if clean_vessels is None:
+        clean_vessels = segment_vessels(clean, fov, scale=scale, method=segmenter)
     reference = real = clean_vessels
     if expert is not None:
         expert = np.asarray(expert, dtype=bool)
@@ -199,18 +201,21 @@ def vessel_preservation(
     fov: np.ndarray | None = None,
     scale: float | None = None,
     segmenter: str = "hessian",
+    clean_vessels: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The vessel columns of an evaluation table, for one clean/restored pair of H×W×C [0, 1] images.
 
     ``expert`` is a bool H×W vessel map (else the clean image's segmentation is the
     reference); ``fov`` the field of view (else detected on the clean image); ``scale``
     the image size relative to DRIVE (else width / 565); ``segmenter`` the
-    ``segment_vessels`` method that finds vessels in both images. Keys: ``thin_recall``,
+    ``segment_vessels`` method that finds vessels in both images (``clean_vessels``, the
+    clean image's segmentation with the same arguments, saves segmenting it again
+    when one clean image is compared with many restorations). Keys: ``thin_recall``,
     ``thick_recall``, ``spurious_rate``, ``cldice``, ``thin_contrast_retention``,
     ``psnr_thin_band``; a metric with nothing to measure on (e.g. no thin vessel) is NaN.
     """
     clean, restored, fov, scale, reference, real, restored_vessels = _segmented_pair(
-        clean, restored, expert, fov, scale, segmenter
+        clean, restored, expert, fov, scale, segmenter, clean_vessels
     )
     thin, thick = classify_widths(reference, scale=scale)
     tolerance = TOLERANCE_PX * scale
