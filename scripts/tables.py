@@ -1,16 +1,18 @@
-"""The paper's Table 1 on three sets of retinal photographs, as `docs/results.md` shows it.
+"""The results tables of `docs/results.md` on three sets of retinal photographs.
 
-    python scripts/table1.py [--shared ../shared] [--out out/table1] [--method NAME ...]
+    python scripts/tables.py [--shared ../shared] [--out out/table1] [--method NAME ...]
+    python scripts/tables.py --scale 4 [--out out/table-sr]       # super-resolution
 
-Runs ``fundus-restore evaluate`` (sigma 25, seed 0, paper and camera noise, vessel
-measures) on
+Runs ``fundus-restore evaluate`` (seed 0, paper and camera noise, vessel measures;
+sigma 25 for denoising — the paper's Table 1 — and no noise for super-resolution,
+where the input is the photo shrunk by antialiased bicubic) on
   * DRIVE test: the 20 photographs, whole field of view, expert vessel maps;
   * HEI-MED validation: the 10 photographs the training configs hold out
     (``validation.holdout: 10`` among HEI-MED, seed 0), central 1024² crops;
   * unseen: scikit-image's retina photograph (never trained on), central 1024².
 Every score goes into one cache (``OUT/scores.jsonl``), so a rerun after adding a
 method or retraining one model computes only that. Each set's report (tables,
-report.html, figures) lands in ``OUT/<set>/``; ``OUT/table1.md`` joins the summaries.
+report.html, figures) lands in ``OUT/<set>/``; ``OUT/tables.md`` joins the summaries.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 
 from fundus_restore.data import split_images
-from fundus_restore.evaluate import DEFAULT_METHODS
+from fundus_restore.evaluate import DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS
 from fundus_restore.io import list_images, write_image
 
 HEIMED_HOLDOUT, SPLIT_SEED = 10, 0  # as in configs/dncnn-finetune.yaml
@@ -44,28 +46,33 @@ def unseen_photo(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
-    parser.add_argument("--out", type=Path, default=Path("out/table1"))
-    parser.add_argument("--method", action="append", help="Methods (default: the paper's table).")
+    parser.add_argument("--out", type=Path, help="Default: out/table1, or out/table-sr with --scale.")
+    parser.add_argument("--method", action="append", help="Methods (default: the paper's table / the SR models).")
+    parser.add_argument("--scale", type=int, default=1, help="Super-resolution factor (1: denoising).")
+    parser.add_argument("--segmenter", default="hessian", help="Vessel segmenter of the vessel columns.")
     args = parser.parse_args()
+    args.out = args.out or Path("out/table1" if args.scale == 1 else "out/table-sr")
     data, official = args.shared / "data", args.shared / "weights/dncnn/GD_Color_Blind.mat"
     sets = {
         "drive-test": ([data / "DRIVE/test/images"], None),
         "heimed-validation": (heimed_validation(data / "HEI-MED"), 1024),
         "unseen": ([unseen_photo(args.out)], 1024),
     }
-    methods = args.method or list(DEFAULT_METHODS)
-    joined = ["# Table 1: sigma 25, seed 0", ""]
+    methods = args.method or list(DEFAULT_METHODS if args.scale == 1 else DEFAULT_UPSCALE_METHODS)
+    title = "Denoising, sigma 25" if args.scale == 1 else f"Super-resolution x{args.scale}"
+    joined = [f"# {title}, seed 0, vessel segmenter {args.segmenter}", ""]
     for name, (files, crop) in sets.items():
         command = [sys.executable, "-m", "fundus_restore", "evaluate", "--report", str(args.out / name),
-                   "--official-weights", str(official), "--cache", str(args.out / "scores.jsonl")]
+                   "--official-weights", str(official), "--cache", str(args.out / "scores.jsonl"),
+                   "--scale", str(args.scale), "--segmenter", args.segmenter]
         command += [option for path in files for option in ("--clean", str(path))]
         command += [option for method in methods for option in ("--method", method)]
         command += ["--crop", str(crop)] if crop else []
         subprocess.run(command, check=True)
         table = (args.out / name / "results.md").read_text().splitlines()
         joined += [f"## {name} ({', '.join(Path(f).name for f in files)})", "", *table[2:], ""]
-    (args.out / "table1.md").write_text("\n".join(joined))
-    print(f"wrote {args.out / 'table1.md'}")
+    (args.out / "tables.md").write_text("\n".join(joined))
+    print(f"wrote {args.out / 'tables.md'}")
 
 
 if __name__ == "__main__":
