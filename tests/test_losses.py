@@ -76,3 +76,17 @@ def test_vessel_segmentation_loss_rewards_confident_right_maps_and_module_agrees
     assert vessel_segmentation_loss(right, target) < 0.01 < 1.0 < vessel_segmentation_loss(wrong, target)
     unsure = torch.zeros_like(target)
     assert torch.equal(VesselSegmentationLoss(0.5)(unsure, target), vessel_segmentation_loss(unsure, target, 0.5))
+
+
+def test_vessel_weight_counts_errors_on_vessels_more() -> None:
+    from fundus_restore.losses import ChannelWeightedMSE
+
+    target = torch.full((1, 3, 48, 48), 0.6)
+    target[..., 23:26] = 0.4  # a dark vertical vessel, 3 px wide
+    on_vessel, off_vessel = target.clone(), target.clone()
+    on_vessel[..., 20:30, 23:26] += 0.1
+    off_vessel[..., 20:30, 5:8] += 0.1
+    plain, weighted = ChannelWeightedMSE((1, 3, 2)), ChannelWeightedMSE((1, 3, 2), vessel_weight=4.0)
+    torch.testing.assert_close(plain(on_vessel, target), plain(off_vessel, target))
+    assert weighted(on_vessel, target) > 2 * weighted(off_vessel, target)
+    assert torch.equal(ChannelWeightedMSE((1, 3, 2), vessel_weight=0.0)(on_vessel, target), plain(on_vessel, target))

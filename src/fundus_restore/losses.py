@@ -5,6 +5,10 @@ green channel carries the vessel contrast a grader reads, so R:G:B = 1:3:2 spend
 the network's capacity where the vessels are. The weights are normalised to sum to
 one, so equal weights give exactly the plain MSE and the loss scale (hence the
 learning rate) does not depend on how the weights are written.
+
+The paper's proposed next step weights errors on vessels more: with a
+``vessel_weight`` w, each pixel's squared error counts 1 + w·v, v in [0, 1] being how
+much the clean target shows a vessel there (``fundus_restore.ridges.vessel_weight_map``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def channel_weighted_mse(
 
     ``mask`` (N×1×H×W or N×H×W, bool or 0/1) limits every channel's mean to the
     pixels it marks, e.g. the field of view; an all-false mask gives a loss of 0.
+    Non-negative float values weight the pixels instead (a weighted mean).
     """
     if restored.shape != target.shape or restored.dim() != 4:
         raise ValueError(f"expected two N×C×H×W tensors of one shape, got {tuple(restored.shape)} and {tuple(target.shape)}")
@@ -50,18 +55,27 @@ def channel_weighted_mse(
 
 
 class ChannelWeightedMSE(nn.Module):
-    """Module form of :func:`channel_weighted_mse` with fixed channel weights."""
+    """Module form of :func:`channel_weighted_mse` with fixed channel weights and, with
+    ``vessel_weight`` > 0, pixels weighted 1 + ``vessel_weight`` × the target's vessel map."""
 
-    def __init__(self, weights: Sequence[float] = GREEN_WEIGHTS) -> None:
+    def __init__(self, weights: Sequence[float] = GREEN_WEIGHTS, vessel_weight: float = 0.0) -> None:
         super().__init__()
         self.weights = tuple(float(w) for w in weights)
         _normalised_weights(self.weights, len(self.weights))  # refuse bad weights at construction
+        if not vessel_weight >= 0:
+            raise ValueError(f"vessel_weight must be non-negative, got {vessel_weight}")
+        self.vessel_weight = float(vessel_weight)
 
     def forward(self, restored: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.vessel_weight > 0:
+            from fundus_restore.ridges import vessel_weight_map  # ridges builds on vessels, which is heavier
+
+            pixels = vessel_weight_map(target, self.vessel_weight)
+            mask = pixels if mask is None else pixels * mask.reshape(pixels.shape).to(pixels.dtype)
         return channel_weighted_mse(restored, target, self.weights, mask)
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}"
+        return f"weights={self.weights}, vessel_weight={self.vessel_weight}"
 
 
 def vessel_segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:

@@ -5,10 +5,9 @@ the adversarial loss. Our content loss is the pixel MSE (optionally channel-weig
 1:3:2, see ``fundus_restore.losses``) plus, when a feature extractor is given, the
 MSE between feature maps (``PerceptualLoss``): VGG19 ``relu5_4`` features are the
 paper's VGG54; any frozen network that maps images to feature maps will do.
-``RidgeFeatures`` is the vessel-aware one that needs no ImageNet weights: the
-multi-scale Hessian ridge responses of the green channel that the classical vessel
-segmenter thresholds (``fundus_restore.vessels``), written with differentiable
-convolutions, so the loss compares what makes a vessel a vessel.
+``fundus_restore.ridges.RidgeFeatures`` is the vessel-aware one that needs no
+ImageNet weights: the multi-scale Hessian ridge responses of the green channel that
+the classical vessel segmenter thresholds, so the loss compares what makes a vessel a vessel.
 
 Feature maps are multiplied by ``feature_scale`` before the MSE; the paper's 1/12.75
 brings VGG losses to the scale of the pixel MSE.
@@ -22,8 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -88,58 +85,6 @@ class PerceptualLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"feature_scale={self.feature_scale:.4g}"
-
-
-def _gaussian_derivatives(sigma: float) -> torch.Tensor:
-    """3×K 1-D kernels: the Gaussian of ``sigma`` and its first and second derivatives
-    (radius 4 sigma, as ``scipy.ndimage.gaussian_filter``)."""
-    radius = max(1, round(4 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    gaussian = torch.exp(-(x**2) / (2 * sigma**2))
-    gaussian /= gaussian.sum()
-    first = -x / sigma**2 * gaussian
-    second = (x**2 / sigma**4 - 1 / sigma**2) * gaussian
-    second -= second.sum() * gaussian  # sums to 0 as it should, so flat regions give exactly no ridge
-    return torch.stack([gaussian, first, second]).float()
-
-
-class RidgeFeatures(nn.Module):
-    """Vessel-aware features with no learnt weights: for each Hessian scale sigma, the
-    scale-normalised largest Hessian eigenvalue sigma²·λ₁ of the green channel (large on
-    dark lines, i.e. vessels, of width about 2·sigma). N×3×H×W in, N×S×H×W out.
-
-    ``scale`` multiplies the sigmas (``fundus_restore.vessels.HESSIAN_SIGMAS`` at DRIVE
-    scale) for photographs of another resolution.
-    """
-
-    weights_loaded = True  # nothing to load: the filters are analytic
-
-    def __init__(self, scale: float = 1.0) -> None:
-        super().__init__()
-        from fundus_restore.vessels import HESSIAN_SIGMAS
-
-        self.sigmas = tuple(sigma * scale for sigma in HESSIAN_SIGMAS)
-        for index, sigma in enumerate(self.sigmas):
-            self.register_buffer(f"kernels{index}", _gaussian_derivatives(sigma), persistent=False)
-
-    def _separable(self, image: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        radius = rows.numel() // 2
-        padded = F.pad(image, (radius, radius, radius, radius), mode="replicate")
-        filtered = F.conv2d(padded, rows.view(1, 1, -1, 1))
-        return F.conv2d(filtered, cols.view(1, 1, 1, -1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        green = x[:, 1:2].float()
-        responses = []
-        for index, sigma in enumerate(self.sigmas):
-            gaussian, first, second = getattr(self, f"kernels{index}")
-            rr = self._separable(green, second, gaussian)
-            cc = self._separable(green, gaussian, second)
-            rc = self._separable(green, first, first)
-            half_trace, half_gap = (rr + cc) / 2, (rr - cc) / 2
-            largest = half_trace + torch.sqrt(half_gap**2 + rc**2 + 1e-16)  # finite gradient where flat
-            responses.append(sigma**2 * largest)
-        return torch.cat(responses, dim=1)
 
 
 class GeneratorLoss(NamedTuple):

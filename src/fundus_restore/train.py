@@ -68,7 +68,8 @@ from fundus_restore.io import list_images
 from fundus_restore.losses import ChannelWeightedMSE, VesselSegmentationLoss
 from fundus_restore.metrics import image_quality
 from fundus_restore.vessel_metrics import dice, segmentation_auc
-from fundus_restore.perceptual import PerceptualLoss, RidgeFeatures, discriminator_loss, generator_loss
+from fundus_restore.perceptual import PerceptualLoss, discriminator_loss, generator_loss
+from fundus_restore.ridges import RidgeFeatures
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import count_parameters, load_model, save_model
 
@@ -100,8 +101,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "targets": "clean",  # or "vessels": train a segmenter on the expert maps beside the photos
     },
     "validation": {"holdout": 0, "among": None, "files": None, "seed": 0, "crop": 256, "sigma": 25.0},
-    # channel_weighted_mse (restoration) | vessel_segmentation (BCE + dice_weight × soft Dice)
-    "loss": {"name": "channel_weighted_mse", "weights": [1.0, 1.0, 1.0], "dice_weight": 1.0},
+    # channel_weighted_mse (restoration; vessel_weight > 0 weights vessel pixels 1 + vessel_weight)
+    # | vessel_segmentation (BCE + dice_weight × soft Dice)
+    "loss": {"name": "channel_weighted_mse", "weights": [1.0, 1.0, 1.0], "vessel_weight": 0.0, "dice_weight": 1.0},
     # Content loss term on features: features null | vgg19 (SRGAN's VGG54, needs vgg_weights)
     # | vessels (multi-scale Hessian ridges of the green channel: no weights needed).
     "perceptual": {"features": None, "vgg_weights": None, "layer": "relu5_4", "feature_scale": 1 / 12.75},
@@ -416,7 +418,8 @@ class Trainer:
         loss = config["loss"]
         self.segmentation = config["data"]["targets"] == "vessels"
         self.criterion: nn.Module = (
-            VesselSegmentationLoss(loss["dice_weight"]) if self.segmentation else ChannelWeightedMSE(loss["weights"])
+            VesselSegmentationLoss(loss["dice_weight"]) if self.segmentation
+            else ChannelWeightedMSE(loss["weights"], loss["vessel_weight"])
         )
         self.perceptual = _perceptual_loss(config["perceptual"], placement.device)
         optimizer_config, schedule = config["optimizer"], config["schedule"]
@@ -679,7 +682,7 @@ def _model_card(
             "loss": {
                 "name": config["loss"]["name"],
                 **({"dice_weight": config["loss"]["dice_weight"]} if trainer.segmentation
-                   else {"weights": list(trainer.criterion.weights)}),
+                   else {"weights": list(trainer.criterion.weights), "vessel_weight": trainer.criterion.vessel_weight}),
                 "perceptual": config["perceptual"] if config["perceptual"]["features"] else None,
                 "adversarial": config["adversarial"] if trainer.discriminator is not None else None,
             },
