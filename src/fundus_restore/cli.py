@@ -311,6 +311,35 @@ def train(
     console.print(f"wrote {weights}")
 
 
+@app.command("search-loss")
+def search_loss(
+    config: Annotated[Path, typer.Argument(help="Fine-tuning config to search around (e.g. dncnn-finetune-green.yaml).")],
+    out: OutDir,
+    trials: Annotated[int, typer.Option(help="Optuna trials after the baseline.")] = 20,
+    psnr_tolerance: Annotated[float, typer.Option(help="PSNR (dB) a trial may lose against the baseline.")] = 0.1,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config value for every trial: key.sub=value.")
+    ] = None,
+) -> None:
+    """Search channel weights and vessel weight for thin-vessel recall and contrast at fixed PSNR."""
+    from fundus_restore.search import best_trial, search_loss_weights
+    from fundus_restore.train import TrainingError
+
+    overrides = dict(parse_override(item) for item in set_ or [])
+    try:
+        results = search_loss_weights(config, out, trials=trials, overrides=overrides, psnr_tolerance=psnr_tolerance)
+    except TrainingError as error:
+        _report_error(str(error))
+        raise typer.Exit(1) from None
+    for result in results:
+        console.print(
+            f"trial {result.number}: R:G:B {':'.join(f'{w:.2f}' for w in result.weights)} vessel {result.vessel_weight:.2f}"
+            f"  PSNR {result.psnr:.2f}  thin recall {result.thin_recall:.3f}  contrast {result.thin_contrast_retention:.3f}"
+        )
+    best = best_trial(results, psnr_tolerance)
+    console.print(f"best within {psnr_tolerance} dB of the baseline: trial {best.number} ({best.output})")
+
+
 @app.command()
 def evaluate(
     clean: Annotated[list[Path], typer.Option("--clean", help="Clean photographs (files or folders).")],

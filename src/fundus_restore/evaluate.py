@@ -314,12 +314,12 @@ def summarise(rows: Sequence[dict[str, float | str]]) -> list[dict[str, float | 
     summary = []
     for (sigma, protocol, method), members in groups.items():
         measures = [k for k, v in members[0].items() if isinstance(v, float) and k != "sigma"]
-        means = {k: _mean_of_finite([m[k] for m in members]) for k in measures}
+        means = {k: mean_of_finite([m[k] for m in members]) for k in measures}
         summary.append({"sigma": sigma, "protocol": protocol, "method": method, "images": len(members), **means})
     return summary
 
 
-def _mean_of_finite(values: Sequence[float]) -> float:
+def mean_of_finite(values: Sequence[float]) -> float:
     # A vessel measure is NaN on an image with nothing to measure (e.g. no thin vessels).
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")

@@ -67,7 +67,8 @@ from fundus_restore.data import PatchSettings, PatchStream, ValidationCrop, spli
 from fundus_restore.io import list_images
 from fundus_restore.losses import ChannelWeightedMSE, VesselSegmentationLoss
 from fundus_restore.metrics import image_quality
-from fundus_restore.vessel_metrics import dice, segmentation_auc
+from fundus_restore.evaluate import mean_of_finite
+from fundus_restore.vessel_metrics import dice, segmentation_auc, vessel_preservation
 from fundus_restore.perceptual import PerceptualLoss, discriminator_loss, generator_loss
 from fundus_restore.ridges import RidgeFeatures
 from fundus_restore.models import create_model
@@ -100,7 +101,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "scale": 1,  # > 1: super-resolution, inputs shrunk this many times from the patches
         "targets": "clean",  # or "vessels": train a segmenter on the expert maps beside the photos
     },
-    "validation": {"holdout": 0, "among": None, "files": None, "seed": 0, "crop": 256, "sigma": 25.0},
+    # vessels: also thin-vessel recall, contrast retention and spurious rate of restorations
+    # (the clean crop's segmentation as reference), e.g. for the vessel-loss search.
+    "validation": {"holdout": 0, "among": None, "files": None, "seed": 0, "crop": 256, "sigma": 25.0, "vessels": False},
     # channel_weighted_mse (restoration; vessel_weight > 0 weights vessel pixels 1 + vessel_weight)
     # | vessel_segmentation (BCE + dice_weight × soft Dice)
     "loss": {"name": "channel_weighted_mse", "weights": [1.0, 1.0, 1.0], "vessel_weight": 0.0, "dice_weight": 1.0},
@@ -533,10 +536,18 @@ class Trainer:
                             "auc": segmentation_auc(probability[fov], truth[fov])}
             else:
                 quality = image_quality(crop.clean, restored_image, mask=crop.mask)
-            for measure in ("dice", "auc") if self.segmentation else ("psnr", "ssim"):
+                if self.config["validation"]["vessels"]:
+                    quality |= vessel_preservation(crop.clean, restored_image, fov=crop.mask)
+            for measure in self._validation_measures():
                 scores.setdefault(f"val/{measure}_{crop.protocol}_{crop.region}", []).append(float(quality[measure]))
         self.model.train()
-        return {tag: float(np.mean(values)) for tag, values in scores.items()}
+        return {tag: mean_of_finite(values) for tag, values in scores.items()}
+
+    def _validation_measures(self) -> tuple[str, ...]:
+        if self.segmentation:
+            return ("dice", "auc")
+        vessels = ("thin_recall", "thin_contrast_retention", "spurious_rate")
+        return ("psnr", "ssim") + (vessels if self.config["validation"]["vessels"] else ())
 
     def state(self) -> dict[str, Any]:
         return {
