@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     weights, card_path = args.run / "model.safetensors", args.run / "model.json"
     model = load_model(weights)
-    if not all(math.isfinite(float(p.abs().max())) for p in model.parameters()):
+    if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters()):
         raise SystemExit(f"{weights}: non-finite weights")
     card = json.loads(card_path.read_text())
     card["summary"] = args.summary

@@ -148,3 +148,15 @@ def test_learned_vesselness_is_a_probability_inside_the_fov_at_any_size(tmp_path
 def test_segment_vessels_refuses_an_unknown_method() -> None:
     with pytest.raises(ValueError, match="hessian or unet"):
         segment_vessels(photo(drawn_vessels((3,))), method="frangi")
+
+
+def test_bundled_unet_segments_drive_test_better_than_the_classical_segmenter(drive_dir) -> None:
+    from fundus_restore.vessel_metrics import dice, segmentation_auc
+
+    image = read_image(drive_dir / "test" / "images" / "01_test.tif")
+    fov = read_mask(drive_dir / "test" / "mask" / "01_test_mask.gif")
+    truth = read_mask(drive_dir / "test" / "1st_manual" / "01_manual1.gif") & fov
+    learned = segmentation_auc(learned_vesselness(image, fov)[fov], truth[fov])
+    classical = segmentation_auc(vesselness(image, fov)[fov], truth[fov])
+    assert learned > 0.96 and learned > classical
+    assert dice(segment_vessels(image, fov, method="unet") & fov, truth) > 0.75
