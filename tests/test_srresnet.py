@@ -35,7 +35,7 @@ def test_paper_layout_by_name() -> None:
     assert [c.out_channels for c in convs[-3:-1]] == [256, 256]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 33
     assert sum(isinstance(m, nn.PixelShuffle) for m in model.modules()) == 2
-    assert model.config == {"channels": 3, "blocks": 16, "width": 64, "scale": 4, "batch_norm": True}
+    assert model.config == {"channels": 3, "blocks": 16, "width": 64, "scale": 4, "batch_norm": True, "bicubic_skip": False}
 
 
 @pytest.mark.parametrize("scale", [2, 4])
@@ -96,3 +96,20 @@ def test_tiled_equals_whole_image_at_the_receptive_field_overlap(batch_norm: boo
     tiled = apply_tiled(model, image, tile=2 * overlap + 8, overlap=overlap, scale=4)
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().max() < 1e-4
+
+
+def test_bicubic_skip_starts_as_bicubic_and_tiles_and_folds_exactly() -> None:
+    model = create_model("srresnet", scale=4, blocks=2, width=8, bicubic_skip=True).eval()
+    image = torch.rand(1, 3, 40, 33)
+    with torch.no_grad():
+        bicubic = nn.functional.interpolate(image, scale_factor=4, mode="bicubic", align_corners=False)
+        torch.testing.assert_close(model(image), bicubic)
+        for parameter in model.tail.parameters():  # as if trained: the network's detail is added
+            parameter.normal_(0, 0.01)
+        whole = model(image)
+        overlap = model.receptive_field_radius
+        tiled = apply_tiled(model, image, tile=2 * overlap + 8, overlap=overlap, scale=4)
+        assert (tiled - whole).abs().max() < 1e-4
+        folded = model.fold_batch_norm()
+        assert folded.config["bicubic_skip"] is True
+        torch.testing.assert_close(folded(image), whole, atol=1e-5, rtol=1e-5)
