@@ -35,10 +35,11 @@ def heimed_validation(heimed: Path) -> list[Path]:
 
 def unseen_photo(folder: Path) -> Path:
     from skimage.data import retina
+    from skimage.util import img_as_float32
 
     path = folder / "skimage-retina.png"
     if not path.exists():
-        write_image(path, retina())
+        write_image(path, img_as_float32(retina()))
     return path
 
 

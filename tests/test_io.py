@@ -240,3 +240,9 @@ def test_mask_with_a_dim_background_is_not_all_true(tmp_path: Path) -> None:
 def test_drive_second_grader_map_reads_as_thin_vessels(drive_dir: Path) -> None:
     second = read_mask(drive_dir / "test" / "2nd_manual" / "01_manual2.gif")
     assert 0.05 < second.mean() < 0.2
+
+
+def test_write_image_refuses_integer_samples_instead_of_clipping_them_to_white(tmp_path):
+    with pytest.raises(ValueError, match=r"uint8 image .* expected floats on \[0, 1\]"):
+        write_image(tmp_path / "a.png", np.full((4, 4, 3), 200, dtype=np.uint8))
+    assert not (tmp_path / "a.png").exists()

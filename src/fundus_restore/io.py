@@ -185,6 +185,12 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
     if bit_depth == 32 and path.suffix.lower() not in _TIFF_SUFFIXES:
         raise _file_error(path, "32-bit float samples can only be written to TIFF (.tif/.tiff)")
     image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.floating):
+        # 0-255 integers would silently clip to white: say so instead.
+        raise ValueError(
+            f"cannot write a {image.dtype} image to {path}: expected floats on [0, 1] "
+            "(convert with skimage.util.img_as_float32)"
+        )
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
