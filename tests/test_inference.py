@@ -292,9 +292,14 @@ def test_package_exposes_upscale() -> None:
     assert fundus_restore.upscale is upscale
 
 
-def test_upscale_without_a_model_says_none_is_bundled(odd_image: np.ndarray) -> None:
-    with pytest.raises(WeightsError, match="no super-resolution model is bundled.*--model FILE.safetensors"):
-        upscale(odd_image, device="cpu")
+def test_upscale_without_a_model_uses_the_bundled_x4_one_and_names_a_missing_scale(odd_image: np.ndarray) -> None:
+    from fundus_restore.inference import default_upscale_model_name, load_upscaler
+
+    crop = odd_image[:24, :30]
+    assert upscale(crop, device="cpu").shape == (96, 120, 3)
+    assert default_upscale_model_name() == default_upscale_model_name(4) == "srresnet-x4-retina"
+    with pytest.raises(WeightsError, match="no x2 super-resolution model is bundled.*--model FILE.safetensors"):
+        load_upscaler(scale=2)
 
 
 def test_upscale_refuses_a_denoiser(odd_image: np.ndarray) -> None:
