@@ -83,9 +83,10 @@ class ScoreCache:
 
     @staticmethod
     def key(image_digest: str, sigma: float, protocol: str, noise_seed: int, crop_size: int | None,
-            vessels: bool | str, scale: int, method: Method) -> str:
-        return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels,
-                           method.name, method.fingerprint] + ([scale] if scale > 1 else []))
+            vessels: str | None, scale: int, method: Method) -> str:
+        """``vessels``: the segmenter of the vessel measures, None without them."""
+        return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels, scale,
+                           method.name, method.fingerprint])
 
     def get(self, key: str) -> dict[str, float] | None:
         return self.scores.get(key)
@@ -281,8 +282,8 @@ def evaluate_images(
                 keep = on_example is not None and index == 0 and (sigma, protocol) == shown_setting
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
-                    vessel_key = vessels and (True if segmenter == "hessian" else segmenter)  # keeps older keys valid
-                    key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size, vessel_key, scale, method)
+                    key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size,
+                                         segmenter if vessels else None, scale, method)
                     quality = cache.get(key) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)

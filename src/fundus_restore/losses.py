@@ -65,12 +65,17 @@ class ChannelWeightedMSE(nn.Module):
         if not vessel_weight >= 0:
             raise ValueError(f"vessel_weight must be non-negative, got {vessel_weight}")
         self.vessel_weight = float(vessel_weight)
+        self.ridge_features: nn.Module | None = None
+        if self.vessel_weight > 0:
+            from fundus_restore.ridges import RidgeFeatures  # ridges builds on vessels, which is heavier
+
+            self.ridge_features = RidgeFeatures()  # a submodule: built once, moved with the loss
 
     def forward(self, restored: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.vessel_weight > 0:
-            from fundus_restore.ridges import vessel_weight_map  # ridges builds on vessels, which is heavier
+        if self.ridge_features is not None:
+            from fundus_restore.ridges import vessel_weight_map
 
-            pixels = vessel_weight_map(target, self.vessel_weight)
+            pixels = vessel_weight_map(target, self.vessel_weight, self.ridge_features)
             mask = pixels if mask is None else pixels * mask.reshape(pixels.shape).to(pixels.dtype)
         return channel_weighted_mse(restored, target, self.weights, mask)
 

@@ -73,10 +73,14 @@ class RidgeFeatures(nn.Module):
 
 
 
-def vessel_weight_map(images: torch.Tensor, vessel_weight: float) -> torch.Tensor:
+def vessel_weight_map(
+    images: torch.Tensor, vessel_weight: float, ridge_features: RidgeFeatures | None = None
+) -> torch.Tensor:
     """Per-pixel loss weights N×1×H×W: 1 + ``vessel_weight`` × how much each pixel of
     ``images`` (N×3×H×W, the clean targets) is vessel, from 0 (no ridge) to 1 (a ridge
-    of ``RIDGE_SATURATION`` or more, at any scale). No gradient flows through it."""
+    of ``RIDGE_SATURATION`` or more, at any scale). No gradient flows through it.
+    A loss called every step passes its own ``ridge_features`` (built once, on its device)."""
+    ridge_features = RidgeFeatures().to(images.device) if ridge_features is None else ridge_features
     with torch.no_grad():
-        ridges = RidgeFeatures().to(images.device)(images).amax(dim=1, keepdim=True)
+        ridges = ridge_features(images).amax(dim=1, keepdim=True)
         return 1 + vessel_weight * (ridges / RIDGE_SATURATION).clamp(0, 1)

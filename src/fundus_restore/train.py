@@ -423,7 +423,7 @@ class Trainer:
         self.criterion: nn.Module = (
             VesselSegmentationLoss(loss["dice_weight"]) if self.segmentation
             else ChannelWeightedMSE(loss["weights"], loss["vessel_weight"])
-        )
+        ).to(placement.device)
         self.perceptual = _perceptual_loss(config["perceptual"], placement.device)
         optimizer_config, schedule = config["optimizer"], config["schedule"]
         self.optimizer = torch.optim.Adam(
@@ -472,16 +472,17 @@ class Trainer:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             restored = self.network(noisy, sigma)
         terms: dict[str, torch.Tensor] = {}
+        reported: dict[str, float] = {}  # averaged over ranks once each
         fake_logits = None
         if self._adversarial_now():
             # One forward over real and generated images: DistributedDataParallel expects one per backward.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.critic(torch.cat([clean, restored.detach()]).contiguous(memory_format=torch.channels_last))
             real_logits, detached_logits = logits.float().chunk(2)
-            terms["discriminator"] = discriminator_loss(real_logits, detached_logits)
-            self._check_finite(terms["discriminator"], "discriminator loss")
+            critic_loss = discriminator_loss(real_logits, detached_logits)
+            reported["discriminator"] = self._check_finite(critic_loss, "discriminator loss")
             self.discriminator_optimizer.zero_grad(set_to_none=True)
-            terms["discriminator"].backward()
+            critic_loss.backward()
             self.discriminator_optimizer.step()
             self.discriminator_scheduler.step()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -501,7 +502,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {"loss": value} | {name: self._averaged(term) for name, term in terms.items()}
+        return {"loss": value} | reported | {name: self._averaged(term) for name, term in terms.items()}
 
     def _averaged(self, value: torch.Tensor) -> float:
         reported = value.detach().float().clone()
