@@ -149,6 +149,28 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert steps == list(range(1, 9))
 
 
+def test_time_limit_stops_at_a_log_step_with_model_and_checkpoint_and_resume_goes_on(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    straight = train_from_config(tiny_config(photo_dir, tmp_path / "straight", log_every=2))
+
+    limited = tmp_path / "limited"
+    weights = train_from_config(tiny_config(photo_dir, limited, log_every=2, time_limit_minutes=1e-9))
+    assert load_checkpoint(limited / "checkpoint.pt")["step"] == 2  # the first log step after the limit
+    card = json.loads((limited / "model.json").read_text())
+    assert card["recipe"]["steps"] == 2 and "psnr_paper_centre" in card["validation"]
+    assert weights.exists()
+
+    resumed = train_from_config(tiny_config(photo_dir, limited, log_every=2), resume=True)
+    expected, actual = load_file(straight), load_file(resumed)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_time_limit_must_be_positive(photo_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="time_limit_minutes"):
+        load_config(tiny_config(photo_dir, tmp_path / "run", time_limit_minutes=0))
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
     photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,9 +241,11 @@ def test_exponents_without_a_dot_are_numbers() -> None:
 def test_shipped_configs_are_valid_and_green_differs_only_in_loss() -> None:
     configs = {path.stem: load_config(path) for path in CONFIGS.glob("*.yaml")}
     assert {"autoencoder", "dncnn-finetune", "dncnn-finetune-green", "demo-small"} <= set(configs)
-    plain, green = configs["dncnn-finetune"], configs["dncnn-finetune-green"]
-    assert plain["loss"]["weights"] == [1, 1, 1] and green["loss"]["weights"] == [1, 3, 2]
-    assert {k for k in plain if plain[k] != green[k]} == {"loss", "output"}
+    for budget in ("", "-long"):  # the paper's recipe and ours for a GPU
+        plain, green = configs[f"dncnn-finetune{budget}"], configs[f"dncnn-finetune-green{budget}"]
+        assert plain["loss"]["weights"] == [1, 1, 1] and green["loss"]["weights"] == [1, 3, 2]
+        assert {k for k in plain if plain[k] != green[k]} == {"loss", "output"}
+    plain = configs["dncnn-finetune"]
     assert (plain["optimizer"]["lr"], plain["schedule"]["lr_min"]) == (3e-6, 2e-7)
     for config in configs.values():
         assert config.keys() == DEFAULT_CONFIG.keys()
@@ -237,6 +261,10 @@ def test_learning_rate_schedules_go_from_lr_to_lr_min() -> None:
     steps = [learning_rate_factor(s, decay="step", **schedule) for s in range(100)]
     assert len(set(steps)) == 4 and steps == sorted(steps, reverse=True)
     assert learning_rate_factor(70, decay="none", **schedule) == 1.0
+    ramp = [learning_rate_factor(s, decay="none", warmup=4, **schedule) for s in range(6)]
+    assert ramp == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert learning_rate_factor(1, decay="cosine", warmup=4, **schedule) == pytest.approx(
+        0.5 * learning_rate_factor(1, decay="cosine", **schedule))
 
 
 def test_initial_weights_from_a_safetensors_file(tmp_path: Path) -> None:

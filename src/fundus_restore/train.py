@@ -85,6 +85,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "validate_every": 500,
     "checkpoint_every": 500,
     "device": "auto",  # auto | cpu | cuda
+    # Stop (checkpointed, model written) at the first log step after this many minutes of
+    # this invocation; --resume goes on towards `steps`. For a borrowed machine's fixed slot.
+    "time_limit_minutes": None,
     # auto: bfloat16 on CUDA, float32 on the CPU | bfloat16: also on the CPU (about 2x
     # faster where it has avx512_bf16; validation stays float32) | off
     "mixed_precision": "auto",
@@ -113,7 +116,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # weight > 0 trains an SRGAN discriminator against the model from start_step on.
     "adversarial": {"weight": 0.0, "start_step": 0, "discriminator_width": 64, "lr": None},
     "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
-    "schedule": {"decay": "none", "lr_min": 0.0, "intervals": 10},  # decay: none | step | exponential | cosine
+    # decay: none | step | exponential | cosine; warmup: steps of linear ramp from lr / warmup to lr
+    "schedule": {"decay": "none", "lr_min": 0.0, "intervals": 10, "warmup": 0},
 }
 FREE_FORM = {"model.kwargs"}
 DECAYS = ("none", "step", "exponential", "cosine")
@@ -210,6 +214,11 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     for key in ("steps", "batch_size", "log_every", "validate_every", "checkpoint_every"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
+    if not isinstance(schedule["warmup"], int) or schedule["warmup"] < 0:
+        raise TrainingError(f"schedule.warmup must be a whole number of steps, got {schedule['warmup']!r}")
+    limit = merged["time_limit_minutes"]
+    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+        raise TrainingError(f"time_limit_minutes must be a positive number of minutes or null, got {limit!r}")
     data = merged["data"]
     expected_loss = "vessel_segmentation" if data["targets"] == "vessels" else "channel_weighted_mse"
     if data["targets"] not in ("clean", "vessels") or merged["loss"]["name"] != expected_loss:
@@ -227,21 +236,27 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
 # ----------------------------------------------------------------------------- pieces
 
 
-def learning_rate_factor(step: int, *, steps: int, decay: str, lr: float, lr_min: float, intervals: int) -> float:
+def learning_rate_factor(
+    step: int, *, steps: int, decay: str, lr: float, lr_min: float, intervals: int, warmup: int = 0
+) -> float:
     """Multiplier of the initial ``lr`` at ``step``: from 1 down to ``lr_min / lr`` at the end.
 
     ``exponential`` decays smoothly and geometrically, ``step`` the same way in
     ``intervals`` constant pieces (DnCNN's recipe), ``cosine`` along a half cosine.
+    The first ``warmup`` steps ramp it up linearly: Adam's first steps move every weight
+    by about the full rate whatever its gradient, which one step at 3e-5 showed to cost
+    a converged DnCNN 15 dB and a bicubic-initialised SRResNet 9 dB.
     """
+    ramp = min((step + 1) / warmup, 1.0) if warmup else 1.0
     if decay == "none":
-        return 1.0
+        return ramp
     progress, floor = min(step / steps, 1.0), lr_min / lr
     if decay == "exponential":
-        return floor**progress
+        return ramp * floor**progress
     if decay == "step":
         piece = min(int(progress * intervals), intervals - 1)
-        return floor ** (piece / max(intervals - 1, 1))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return ramp * floor ** (piece / max(intervals - 1, 1))
+    return ramp * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def build_model(model_config: Mapping[str, Any]) -> nn.Module:
@@ -369,6 +384,8 @@ def _placement(device_name: str) -> Iterator[Placement]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # patch shapes never change: let cuDNN time its kernels once
     if world_size == 1:
         yield Placement(0, 1, device)
         return
@@ -744,6 +761,17 @@ def _validate(trainer: Trainer, crops: list[ValidationCrop], log: ScalarLog, con
     return scores
 
 
+def _past(deadline: float | None, placement: Placement) -> bool:
+    """Whether the time limit has passed, as rank 0 sees it (all ranks must stop at the same step)."""
+    if deadline is None:
+        return False
+    late = torch.tensor([time.monotonic() > deadline], dtype=torch.int32)
+    if placement.world_size > 1:
+        late = late.to(placement.device) if dist.get_backend() == "nccl" else late
+        dist.broadcast(late, src=0)
+    return bool(late.item())
+
+
 def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Console) -> Path:
     output = Path(config["output"])
     state = _resume_state(config, resume, placement.world_size, console)
@@ -775,6 +803,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         if main and crops and state is None:
             _validate(trainer, crops, log, progress.console)  # where the run starts from, e.g. the official weights
         batches = iter(loader)
+        deadline = None if config["time_limit_minutes"] is None else time.monotonic() + 60 * config["time_limit_minutes"]
         while trainer.step < config["steps"]:
             started = time.perf_counter()
             batch = next(batches)
@@ -793,8 +822,14 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
                 window_seconds, window_steps = 0.0, 0
             if main and crops and (step % config["validate_every"] == 0 or step == config["steps"]):
                 scores = _validate(trainer, crops, log, progress.console)
-            if main and (step % config["checkpoint_every"] == 0 or step == config["steps"]):
+            out_of_time = step % config["log_every"] == 0 and _past(deadline, placement)
+            if main and (step % config["checkpoint_every"] == 0 or step == config["steps"] or out_of_time):
                 save_atomically(trainer.state(), output / CHECKPOINT)
+            if out_of_time:
+                progress.console.print(f"step {step}: time limit of {config['time_limit_minutes']} minutes reached")
+                if main and crops and step % config["validate_every"]:
+                    scores = _validate(trainer, crops, log, progress.console)
+                break
     del batches  # stop the loader's workers before the final writes
     weights = output / "model.safetensors"
     if main:
