@@ -8,8 +8,8 @@
 #     (the official CDnCNN-B fine-tuned, 1:3:2 and 1:1:1),
 #   * configs/srresnet.yaml (x4, batch 64),
 #   * the vessel-loss search (search-loss over dncnn-finetune-green-long.yaml,
-#     trials of SEARCH_STEPS steps, default 250), stopped at the end of the slot
-#     with the trials finished so far in RUNS/search/trials.jsonl.
+#     trials of SEARCH_STEPS steps, default 250), starting no trial after 85% of the
+#     slot, with the finished trials in RUNS/search/trials.jsonl.
 # benchmarks/bench_train.py first measures each network's GPU rate (bfloat16,
 # channels-last); the runs' step counts fill 90% of the slot at a third of it, and
 # time_limit_minutes stops a run that falls behind, its model written. HEIMED_TRAIN,
@@ -49,9 +49,11 @@ $python -m fundus_restore train configs/srresnet.yaml "${data[@]}" --set batch_s
     --set "validate_every=$(every "$sr_steps" 4)" --set "checkpoint_every=$(every "$sr_steps" 4)" \
     --set "log_every=$(every "$sr_steps" 100)" --set "time_limit_minutes=$minutes" \
     --set "output=$runs/srresnet-x4" >"$runs/srresnet.log" 2>&1 &
-# The search ends with the slot: SIGINT stops the trial under way, the finished ones are logged.
-timeout --signal=INT "$(awk "BEGIN { print int(60 * $minutes) }")" \
+# The search starts no trial after 85% of the slot; a trial still running a minute past
+# the slot is stopped (SIGINT), the finished ones stay logged.
+timeout --signal=INT "$(awk "BEGIN { print int(60 * ($minutes + 1)) }")" \
     $python -m fundus_restore search-loss configs/dncnn-finetune-green-long.yaml --out "$runs/search" --trials 40 \
+    --timeout-minutes "$(awk "BEGIN { print 0.85 * $minutes }")" \
     "${data[@]}" --set "model.init_weights=$official" --set "steps=$search_steps" --set data.workers=2 \
     --set "validate_every=$search_steps" --set "checkpoint_every=$search_steps" \
     --set "log_every=$(every "$search_steps" 10)" --set "schedule.warmup=$(every "$search_steps" 5)" >"$runs/search.log" 2>&1 &

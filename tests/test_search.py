@@ -14,7 +14,7 @@ from fundus_restore.search import TrialResult, best_trial, search_loss_weights
 pytest.importorskip("optuna")
 
 
-def test_search_runs_the_baseline_then_the_trials_and_logs_them(tmp_path: Path) -> None:
+def search_config(tmp_path: Path) -> dict:
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -22,13 +22,16 @@ def test_search_runs_the_baseline_then_the_trials_and_logs_them(tmp_path: Path) 
         image = np.full((96, 96, 3), 0.6) + rng.normal(0, 0.01, (96, 96, 3))
         image[20 + 20 * index : 22 + 20 * index, 10:86] -= 0.2  # a thin dark vessel
         Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)).save(photos / f"p{index}.png")
-    config = {
+    return {
         "steps": 2, "batch_size": 2, "log_every": 1, "validate_every": 2, "checkpoint_every": 2,
         "model": {"architecture": "dncnn", "kwargs": {"depth": 3, "width": 8}},
         "data": {"train": [str(photos)], "patch_size": 16, "patches_per_image": 2, "workers": 0},
         "validation": {"holdout": 1, "crop": 64}, "loss": {"weights": [1, 3, 2]},
     }
-    results = search_loss_weights(config, tmp_path / "search", trials=2)
+
+
+def test_search_runs_the_baseline_then_the_trials_and_logs_them(tmp_path: Path) -> None:
+    results = search_loss_weights(search_config(tmp_path), tmp_path / "search", trials=2)
     assert [r.number for r in results] == [0, 1, 2]
     assert results[0].weights == (1, 3, 2) and results[0].vessel_weight == 0.0
     assert all(r.weights[0] == 1.0 and 0 <= r.vessel_weight <= 8 for r in results[1:])
@@ -37,6 +40,12 @@ def test_search_runs_the_baseline_then_the_trials_and_logs_them(tmp_path: Path) 
     card = json.loads((tmp_path / "search" / "trial-002" / "model.json").read_text())
     assert card["recipe"]["loss"]["vessel_weight"] == results[2].vessel_weight
     assert "thin_contrast_retention_camera_centre" in card["validation"]
+
+
+def test_a_search_past_its_timeout_starts_no_more_trials(tmp_path: Path) -> None:
+    results = search_loss_weights(search_config(tmp_path), tmp_path / "search", trials=5, timeout_minutes=1e-9)
+    assert [r.number for r in results] == [0]  # the baseline always runs; no trial starts after the timeout
+    assert len((tmp_path / "search" / "trials.jsonl").read_text().splitlines()) == 1
 
 
 def test_best_trial_respects_the_psnr_tolerance() -> None:

@@ -317,6 +317,9 @@ def search_loss(
     out: OutDir,
     trials: Annotated[int, typer.Option(help="Optuna trials after the baseline.")] = 20,
     psnr_tolerance: Annotated[float, typer.Option(help="PSNR (dB) a trial may lose against the baseline.")] = 0.1,
+    timeout_minutes: Annotated[
+        Optional[float], typer.Option(help="Start no trial after this many minutes (the baseline's included).")
+    ] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value for every trial: key.sub=value.")
     ] = None,
@@ -327,7 +330,8 @@ def search_loss(
 
     overrides = dict(parse_override(item) for item in set_ or [])
     try:
-        results = search_loss_weights(config, out, trials=trials, overrides=overrides, psnr_tolerance=psnr_tolerance)
+        results = search_loss_weights(config, out, trials=trials, overrides=overrides, psnr_tolerance=psnr_tolerance,
+                                      timeout_minutes=timeout_minutes)
     except TrainingError as error:
         _report_error(str(error))
         raise typer.Exit(1) from None

@@ -70,10 +70,12 @@ def search_loss_weights(
     overrides: Mapping[str, Any] | None = None,
     psnr_tolerance: float = 0.1,
     seed: int = 0,
+    timeout_minutes: float | None = None,
     train: Callable[..., Path] = train_from_config,
 ) -> list[TrialResult]:
     """Run the baseline (the config's weights, no vessel weighting) and ``trials`` Optuna
-    trials; writes ``OUTPUT/trials.jsonl`` and returns every result, baseline first."""
+    trials, starting no trial once ``timeout_minutes`` have passed (for a fixed slot on a
+    borrowed machine); writes ``OUTPUT/trials.jsonl`` and returns every result, baseline first."""
     try:
         import optuna
     except ImportError:
@@ -101,7 +103,8 @@ def search_loss_weights(
         handle.write(json.dumps(asdict(results[0])) + "\n")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed)
-    optuna.create_study(direction="maximize", sampler=sampler).optimize(objective, n_trials=trials)
+    timeout = None if timeout_minutes is None else 60 * timeout_minutes
+    optuna.create_study(direction="maximize", sampler=sampler).optimize(objective, n_trials=trials, timeout=timeout)
     return results
 
 
