@@ -214,11 +214,24 @@ def test_an_image_smaller_than_the_patch_is_named(photos: list[Path]) -> None:
         small_stream(photos, patch_size=64).batch(0)
 
 
+def test_gain_brightens_clean_patches_into_saturation_and_paper_noise_crosses_it(photos: list[Path]) -> None:
+    plain = small_stream(photos, clip_probability=0.0).batch(0).clean.numpy()
+    brightened = small_stream(photos, clip_probability=0.0, gain=(2.0, 2.0)).batch(0)
+    clean = brightened.clean.numpy()
+    assert plain.max() <= 0.95 + 1e-6  # the photos' texture stops at 0.95
+    assert (clean == 1.0).mean() > 0.2 and clean.max() == 1.0  # doubled, then clipped at 1
+    below = clean[clean < 1.0] * 255 / 2  # unsaturated pixels are twice an 8-bit value
+    assert np.allclose(below, below.round(), atol=1e-3)
+    assert (brightened.noisy.numpy() > 1.0).mean() > 0.05  # paper protocol: noise is not clipped
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="sigma"):
         PatchSettings(sigma=(30.0, 10.0))
     with pytest.raises(ValueError, match="clip_probability"):
         PatchSettings(clip_probability=1.5)
+    with pytest.raises(ValueError, match="gain"):
+        PatchSettings(gain=(0.0, 1.2))
 
 
 @pytest.mark.shared

@@ -171,6 +171,14 @@ def test_time_limit_must_be_positive(photo_dir: Path, tmp_path: Path) -> None:
         load_config(tiny_config(photo_dir, tmp_path / "run", time_limit_minutes=0))
 
 
+def test_bad_patch_settings_are_refused_when_the_config_loads(photo_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="data: gain"):
+        load_config(tiny_config(photo_dir, tmp_path / "run"), overrides={"data.gain": [1.5, 0.5]})
+    with pytest.raises(TrainingError, match="data: sigma"):
+        load_config(tiny_config(photo_dir, tmp_path / "run"), overrides={"data.sigma": [30, 10]})
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
     photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -79,6 +79,10 @@ class PatchSettings:
     images_per_group: int = 4
     scale: int = 1
     targets: str = "clean"  # or "vessels": expert vessel maps (1 channel) for a segmenter
+    # (low, high): each clean patch's channels are multiplied by gains drawn from this
+    # range and clipped to [0, 1], so that bright, saturated channels (a red channel
+    # near 1) are seen under both noise protocols. None: photographs as they are.
+    gain: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         low, high = self.sigma_range
@@ -96,6 +100,10 @@ class PatchSettings:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         if self.targets == "vessels" and self.scale != 1:
             raise ValueError("vessel-map targets are for segmentation: the scale must be 1")
+        if self.gain is not None and not (len(self.gain) == 2 and 0 < self.gain[0] <= self.gain[1]):
+            raise ValueError(f"gain must be null or a range [low, high] with 0 < low <= high, got {self.gain}")
+        if self.gain is not None and self.targets == "vessels":
+            raise ValueError("gain changes the photo, not its vessel map: not for vessel-map targets")
 
     @property
     def margin(self) -> int:
@@ -271,6 +279,8 @@ class PatchStream(IterableDataset):
         for index, (image, mask) in enumerate(sources):
             top, left = self._corner(mask, rng, window)
             patch = _augment(image[top : top + window, left : left + window], rng)
+            if settings.gain is not None:
+                patch = np.clip(patch * rng.uniform(*settings.gain, size=channels).astype(np.float32), 0.0, 1.0)
             clean[index] = patch[margin : margin + size, margin : margin + size]
             if scale > 1:
                 reach = margin // scale

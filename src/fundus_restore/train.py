@@ -103,6 +103,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "workers": 1,
         "scale": 1,  # > 1: super-resolution, inputs shrunk this many times from the patches
         "targets": "clean",  # or "vessels": train a segmenter on the expert maps beside the photos
+        "gain": None,  # [low, high]: random per-channel brightness of the clean patches, clipped to [0, 1]
     },
     # vessels: also thin-vessel recall, contrast retention and spurious rate of restorations
     # (the clean crop's segmentation as reference), e.g. for the vessel-loss search.
@@ -230,6 +231,10 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
     if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
         raise TrainingError(f"data.scale must be a positive integer dividing data.patch_size, got {data['scale']!r}")
+    try:
+        _patch_settings(data)  # refuse bad patch settings before any output is written
+    except (ValueError, TypeError) as error:
+        raise TrainingError(f"data: {error}") from None
     return merged
 
 
@@ -627,9 +632,9 @@ def _data_split(config: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
         raise TrainingError(f"validation split: {error}") from None
 
 
-def _patch_stream(config: Mapping[str, Any], images: list[Path], start_step: int, placement: Placement) -> PatchStream:
-    data = config["data"]
-    settings = PatchSettings(
+def _patch_settings(data: Mapping[str, Any]) -> PatchSettings:
+    """The patch stream's settings from the config's ``data`` section."""
+    return PatchSettings(
         patch_size=data["patch_size"],
         sigma=data["sigma"] if isinstance(data["sigma"], (int, float)) else tuple(data["sigma"]),
         clip_probability=data["clip_probability"],
@@ -638,7 +643,12 @@ def _patch_stream(config: Mapping[str, Any], images: list[Path], start_step: int
         images_per_group=data["images_per_group"],
         scale=data["scale"],
         targets=data["targets"],
+        gain=None if data["gain"] is None else tuple(data["gain"]),
     )
+
+
+def _patch_stream(config: Mapping[str, Any], images: list[Path], start_step: int, placement: Placement) -> PatchStream:
+    settings = _patch_settings(config["data"])
     return PatchStream(
         images,
         batch_size=config["batch_size"],
