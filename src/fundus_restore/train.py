@@ -257,11 +257,13 @@ def learning_rate_factor(
         return ramp
     progress, floor = min(step / steps, 1.0), lr_min / lr
     if decay == "exponential":
-        return ramp * floor**progress
-    if decay == "step":
+        decayed = floor**progress
+    elif decay == "step":
         piece = min(int(progress * intervals), intervals - 1)
-        return ramp * floor ** (piece / max(intervals - 1, 1))
-    return ramp * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        decayed = floor ** (piece / max(intervals - 1, 1))
+    else:
+        decayed = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return ramp * decayed
 
 
 def build_model(model_config: Mapping[str, Any]) -> nn.Module:
@@ -830,15 +832,14 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
                     scalars = {f"train/{name}": value for name, value in losses.items()}
                     log.write(step, scalars | {"train/lr": trainer.learning_rate, "train/patches_per_s": rate})
                 window_seconds, window_steps = 0.0, 0
-            if main and crops and (step % config["validate_every"] == 0 or step == config["steps"]):
-                scores = _validate(trainer, crops, log, progress.console)
             out_of_time = step % config["log_every"] == 0 and _past(deadline, placement)
-            if main and (step % config["checkpoint_every"] == 0 or step == config["steps"] or out_of_time):
+            last = step == config["steps"] or out_of_time  # the model is written after this step
+            if main and crops and (step % config["validate_every"] == 0 or last):
+                scores = _validate(trainer, crops, log, progress.console)
+            if main and (step % config["checkpoint_every"] == 0 or last):
                 save_atomically(trainer.state(), output / CHECKPOINT)
             if out_of_time:
                 progress.console.print(f"step {step}: time limit of {config['time_limit_minutes']} minutes reached")
-                if main and crops and step % config["validate_every"]:
-                    scores = _validate(trainer, crops, log, progress.console)
                 break
     del batches  # stop the loader's workers before the final writes
     weights = output / "model.safetensors"
