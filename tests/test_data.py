@@ -108,6 +108,25 @@ def test_memory_stays_bounded_and_every_image_is_visited(photos: list[Path], mon
     assert {p.name for p in photos} == set(reader.names[:6])  # one pass over all images before any repeats
 
 
+def test_area_sampling_draws_photographs_in_proportion_to_their_pixels(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    large = photos[0].parent / "large.png"
+    Image.fromarray(fundus_like(144, 9)).save(large)  # 9 times the area of a 48² photo
+    mix = [photos[0], photos[1], large]  # by area, large is drawn 9 / 11 of the time
+    counts = {}
+    for sampling in ("image", "area"):
+        reader = RecordingReader()
+        monkeypatch.setattr(data, "read_image", reader)
+        stream = small_stream(mix, sampling=sampling)
+        for step in range(0, 600, 2):  # a group of 2 images feeds 2 batches
+            stream.batch(step)
+        counts[sampling] = reader.names.count("large.png") / len(reader.names)
+    assert counts["image"] == pytest.approx(1 / 3, abs=0.01)  # a pass over all before repeats
+    assert counts["area"] == pytest.approx(9 / 11, abs=0.05)
+    assert_same_batch(small_stream(mix, sampling="area").batch(7), small_stream(mix, sampling="area").batch(7))
+
+
 def test_flips_and_rotations_keep_noisy_and_clean_aligned(photos: list[Path]) -> None:
     source = read_png(photos[0])
     stream = PatchStream([photos[0]], batch_size=16, settings=PatchSettings(12, sigma=25.0, clip_probability=0.0), seed=1)
@@ -232,6 +251,8 @@ def test_bad_settings_are_refused() -> None:
         PatchSettings(clip_probability=1.5)
     with pytest.raises(ValueError, match="gain"):
         PatchSettings(gain=(0.0, 1.2))
+    with pytest.raises(ValueError, match="sampling"):
+        PatchSettings(sampling="pixels")
 
 
 @pytest.mark.shared

@@ -12,6 +12,7 @@ from fundus_restore.io import (
     SUPPORTED_SUFFIXES,
     ImageFileError,
     image_bit_depth,
+    read_header,
     list_images,
     read_image,
     read_mask,
@@ -30,7 +31,7 @@ def _levels(shape: tuple[int, ...], bit_depth: int, seed: int = 0) -> np.ndarray
 def test_round_trip_is_exact(tmp_path: Path, suffix: str, bit_depth: int) -> None:
     image = _levels((13, 17, 3), bit_depth)
     path = write_image(tmp_path / f"image{suffix}", image, bit_depth=bit_depth)
-    assert image_bit_depth(path) == bit_depth
+    assert read_header(path) == (13, 17, bit_depth)
     read = read_image(path)
     assert read.dtype == np.float32 and read.shape == (13, 17, 3)
     np.testing.assert_array_equal(read, image)

@@ -176,6 +176,8 @@ def test_bad_patch_settings_are_refused_when_the_config_loads(photo_dir: Path, t
         load_config(tiny_config(photo_dir, tmp_path / "run"), overrides={"data.gain": [1.5, 0.5]})
     with pytest.raises(TrainingError, match="data: sigma"):
         load_config(tiny_config(photo_dir, tmp_path / "run"), overrides={"data.sigma": [30, 10]})
+    with pytest.raises(TrainingError, match="data: sampling"):
+        load_config(tiny_config(photo_dir, tmp_path / "run"), overrides={"data.sampling": "pixels"})
     assert not (tmp_path / "run").exists()
 
 

@@ -31,6 +31,11 @@ Design, and why:
   target is the expert vessel map beside each photograph (DRIVE's layout), cut and
   turned with the photo; the input is the photo, noised with ``sigma`` (0: as is)
   so that the segmenter also works on noisy and restored photographs.
+* **Sampling by image or by area.** By default every photograph gives the same number
+  of patches, so a pixel of a 565×584 DRIVE photograph is drawn about 13 times as often
+  as one of a 2196×1958 HEI-MED photograph. ``sampling="area"`` draws photographs in
+  proportion to their pixel count (from the file header), so that every pixel is
+  equally likely, whatever the mix of cameras.
 * Patch centres are drawn inside the field of view, except a ``border_fraction``
   drawn anywhere in the FOV-cropped photograph, so the model also learns the
   border and the black surround.
@@ -51,7 +56,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fundus_restore.degrade import PROTOCOLS, bicubic_downsample, degrade_for_protocol, quantize
 from fundus_restore.evaluate import centre_square, load_clean
 from fundus_restore.fov import crop_to_fov
-from fundus_restore.io import read_image
+from fundus_restore.io import read_header, read_image
 
 # Tags that keep the generators of the image order, the batches and the split apart.
 _ORDER, _BATCH, _SPLIT = 0, 1, 2
@@ -59,6 +64,7 @@ _ORDER, _BATCH, _SPLIT = 0, 1, 2
 # the FOV covers most of its crop, so this rarely runs out.
 _CENTRE_TRIES = 20
 TARGETS = ("clean", "vessels")
+SAMPLINGS = ("image", "area")
 # Reach of the antialiased bicubic kernel beyond a pixel when shrinking by s: 2 output pixels, 2·s input pixels.
 _BICUBIC_REACH = 2
 
@@ -83,6 +89,9 @@ class PatchSettings:
     # range and clipped to [0, 1], so that bright, saturated channels (a red channel
     # near 1) are seen under both noise protocols. None: photographs as they are.
     gain: tuple[float, float] | None = None
+    # "image": every photograph gives as many patches | "area": photographs are drawn in
+    # proportion to their pixel count, so every pixel is equally likely.
+    sampling: str = "image"
 
     def __post_init__(self) -> None:
         low, high = self.sigma_range
@@ -96,6 +105,8 @@ class PatchSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.patch_size % self.scale:
             raise ValueError(f"patch_size {self.patch_size} is not a multiple of the scale {self.scale}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         if self.targets == "vessels" and self.scale != 1:
@@ -220,6 +231,10 @@ class PatchStream(IterableDataset):
         self.world_size = world_size
         group_patches = settings.images_per_group * settings.patches_per_image
         self.batches_per_group = max(1, math.ceil(group_patches / batch_size))
+        self._draw_weights: np.ndarray | None = None
+        if settings.sampling == "area":
+            areas = np.array([header.height * header.width for header in map(read_header, self.images)], dtype=float)
+            self._draw_weights = areas / areas.sum()
         # Sequence position -> (FOV-cropped image, FOV mask); only the current group.
         self._group: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -252,9 +267,14 @@ class PatchStream(IterableDataset):
         return self._degrade([self._group[positions[i % per_group]] for i in range(self.batch_size)], rng)
 
     def _load(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """The image at ``position`` of the endless sequence of seeded shuffles of all images."""
+        """The image at ``position`` of the endless sequence of seeded shuffles of all images
+        (by area: seeded draws, with replacement, in proportion to pixel count)."""
         epoch, offset = divmod(position, len(self.images))
-        order = np.random.default_rng((self.seed, _ORDER, epoch)).permutation(len(self.images))
+        rng = np.random.default_rng((self.seed, _ORDER, epoch))
+        if self._draw_weights is None:
+            order = rng.permutation(len(self.images))
+        else:
+            order = rng.choice(len(self.images), size=len(self.images), p=self._draw_weights)
         settings = self.settings
         return load_fov_crop(self.images[order[offset]], settings.patch_size + 2 * settings.margin,
                              vessels=settings.targets == "vessels")

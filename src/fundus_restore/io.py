@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import imagecodecs
 import numpy as np
@@ -133,23 +135,40 @@ def read_mask(path: str | Path) -> np.ndarray:
     return read_image(path, rgb=False).max(axis=-1) > 0.5
 
 
-def image_bit_depth(path: str | Path) -> int:
-    """Bits per sample of an image file from its header (no pixel decoding): 8, 16, or 32 (float TIFF)."""
+class ImageHeader(NamedTuple):
+    """What an image file's header says: size in pixels and bits per sample (8, 16, or 32 for float TIFF)."""
+
+    height: int
+    width: int
+    bit_depth: int
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """Size and bits per sample of an image file from its header, without decoding the pixels."""
     path, data = _read_bytes(path)
     suffix = path.suffix.lower()
     try:
         if suffix in _TIFF_SUFFIXES:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                return {np.dtype(np.uint16): 16, np.dtype(np.float32): 32}.get(tif.pages[0].dtype, 8)
+                page = tif.pages[0]
+                bits = {np.dtype(np.uint16): 16, np.dtype(np.float32): 32}.get(page.dtype, 8)
+                return ImageHeader(page.imagelength, page.imagewidth, bits)
         if suffix == ".png":
             # IHDR is always the first chunk: signature(8) length(4) "IHDR"(4) width(4) height(4) depth(1).
             if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 25:
                 raise ValueError("not a PNG file")
-            return 16 if data[24] == 16 else 8
-        with Image.open(io.BytesIO(data)):
-            return 8  # JPEG, BMP and GIF hold 8-bit samples
+            width, height = struct.unpack(">II", data[16:24])
+            return ImageHeader(height, width, 16 if data[24] == 16 else 8)
+        with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            return ImageHeader(height, width, 8)  # JPEG, BMP and GIF hold 8-bit samples
     except Exception as exc:  # header parsers raise many types for bad content
         raise _file_error(path, f"cannot read image header ({exc})") from exc
+
+
+def image_bit_depth(path: str | Path) -> int:
+    """Bits per sample of an image file from its header (no pixel decoding): 8, 16, or 32 (float TIFF)."""
+    return read_header(path).bit_depth
 
 
 def _encode(path: Path, samples: np.ndarray) -> bytes:

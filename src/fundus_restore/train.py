@@ -104,6 +104,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "scale": 1,  # > 1: super-resolution, inputs shrunk this many times from the patches
         "targets": "clean",  # or "vessels": train a segmenter on the expert maps beside the photos
         "gain": None,  # [low, high]: random per-channel brightness of the clean patches, clipped to [0, 1]
+        "sampling": "image",  # or "area": photographs drawn in proportion to pixel count (every pixel equally likely)
     },
     # vessels: also thin-vessel recall, contrast retention and spurious rate of restorations
     # (the clean crop's segmentation as reference), e.g. for the vessel-loss search.
@@ -646,6 +647,7 @@ def _patch_settings(data: Mapping[str, Any]) -> PatchSettings:
         scale=data["scale"],
         targets=data["targets"],
         gain=None if data["gain"] is None else tuple(data["gain"]),
+        sampling=data["sampling"],
     )
 
 
