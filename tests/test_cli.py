@@ -202,14 +202,18 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     assert result.exit_code == 0 and "warning:" in result.output and "a.png" in result.output
 
 
-def test_restore_is_upscale_of_denoise(photos: Path, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path):
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_restore_is_upscale_of_denoise(
+    photos: Path, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path, ensemble: bool
+):
     out = tmp_path / "out"
     models = ["--denoise-model", str(tiny_model_file), "--upscale-model", str(tiny_upscaler_file)]
-    args = ["restore", str(photos), "-o", str(out), *models, "--device", "cpu"]
+    args = ["restore", str(photos), "-o", str(out), *models, "--device", "cpu"] + (["--ensemble"] if ensemble else [])
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "2 of 3 images written, 1 failed" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["a (1).png", "b.tif"]  # no intermediate files
-    expected = upscale(denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu"), tiny_upscaler_file, device="cpu")
+    denoised = denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu", ensemble=ensemble)
+    expected = upscale(denoised, tiny_upscaler_file, device="cpu", ensemble=ensemble)
     assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
 
 

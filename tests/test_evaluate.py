@@ -13,6 +13,7 @@ from fundus_restore import save_model
 from fundus_restore.cli import app
 from fundus_restore.degrade import degrade_for_protocol
 from fundus_restore.evaluate import Method, ScoreCache, build_methods, evaluate_images, summarise, weights_fingerprint, write_tables
+from fundus_restore.inference import denoise
 from fundus_restore.io import write_image
 from fundus_restore.models import create_model
 
@@ -147,6 +148,18 @@ def test_model_fingerprint_changes_with_the_weights():
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     assert weights_fingerprint(model) != before
+
+
+def test_plus_x8_runs_a_network_with_the_flip_and_turn_ensemble(tmp_path: Path):
+    torch.manual_seed(0)
+    weights = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "net.safetensors")
+    plain, ensembled = build_methods([str(weights), f"{weights}+x8"])
+    assert (plain.name, ensembled.name) == ("net", "net+x8")
+    assert ensembled.fingerprint == plain.fingerprint + " x8"  # cached apart, the plain scores stay valid
+    noisy = np.random.default_rng(0).random((24, 30, 3), dtype=np.float32)
+    np.testing.assert_allclose(ensembled.restore(noisy, 25 / 255), denoise(noisy, str(weights), ensemble=True))
+    with pytest.raises(ValueError, match="for networks"):
+        build_methods(["cbm3d+x8"])
 
 
 def test_super_resolution_evaluation_upscales_the_shrunk_photo(clean_dir: Path, tmp_path: Path):

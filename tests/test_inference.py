@@ -281,6 +281,35 @@ def test_tiled_upscale_equals_whole_image(scale: int, tile: int) -> None:
     assert np.abs(upscaled - whole_image(model, image)).max() < 1e-4
 
 
+def dihedral_mean(model: nn.Module, image: np.ndarray) -> np.ndarray:
+    """The model's whole-image outputs for the 8 flips and quarter turns of ``image``, turned back and averaged."""
+    outputs = []
+    for turns in range(4):
+        for mirror in (False, True):
+            view = np.rot90(image, turns)
+            view = view[:, ::-1] if mirror else view
+            out = whole_image(model, np.ascontiguousarray(view))
+            outputs.append(np.rot90(out[:, ::-1] if mirror else out, -turns))
+    return np.mean(outputs, axis=0)
+
+
+@pytest.mark.parametrize("tile", [50, 1000])
+def test_ensemble_denoise_averages_flips_and_turns_and_tiles_exactly(odd_image: np.ndarray, tile: int) -> None:
+    model = random_dncnn()
+    image = odd_image[:90, :130]
+    ensembled = denoise(image, model, tile=tile, device="cpu", ensemble=True)
+    np.testing.assert_allclose(ensembled, dihedral_mean(model, image), atol=1e-4)
+    assert np.abs(ensembled - denoise(image, model, device="cpu")).max() > 1e-2  # a random net is not symmetric
+
+
+def test_ensemble_upscale_averages_flips_and_turns() -> None:
+    image = np.random.default_rng(4).random((30, 41, 3), dtype=np.float32)
+    model = random_srresnet(2)
+    ensembled = upscale(image, model, tile=27, device="cpu", ensemble=True)
+    assert ensembled.shape == (60, 82, 3)
+    np.testing.assert_allclose(ensembled, dihedral_mean(model, image), atol=1e-4)
+
+
 def test_upscale_from_a_file_matches_the_module(tmp_path, odd_image: np.ndarray) -> None:
     model = random_srresnet(2)
     weights = save_model(model, tmp_path / "sr.safetensors")

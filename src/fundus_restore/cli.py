@@ -36,6 +36,9 @@ ScaleOption = Annotated[
 ]
 TileOption = Annotated[Optional[int], typer.Option(help="Tile size for bounded memory on large photos (e.g. 512).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+EnsembleOption = Annotated[
+    bool, typer.Option(help="Average the outputs for the 8 flips and quarter turns of each photo (8x slower).")
+]
 SigmaOption = Annotated[float, typer.Option(help="Noise standard deviation on the 0-255 scale.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of the noise; file i (sorted order) uses seed + i.")]
 
@@ -111,6 +114,7 @@ def denoise(
     model: ModelOption = None,
     tile: TileOption = None,
     device: DeviceOption = "auto",
+    ensemble: EnsembleOption = False,
 ) -> None:
     """Denoise photographs; writes one output per input with the same name and bit depth."""
     from fundus_restore.inference import denoise as denoise_image
@@ -120,7 +124,7 @@ def denoise(
     network = _loaded(lambda: load_model(model, device="cpu"))
 
     def handle(_: int, path: Path) -> None:
-        _write_output(out, path, denoise_image(read_image(path), network, tile=tile, device=device))
+        _write_output(out, path, denoise_image(read_image(path), network, tile=tile, device=device, ensemble=ensemble))
 
     _process_files(_expand(inputs), f"denoising with {getattr(network, 'name', model)}", handle)
 
@@ -159,6 +163,7 @@ def upscale(
     scale: ScaleOption = None,
     tile: TileOption = None,
     device: DeviceOption = "auto",
+    ensemble: EnsembleOption = False,
     check: Annotated[
         bool,
         typer.Option(
@@ -178,7 +183,7 @@ def upscale(
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)
-        upscaled = upscale_image(image, network, tile=tile, device=device)
+        upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, upscaled)
         if check:
             _check_hallucinations(path, image, upscaled, out, check_threshold)
@@ -197,6 +202,7 @@ def restore(
     scale: ScaleOption = None,
     tile: TileOption = None,
     device: DeviceOption = "auto",
+    ensemble: EnsembleOption = False,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
     from fundus_restore.inference import denoise as denoise_image, load_upscaler, upscale as upscale_image
@@ -207,8 +213,8 @@ def restore(
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
 
     def handle(_: int, path: Path) -> None:
-        denoised = denoise_image(read_image(path), denoiser, tile=tile, device=device)
-        _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device))
+        denoised = denoise_image(read_image(path), denoiser, tile=tile, device=device, ensemble=ensemble)
+        _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble))
 
     _process_files(_expand(inputs), "restoring", handle)
 

@@ -32,6 +32,8 @@ from fundus_restore.vessels import segment_vessels
 
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "cbm3d")
 DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
+# A method name ending in this runs the network with the flip-and-turn ensemble (inference.dihedral_ensemble).
+ENSEMBLE_SUFFIX = "+x8"
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.
 SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b")
 # Vessel-preservation columns, shown when measured.
@@ -136,6 +138,7 @@ def build_methods(
     """Methods by name: classical ones, bundled model names, ``.safetensors`` paths, and
     ``cdncnn-b`` for the official CDnCNN-B when ``official_weights`` (.mat or .safetensors) is given.
     With ``scale`` > 1 they are upscalers: ``bicubic`` and super-resolution models of that scale.
+    A network's name followed by ``+x8`` runs it with the 8-fold flip-and-turn ensemble.
 
     With ``skip_missing`` a default method whose weights are absent is left out with a
     note rather than failing the whole evaluation.
@@ -144,7 +147,11 @@ def build_methods(
     from fundus_restore.pretrained import WeightsError, load_model
 
     methods = []
-    for name in names:
+    for requested in names:
+        ensemble = requested.endswith(ENSEMBLE_SUFFIX)
+        name = requested.removesuffix(ENSEMBLE_SUFFIX)
+        if ensemble and (name in CLASSICAL_METHODS or name == "bicubic"):
+            raise ValueError(f"{requested}: {ENSEMBLE_SUFFIX} (the flip-and-turn ensemble) is for networks")
         if scale > 1 and name == "bicubic":
             methods.append(Method(name, lambda low, sigma: bicubic_upsample(low, scale), fingerprint=f"bicubic x{scale}"))
             continue
@@ -165,14 +172,16 @@ def build_methods(
             print(f"skipping {name}: {error}")
             continue
         label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
+        label += ENSEMBLE_SUFFIX if ensemble else ""
         if scale > 1:
             if model.config.get("scale") != scale:
                 raise ValueError(f"{label} does not upscale by {scale} (its config: {model.config})")
             upscale_factor(model)
-            run = partial(upscale, model=model, tile=tile, device=device)
+            run = partial(upscale, model=model, tile=tile, device=device, ensemble=ensemble)
         else:
-            run = partial(denoise, model=model, tile=tile, device=device)
-        methods.append(Method(label, lambda noisy, sigma, run=run: run(noisy), fingerprint=weights_fingerprint(model)))
+            run = partial(denoise, model=model, tile=tile, device=device, ensemble=ensemble)
+        fingerprint = weights_fingerprint(model) + (" x8" if ensemble else "")
+        methods.append(Method(label, lambda noisy, sigma, run=run: run(noisy), fingerprint=fingerprint))
     return methods
 
 

@@ -281,6 +281,28 @@ def load_upscaler(model: str | Path | None = None, scale: int | None = None) -> 
     return network
 
 
+def dihedral_ensemble(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward`` averaged over the 8 quarter turns and mirror images of its N×C×H×W input.
+
+    Each output is turned back before the average (the "x8 self-ensemble" of EDSR,
+    KAIR and BasicSR): 8 times the compute for a steadier estimate. A flip or turn
+    keeps the receptive field's radius, so tiling stays exact.
+    """
+
+    def averaged(patch: torch.Tensor) -> torch.Tensor:
+        total = None
+        for turns, mirror in itertools.product(range(4), (False, True)):
+            view = torch.rot90(patch, turns, dims=(2, 3))
+            view = torch.flip(view, dims=(3,)) if mirror else view
+            out = forward(view.contiguous(memory_format=torch.channels_last)).float()
+            out = torch.flip(out, dims=(3,)) if mirror else out
+            out = torch.rot90(out, -turns, dims=(2, 3))
+            total = out if total is None else total + out
+        return total / 8
+
+    return averaged
+
+
 def _run_network(
     image: np.ndarray,
     model: str | Path | nn.Module | None,
@@ -292,6 +314,7 @@ def _run_network(
     device: str,
     precision: Precision,
     progress: bool,
+    ensemble: bool,
     sigma: float | None = None,
 ) -> np.ndarray:
     """Shared by ``denoise`` and ``upscale``: prepare the model, check the image, run it tiled."""
@@ -308,7 +331,7 @@ def _run_network(
     # H×W×C memory is a channels-last 1×C×H×W tensor: the view costs no copy.
     source = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     result = apply_tiled(
-        forward,
+        dihedral_ensemble(forward) if ensemble else forward,
         source,
         # An upscaler's activations grow with the output: shrink its default input tile
         # so that a ×4 model's memory stays near a denoiser's (not 16× more).
@@ -330,6 +353,7 @@ def denoise(
     device: str = "auto",
     sigma: float | None = None,
     precision: Precision = "auto",
+    ensemble: bool = False,
     progress: bool = False,
 ) -> np.ndarray:
     """Denoise a float32 H×W×C image on the [0, 1] scale; returns float32 H×W×C.
@@ -342,7 +366,9 @@ def denoise(
     passed to models that take it. ``precision`` is the compute dtype: ``"auto"`` is
     float32 on the CPU (bfloat16 costs CDnCNN-B 0.15–0.5 dB) and float16 autocast on
     CUDA. Values outside [0, 1] are neither rejected nor clipped, in the input or in
-    the output. ``progress`` shows a progress bar over the tiles.
+    the output. ``ensemble`` averages the outputs for the 8 flips and quarter turns of
+    the input (``dihedral_ensemble``): 8 times slower, a little more accurate.
+    ``progress`` shows a progress bar over the tiles.
     """
     return _run_network(
         image,
@@ -354,6 +380,7 @@ def denoise(
         overlap=overlap,
         device=device,
         precision=precision,
+        ensemble=ensemble,
         progress=progress,
     )
 
@@ -366,6 +393,7 @@ def upscale(
     overlap: int | None = None,
     device: str = "auto",
     precision: Precision = "auto",
+    ensemble: bool = False,
     progress: bool = False,
 ) -> np.ndarray:
     """Super-resolve a float32 H×W×C image on [0, 1]; returns float32 (s·H)×(s·W)×C.
@@ -373,7 +401,7 @@ def upscale(
     ``s`` is the model's ``scale`` (2 or 4 for SRResNet). ``model`` is a bundled
     name, a safetensors file or an ``nn.Module``; None means the bundled default
     super-resolution model, and is refused with a ``WeightsError`` while none is
-    bundled. Tiling, overlap, device, precision and progress work as in ``denoise``
+    bundled. Tiling, overlap, device, precision, ensemble and progress work as in ``denoise``
     (``tile`` and ``overlap`` in input pixels; the default tile is
     ``DEFAULT_TILE // s``): the tiled result equals the whole-image one. The output
     is not clipped.
@@ -387,5 +415,6 @@ def upscale(
         overlap=overlap,
         device=device,
         precision=precision,
+        ensemble=ensemble,
         progress=progress,
     )
