@@ -162,6 +162,17 @@ def test_plus_x8_runs_a_network_with_the_flip_and_turn_ensemble(tmp_path: Path):
         build_methods(["cbm3d+x8"])
 
 
+def test_files_with_the_same_stem_get_distinct_labels(tmp_path: Path):
+    torch.manual_seed(0)
+    first = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "a" / "model.safetensors")
+    second = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "b" / "model.safetensors")
+    labels = [m.name for m in build_methods([str(first), str(second), f"{second}+x8", "noisy"])]
+    assert labels == [str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model"), str(tmp_path / "b" / "model") + "+x8", "noisy"]
+    assert [m.name for m in build_methods([str(first), f"{first}+x8"])] == ["model", "model+x8"]
+    with pytest.raises(ValueError, match="twice: noisy"):
+        build_methods(["noisy", "cbm3d", "noisy"])
+
+
 def test_super_resolution_evaluation_upscales_the_shrunk_photo(clean_dir: Path, tmp_path: Path):
     torch.manual_seed(0)
     upscaler = save_model(create_model("srresnet", scale=2, blocks=1, width=8), tmp_path / "sr.safetensors")

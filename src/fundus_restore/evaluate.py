@@ -141,11 +141,14 @@ def build_methods(
     A network's name followed by ``+x8`` runs it with the 8-fold flip-and-turn ensemble.
 
     With ``skip_missing`` a default method whose weights are absent is left out with a
-    note rather than failing the whole evaluation.
+    note rather than failing the whole evaluation. A file is labelled by its stem, or by
+    its path without the suffix where two files share a stem (``runs/a/model``).
     """
     from fundus_restore.inference import denoise, upscale, upscale_factor
     from fundus_restore.pretrained import WeightsError, load_model
 
+    if len(set(names)) < len(names):
+        raise ValueError(f"a method is asked for twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     methods = []
     for requested in names:
         ensemble = requested.endswith(ENSEMBLE_SUFFIX)
@@ -172,6 +175,9 @@ def build_methods(
             print(f"skipping {name}: {error}")
             continue
         label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
+        others = {Path(other.removesuffix(ENSEMBLE_SUFFIX)) for other in names} - {Path(name)}
+        if label != name and any(other.stem == label for other in others):
+            label = str(Path(name).with_suffix(""))  # runs/a/model.safetensors and runs/b/model.safetensors
         label += ENSEMBLE_SUFFIX if ensemble else ""
         if scale > 1:
             if model.config.get("scale") != scale:
