@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -149,6 +149,8 @@ def build_methods(
 
     if len(set(names)) < len(names):
         raise ValueError(f"a method is asked for twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    # Stems of the distinct models asked for: a file whose stem is shared is labelled by its path.
+    stems = Counter(Path(name).stem for name in {requested.removesuffix(ENSEMBLE_SUFFIX) for requested in names})
     methods = []
     for requested in names:
         ensemble = requested.endswith(ENSEMBLE_SUFFIX)
@@ -175,8 +177,7 @@ def build_methods(
             print(f"skipping {name}: {error}")
             continue
         label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
-        others = {Path(other.removesuffix(ENSEMBLE_SUFFIX)) for other in names} - {Path(name)}
-        if label != name and any(other.stem == label for other in others):
+        if label != name and stems[label] > 1:
             label = str(Path(name).with_suffix(""))  # runs/a/model.safetensors and runs/b/model.safetensors
         label += ENSEMBLE_SUFFIX if ensemble else ""
         if scale > 1:
