@@ -61,3 +61,27 @@ def test_folded_batch_norm_gives_the_same_output():
 def test_too_shallow_is_refused():
     with pytest.raises(ValueError, match="at least 3"):
         create_model("dncnn", depth=2)
+
+
+def test_range_inputs_start_as_the_same_function() -> None:
+    model = create_model("dncnn", depth=5, width=16, batch_norm=False).eval()
+    widened = model.with_range_inputs()
+    assert widened.config["range_inputs"] and not widened.training
+    assert widened.body[0].in_channels == 9 and widened.with_range_inputs() is widened
+    x = torch.rand(2, 3, 24, 20) * 1.6 - 0.3  # float noise leaves [0, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(widened(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_range_inputs_see_only_what_leaves_zero_to_one() -> None:
+    model = create_model("dncnn", depth=4, width=8, batch_norm=False, range_inputs=True).eval()
+    inside = torch.rand(1, 3, 16, 16)
+    outside = inside.clone()
+    outside[..., :4, :4] = 1.2
+    outside[..., -4:, -4:] = -0.2
+    with torch.no_grad():
+        before_inside, before_outside = model(inside), model(outside)
+        model.body[0].weight[:, 3:] += 0.5  # only the range inputs' weights change
+        # A clipped image (every real file) gives them nothing to act on; float noise does.
+        torch.testing.assert_close(model(inside), before_inside)
+        assert not torch.allclose(model(outside), before_outside)

@@ -288,10 +288,21 @@ def test_initial_weights_from_a_safetensors_file(tmp_path: Path) -> None:
         build_model({"architecture": "autoencoder", "kwargs": {}, "init_weights": str(path)})
 
 
+def test_initial_weights_gain_range_inputs_but_no_other_change(tmp_path: Path) -> None:
+    source = create_model("dncnn", depth=3, width=8, batch_norm=False)
+    path = save_model(source, tmp_path / "start.safetensors")
+    model = build_model({"architecture": None, "kwargs": {"range_inputs": True}, "init_weights": str(path)})
+    assert model.config["range_inputs"] and model.training
+    assert torch.equal(model.body[0].weight[:, :3], source.body[0].weight)
+    assert not model.body[0].weight[:, 3:].any()
+    with pytest.raises(TrainingError, match="differ from the weights'"):
+        build_model({"architecture": None, "kwargs": {"range_inputs": True, "width": 16}, "init_weights": str(path)})
+
+
 @pytest.mark.shared
 def test_initial_weights_from_the_official_matconvnet_file(dncnn_weights_dir: Path) -> None:
     model = build_model({"architecture": "dncnn", "kwargs": {}, "init_weights": str(dncnn_weights_dir / "GD_Color_Blind.mat")})
-    assert model.config == {"channels": 3, "depth": 20, "width": 64, "batch_norm": False} and model.training
+    assert model.config == {"channels": 3, "depth": 20, "width": 64, "batch_norm": False, "range_inputs": False} and model.training
 
 
 @pytest.mark.slow

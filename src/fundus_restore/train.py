@@ -284,6 +284,9 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     if architecture not in (None, model.architecture):
         raise TrainingError(f"{init}: holds a {model.architecture!r} model, but model.architecture is {architecture!r}")
     mismatched = {k: v for k, v in kwargs.items() if model.config.get(k) != v}
+    if mismatched == {"range_inputs": True} and hasattr(model, "with_range_inputs"):
+        # The new inputs start with zero weights: training begins from the very same function.
+        return model.with_range_inputs().train()
     if mismatched:
         raise TrainingError(f"{init}: model.kwargs {mismatched} differ from the weights' {model.config}")
     return model.train()

@@ -5,9 +5,18 @@ predicts the noise and the denoised image is ``x - noise``. The official blind
 weights have 20 convolutions, the sigma-specific ones 17. Batch norm can be folded
 into the preceding convolution for inference (the official MatConvNet files are
 already folded: build with ``batch_norm=False`` to load them).
+
+With ``range_inputs`` the network also sees the parts of its input above 1 and below 0.
+Both are zero in every real file, which is clipped, and not under simulated float
+noise. Near saturation the two need opposite corrections (clipping lowers the mean of
+a noisy channel near 1), and a network that sees only the values has to guess which
+one it is looking at: the fine-tunes lift bright red under float noise as if it were
+clipped (``scripts/check_saturation.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,14 +25,31 @@ from fundus_restore.models import register_architecture
 from fundus_restore.models.folding import fold_into
 
 
+def above_one(x: torch.Tensor) -> torch.Tensor:
+    return (x - 1).clamp(min=0)
+
+
+def below_zero(x: torch.Tensor) -> torch.Tensor:
+    return (-x).clamp(min=0)
+
+
+# The range inputs, in this order after the image itself.
+RANGE_PARTS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (above_one, below_zero)
+
+
 @register_architecture("dncnn")
 class DnCNN(nn.Module):
-    def __init__(self, channels: int = 3, depth: int = 17, width: int = 64, batch_norm: bool = True) -> None:
+    def __init__(
+        self, channels: int = 3, depth: int = 17, width: int = 64, batch_norm: bool = True, range_inputs: bool = False
+    ) -> None:
         super().__init__()
         if depth < 3:
             raise ValueError(f"DnCNN needs at least 3 layers, got depth={depth}")
-        self.config = {"channels": channels, "depth": depth, "width": width, "batch_norm": batch_norm}
-        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+        self.config = {
+            "channels": channels, "depth": depth, "width": width, "batch_norm": batch_norm, "range_inputs": range_inputs
+        }
+        inputs = channels * (1 + len(RANGE_PARTS)) if range_inputs else channels
+        layers: list[nn.Module] = [nn.Conv2d(inputs, width, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
             # A convolution followed by batch norm needs no bias of its own.
             layers.append(nn.Conv2d(width, width, 3, padding=1, bias=not batch_norm))
@@ -35,7 +61,21 @@ class DnCNN(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Denoise ``x`` (N×C×H×W). DnCNN is blind: ``sigma`` is accepted and ignored."""
-        return x - self.body(x)
+        features = torch.cat([x, *(part(x) for part in RANGE_PARTS)], dim=1) if self.config["range_inputs"] else x
+        return x - self.body(features)
+
+    def with_range_inputs(self) -> "DnCNN":
+        """This model with ``range_inputs`` added and their first-layer weights zero: the
+        same function on every input, ready to be fine-tuned to use them."""
+        if self.config["range_inputs"]:
+            return self
+        state = self.state_dict()
+        first = state["body.0.weight"]
+        extra = first.new_zeros(first.shape[0], first.shape[1] * len(RANGE_PARTS), *first.shape[2:])
+        state["body.0.weight"] = torch.cat([first, extra], dim=1)
+        widened = DnCNN(**{**self.config, "range_inputs": True}).to(first.device)
+        widened.load_state_dict(state)
+        return widened.train(self.training)
 
     def fold_batch_norm(self) -> "DnCNN":
         """Return an equivalent inference model with every batch norm folded into its conv."""
