@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from fundus_restore.degrade import PROTOCOLS, degrade_for_protocol
-from fundus_restore.evaluate import Method, build_methods, centre_square
+from fundus_restore.evaluate import Method, build_methods, centre_square, load_clean
 from fundus_restore.fov import crop_to_fov, fov_mask
-from fundus_restore.io import list_images, read_image
+from fundus_restore.io import list_images
 from fundus_restore.metrics import psnr
 
 SIGMA = 25.0
@@ -50,7 +50,8 @@ def bright_red_share(clean: np.ndarray, mask: np.ndarray) -> float:
 def photo_brightness(folder: Path) -> None:
     print(f"{'red > 0.9':>9}  photo")
     for path in list_images([folder]):
-        print(f"{bright_red_share(*central_crop(read_image(path))):9.3f}  {path.name}", flush=True)
+        clean, mask, _ = load_clean(path, CROP)  # as evaluate crops it
+        print(f"{bright_red_share(clean, mask):9.3f}  {path.name}", flush=True)
     print()
 
 
