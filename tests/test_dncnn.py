@@ -73,6 +73,19 @@ def test_range_inputs_start_as_the_same_function() -> None:
         torch.testing.assert_close(widened(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_range_gain_rescales_trained_range_weights_to_the_same_function() -> None:
+    model = create_model("dncnn", depth=4, width=8, batch_norm=False, range_inputs=True).eval()
+    with torch.no_grad():
+        model.body[0].weight[:, 3:].normal_(std=0.1)
+    amplified = model.with_range_inputs(gain=30.0)
+    assert amplified.config["range_gain"] == 30.0 and amplified.with_range_inputs() is amplified
+    x = torch.rand(2, 3, 16, 16) * 1.6 - 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(amplified(x), model(x), atol=1e-5, rtol=1e-5)
+    # The gain is the range weights' learning-rate multiplier: they hold 1/30 of the value.
+    torch.testing.assert_close(amplified.body[0].weight[:, 3:] * 30, model.body[0].weight[:, 3:])
+
+
 def test_range_inputs_see_only_what_leaves_zero_to_one() -> None:
     model = create_model("dncnn", depth=4, width=8, batch_norm=False, range_inputs=True).eval()
     inside = torch.rand(1, 3, 16, 16)

@@ -86,7 +86,7 @@ def tiny_dncnn_layers(channels: int = 1, width: int = 4, depth: int = 3, seed: i
 def test_synthetic_file_builds_matching_dncnn(tmp_path: Path) -> None:
     layers = tiny_dncnn_layers(channels=3, width=5, depth=4)
     model = load_matconvnet_dncnn(write_simplenn(tmp_path / "tiny.mat", layers))
-    assert model.config == {"channels": 3, "depth": 4, "width": 5, "batch_norm": False, "range_inputs": False}
+    assert model.config == {"channels": 3, "depth": 4, "width": 5, "batch_norm": False, "range_inputs": False, "range_gain": 1.0}
     assert not model.training
     convs = [m for m in model.body if isinstance(m, torch.nn.Conv2d)]
     for conv, layer in zip(convs, layers[::2], strict=True):
@@ -125,7 +125,7 @@ def test_filter_rows_are_image_rows(tmp_path: Path) -> None:
 )
 def test_official_files_load(dncnn_weights_dir: Path, name: str, depth: int, channels: int) -> None:
     model = load_matconvnet_dncnn(dncnn_weights_dir / name)
-    assert model.config == {"channels": channels, "depth": depth, "width": 64, "batch_norm": False, "range_inputs": False}
+    assert model.config == {"channels": channels, "depth": depth, "width": 64, "batch_norm": False, "range_inputs": False, "range_gain": 1.0}
 
 
 @pytest.mark.shared

@@ -295,6 +295,10 @@ def test_initial_weights_gain_range_inputs_but_no_other_change(tmp_path: Path) -
     assert model.config["range_inputs"] and model.training
     assert torch.equal(model.body[0].weight[:, :3], source.body[0].weight)
     assert not model.body[0].weight[:, 3:].any()
+    amplified = build_model(
+        {"architecture": None, "kwargs": {"range_inputs": True, "range_gain": 20.0}, "init_weights": str(path)}
+    )
+    assert amplified.config["range_gain"] == 20.0 and torch.equal(amplified.body[0].weight, model.body[0].weight)
     with pytest.raises(TrainingError, match="differ from the weights'"):
         build_model({"architecture": None, "kwargs": {"range_inputs": True, "width": 16}, "init_weights": str(path)})
 
@@ -302,7 +306,7 @@ def test_initial_weights_gain_range_inputs_but_no_other_change(tmp_path: Path) -
 @pytest.mark.shared
 def test_initial_weights_from_the_official_matconvnet_file(dncnn_weights_dir: Path) -> None:
     model = build_model({"architecture": "dncnn", "kwargs": {}, "init_weights": str(dncnn_weights_dir / "GD_Color_Blind.mat")})
-    assert model.config == {"channels": 3, "depth": 20, "width": 64, "batch_norm": False, "range_inputs": False} and model.training
+    assert model.config == {"channels": 3, "depth": 20, "width": 64, "batch_norm": False, "range_inputs": False, "range_gain": 1.0} and model.training
 
 
 @pytest.mark.slow

@@ -284,9 +284,11 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     if architecture not in (None, model.architecture):
         raise TrainingError(f"{init}: holds a {model.architecture!r} model, but model.architecture is {architecture!r}")
     mismatched = {k: v for k, v in kwargs.items() if model.config.get(k) != v}
-    if mismatched == {"range_inputs": True} and hasattr(model, "with_range_inputs"):
-        # The new inputs start with zero weights: training begins from the very same function.
-        return model.with_range_inputs().train()
+    wants_ranges = kwargs.get("range_inputs", model.config.get("range_inputs"))
+    if mismatched and set(mismatched) <= {"range_inputs", "range_gain"} and wants_ranges and hasattr(model, "with_range_inputs"):
+        # New range inputs start with zero weights, a new gain rescales them: training
+        # begins from the very same function.
+        return model.with_range_inputs(kwargs.get("range_gain")).train()
     if mismatched:
         raise TrainingError(f"{init}: model.kwargs {mismatched} differ from the weights' {model.config}")
     return model.train()
