@@ -284,13 +284,16 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     if architecture not in (None, model.architecture):
         raise TrainingError(f"{init}: holds a {model.architecture!r} model, but model.architecture is {architecture!r}")
     mismatched = {k: v for k, v in kwargs.items() if model.config.get(k) != v}
-    wants_ranges = kwargs.get("range_inputs", model.config.get("range_inputs"))
-    if mismatched and set(mismatched) <= {"range_inputs", "range_gain"} and wants_ranges and hasattr(model, "with_range_inputs"):
-        # New range inputs start with zero weights, a new gain rescales them: training
-        # begins from the very same function.
-        return model.with_range_inputs(kwargs.get("range_gain")).train()
     if mismatched:
-        raise TrainingError(f"{init}: model.kwargs {mismatched} differ from the weights' {model.config}")
+        # A model may accept config changes that keep its function (DnCNN's range inputs):
+        # training then begins from the very weights given.
+        refused = TrainingError(f"{init}: model.kwargs {mismatched} differ from the weights' {model.config}")
+        if not hasattr(model, "with_config"):
+            raise refused
+        try:
+            model = model.with_config(mismatched)
+        except ValueError:
+            raise refused from None
     return model.train()
 
 

@@ -20,7 +20,8 @@ at 3e-5).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +99,14 @@ class DnCNN(nn.Module):
         widened = DnCNN(**{**self.config, "range_inputs": True, "range_gain": gain}).to(first.device)
         widened.load_state_dict(state)
         return widened.train(self.training)
+
+    def with_config(self, changes: Mapping[str, Any]) -> "DnCNN":
+        """The same function under the config ``changes``, for training from these weights.
+        Only adding range inputs or changing their gain keeps it; anything else is refused."""
+        keeps_function = set(changes) <= {"range_inputs", "range_gain"}
+        if not (keeps_function and changes.get("range_inputs", self.config["range_inputs"])):
+            raise ValueError(f"config {dict(changes)} would change the function of {self.config}")
+        return self.with_range_inputs(changes.get("range_gain"))
 
     def fold_batch_norm(self) -> "DnCNN":
         """Return an equivalent inference model with every batch norm folded into its conv."""
