@@ -1,10 +1,15 @@
 """Bundle a trained run's model with its card, as the package ships it.
 
-    python scripts/bundle_model.py RUN_DIR NAME --summary "one line: what it is and its budget"
+    python scripts/bundle_model.py RUN_DIR NAME --summary "one line: what it is and its budget" \
+        [--validate-on PHOTO ...]
 
 Copies ``RUN_DIR/model.safetensors`` to ``src/fundus_restore/weights/NAME.safetensors``
 and ``RUN_DIR/model.json`` (the card ``train`` wrote) to ``NAME.json`` with the
 summary replaced, after checking that the weights load and are finite.
+
+``--validate-on`` rescores the card's validation block on the given photographs (with
+the run's validation crops, noise and seeds, on the CPU), for a run that was validated
+on others: the bundled cards rank denoisers by it, so they must share one validation set.
 """
 
 from __future__ import annotations
@@ -15,7 +20,24 @@ import math
 import shutil
 from pathlib import Path
 
+import torch
+
+from fundus_restore.data import validation_crops
 from fundus_restore.pretrained import BUNDLED_DIR, load_model
+from fundus_restore.train import Placement, Trainer, load_config
+
+
+def rescored_validation(run: Path, photos: list[Path]) -> dict[str, float]:
+    """The run's final model scored on ``photos`` as its training validated, in the card's layout."""
+    config = load_config(run / "config.yaml", {"model.init_weights": str(run / "model.safetensors")})
+    validation = config["validation"]
+    crops = validation_crops(
+        photos, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"],
+        targets=config["data"]["targets"],
+    )
+    scores = Trainer(config, Placement(rank=0, world_size=1, device=torch.device("cpu"))).validate(crops)
+    return {"crop": validation["crop"], "sigma": validation["sigma"],
+            **{tag.removeprefix("val/"): round(value, 4) for tag, value in scores.items()}}
 
 
 def main() -> None:
@@ -23,6 +45,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("name")
     parser.add_argument("--summary", required=True)
+    parser.add_argument("--validate-on", type=Path, nargs="+", metavar="PHOTO")
     args = parser.parse_args()
     weights, card_path = args.run / "model.safetensors", args.run / "model.json"
     model = load_model(weights)
@@ -30,6 +53,9 @@ def main() -> None:
         raise SystemExit(f"{weights}: non-finite weights")
     card = json.loads(card_path.read_text())
     card["summary"] = args.summary
+    if args.validate_on:
+        card["validation"] = rescored_validation(args.run, args.validate_on)
+        card["training_data"]["validation_images"] = [p.name for p in args.validate_on]
     shutil.copyfile(weights, BUNDLED_DIR / f"{args.name}.safetensors")
     (BUNDLED_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"bundled {args.name}: {card['architecture']}, {card['parameters']} parameters, task {card['task']}")
