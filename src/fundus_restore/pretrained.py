@@ -21,7 +21,7 @@ from torch import nn
 from fundus_restore.models import create_model
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "dncnn-retina-green"
+DEFAULT_MODEL = "dncnn-retina-green-range"
 
 
 class WeightsError(ValueError):
