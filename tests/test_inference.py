@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import os
 import subprocess
 import sys
@@ -27,9 +29,9 @@ from fundus_restore.models import create_model
 from fundus_restore.pretrained import WeightsError, save_model
 
 
-def random_dncnn(depth: int = 5, width: int = 8, batch_norm: bool = False) -> nn.Module:
+def random_dncnn(depth: int = 5, width: int = 8, batch_norm: bool = False, **kwargs: Any) -> nn.Module:
     torch.manual_seed(0)
-    return create_model("dncnn", channels=3, depth=depth, width=width, batch_norm=batch_norm).eval()
+    return create_model("dncnn", channels=3, depth=depth, width=width, batch_norm=batch_norm, **kwargs).eval()
 
 
 def upsampler_x2() -> nn.Module:
@@ -55,6 +57,19 @@ def test_tiled_denoise_equals_whole_image(odd_image: np.ndarray, tile: int) -> N
     model = random_dncnn()
     restored = denoise(odd_image, model, tile=tile, device="cpu")
     assert np.abs(restored - whole_image(model, odd_image)).max() < 1e-4
+
+
+@pytest.mark.parametrize("tile", [29, 97])
+def test_tiled_denoise_with_range_inputs_equals_whole_image(odd_image: np.ndarray, tile: int) -> None:
+    """The default denoiser reads the parts of its input outside [0, 1]: tiles must see them too."""
+    model = random_dncnn(range_inputs=True, range_gain=30.0)
+    with torch.no_grad():
+        model.body[0].weight.normal_(0, 0.1)  # non-zero range weights
+    unclipped = 1.6 * odd_image - 0.3
+    restored = denoise(unclipped, model, tile=tile, device="cpu")
+    whole = whole_image(model, unclipped)
+    assert np.abs(whole - whole_image(model, unclipped.clip(0, 1))).max() > 1e-2  # the range inputs matter
+    assert np.abs(restored - whole).max() < 1e-4
 
 
 @pytest.mark.parametrize("tile", [17, 64, 150])
