@@ -19,15 +19,16 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fundus_restore.data import validation_crops
 from fundus_restore.pretrained import BUNDLED_DIR, load_model
-from fundus_restore.train import Placement, Trainer, load_config
+from fundus_restore.train import Placement, Trainer, card_validation, load_config
 
 
-def rescored_validation(run: Path, photos: list[Path]) -> dict[str, float]:
+def rescored_validation(run: Path, photos: list[Path]) -> dict[str, Any]:
     """The run's final model scored on ``photos`` as its training validated, in the card's layout."""
     config = load_config(run / "config.yaml", {"model.init_weights": str(run / "model.safetensors")})
     validation = config["validation"]
@@ -35,9 +36,8 @@ def rescored_validation(run: Path, photos: list[Path]) -> dict[str, float]:
         photos, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"],
         targets=config["data"]["targets"],
     )
-    scores = Trainer(config, Placement(rank=0, world_size=1, device=torch.device("cpu"))).validate(crops)
-    return {"crop": validation["crop"], "sigma": validation["sigma"],
-            **{tag.removeprefix("val/"): round(value, 4) for tag, value in scores.items()}}
+    trainer = Trainer(config, Placement(rank=0, world_size=1, device=torch.device("cpu")))
+    return card_validation(config, trainer.validate(crops))
 
 
 def main() -> None:

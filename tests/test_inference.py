@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from typing import Any
-
 import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest

@@ -754,12 +754,17 @@ def _model_card(
             "processes": trainer.placement.world_size,
             "patches_per_s": round(patches / max(trainer.train_seconds, 1e-9), 1),
         },
-        "validation": {
-            "crop": config["validation"]["crop"],
-            "sigma": config["validation"]["sigma"],
-            **{tag.removeprefix("val/"): round(value, 4) for tag, value in scores.items()},
-        },
+        "validation": card_validation(config, scores),
         "training_config": config,
+    }
+
+
+def card_validation(config: Mapping[str, Any], scores: Mapping[str, float]) -> dict[str, Any]:
+    """A model card's validation block: the crop and noise, and the ``val/`` scores."""
+    return {
+        "crop": config["validation"]["crop"],
+        "sigma": config["validation"]["sigma"],
+        **{tag.removeprefix("val/"): round(value, 4) for tag, value in scores.items()},
     }
 
 
