@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from fundus_restore import denoise, load_model, save_model, upscale
 from fundus_restore.cli import app
+from fundus_restore.degrade import add_gaussian_noise
 from fundus_restore.io import image_bit_depth, read_image, write_image
 from fundus_restore.models import create_model
 
@@ -49,6 +50,20 @@ def test_denoise_batch_goes_on_past_a_bad_file_and_fails_at_the_end(photos: Path
     expected = load_model(tiny_model_file)(torch.from_numpy(read_image(photos / "b.tif")).permute(2, 0, 1)[None])
     expected = expected[0].permute(1, 2, 0).detach().numpy().clip(0, 1)
     assert np.abs(read_image(out / "b.tif") - expected).max() < 2 / 65535
+
+
+def test_denoise_warns_when_the_noise_level_is_not_the_models(tiny_model_file: Path, tmp_path: Path):
+    # A model whose card says sigma 25, a photo at sigma 10: warned, named, and still written.
+    (tiny_model_file.with_suffix(".json")).write_text('{"recipe": {"noise": {"sigma": 25}}}')
+    photo = tmp_path / "in" / "quiet.png"
+    write_image(photo, np.clip(add_gaussian_noise(np.full((48, 48, 3), 0.5, np.float32), 10, seed=0), 0, 1), bit_depth=8)
+    args = ["denoise", str(photo), "-o", str(tmp_path / "out"), "--model", str(tiny_model_file), "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and (tmp_path / "out" / "quiet.png").is_file()
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "warning:" in said and "quiet.png: noise sigma about 10." in said and "smooth away fine detail" in said
+    result = runner.invoke(app, [*args, "--no-noise-check"])
+    assert result.exit_code == 0 and "warning" not in result.output
 
 
 def test_denoise_with_unusable_weights_stops_before_touching_any_file(photos: Path, tmp_path: Path):

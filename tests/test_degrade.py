@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from fundus_restore.degrade import add_gaussian_noise, bicubic_downsample, bicubic_upsample, degrade_for_protocol, quantize
+from fundus_restore.degrade import (
+    add_gaussian_noise, bicubic_downsample, bicubic_upsample, degrade_for_protocol, estimate_noise_sigma, quantize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,32 @@ def test_protocols_differ_only_by_clipping_and_quantisation() -> None:
     np.testing.assert_allclose(camera, np.round(np.clip(paper, 0, 1) * 255) / 255, atol=1e-6)
     with pytest.raises(ValueError, match="protocol"):
         degrade_for_protocol(clean, 25, "phone", seed=0)
+
+
+@pytest.mark.parametrize("sigma", [5.0, 15.0, 25.0, 50.0])
+def test_noise_estimate_finds_the_sigma_on_a_retina(retina_crop: np.ndarray, sigma: float) -> None:
+    noisy = add_gaussian_noise(retina_crop / np.float32(255), sigma, seed=1)
+    assert estimate_noise_sigma(noisy) == pytest.approx(sigma, rel=0.03)
+    # The same on the first axis, and on one grey channel.
+    assert estimate_noise_sigma(np.moveaxis(noisy, -1, 0), channel_axis=0) == estimate_noise_sigma(noisy)
+    assert estimate_noise_sigma(noisy[..., 1], channel_axis=None) == pytest.approx(sigma, rel=0.05)
+
+
+def test_noise_estimate_of_a_clean_8bit_photo_is_small(retina_crop: np.ndarray) -> None:
+    assert estimate_noise_sigma(retina_crop / np.float32(255)) < 2.0
+
+
+def test_noise_estimate_inside_a_mask_ignores_the_clipped_surround() -> None:
+    # A fundus-like image: a grey disc on black, camera noise (clipped at 0) everywhere.
+    rows, cols = np.mgrid[:200, :200]
+    disc = (rows - 100) ** 2 + (cols - 100) ** 2 < 70**2
+    noisy = degrade_for_protocol(np.where(disc, 0.5, 0.0)[..., None].repeat(3, -1), 20.0, "camera", seed=0)
+    assert estimate_noise_sigma(noisy) < 15  # the clipped surround pulls it down
+    assert estimate_noise_sigma(noisy, disc) == pytest.approx(20.0, rel=0.06)
+
+
+def test_noise_estimate_refuses_what_has_no_2x2_block() -> None:
+    with pytest.raises(ValueError, match="1×5 pixels"):
+        estimate_noise_sigma(np.zeros((1, 5, 3), np.float32))
+    with pytest.raises(ValueError, match="no whole 2×2 block"):
+        estimate_noise_sigma(np.zeros((4, 4, 3), np.float32), np.eye(4, dtype=bool))

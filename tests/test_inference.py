@@ -20,6 +20,7 @@ from fundus_restore.inference import (
     apply_tiled,
     default_overlap,
     denoise,
+    noise_level_mismatch,
     prepare_model,
     upscale,
 )
@@ -348,3 +349,34 @@ def test_upscale_without_a_model_uses_the_bundled_x4_one_and_names_a_missing_sca
 def test_upscale_refuses_a_denoiser(odd_image: np.ndarray) -> None:
     with pytest.raises(ValueError, match="not a super-resolution model"):
         upscale(odd_image, random_dncnn(), device="cpu")
+
+
+def test_noise_level_mismatch_speaks_only_outside_the_trained_range() -> None:
+    grey = np.full((64, 64, 3), 0.5, np.float32)
+    noisy = {sigma: add_gaussian_noise(grey, sigma, seed=0) for sigma in (10, 25, 50)}
+    model = random_dncnn()
+    model.name = "m"
+    assert noise_level_mismatch(noisy[10], model) is None  # no card: nothing to compare with
+    model.noise_range = (25.0, 25.0)
+    assert noise_level_mismatch(noisy[25], model) is None
+    assert "smooth away" in noise_level_mismatch(noisy[10], model)
+    assert "noise may remain" in noise_level_mismatch(noisy[50], model)
+    assert "sigma 25 m was trained on" in noise_level_mismatch(noisy[10], model)
+    model.noise_range = (0.0, 55.0)  # blind
+    assert all(noise_level_mismatch(image, model) is None for image in (grey, *noisy.values()))
+    # Only the masked part counts: noise outside the mask is not seen.
+    half = noisy[10].copy()
+    half[:, 32:] = noisy[50][:, 32:]
+    model.noise_range = (10.0, 10.0)
+    mask = np.zeros((64, 64), bool)
+    mask[:, :32] = True
+    assert noise_level_mismatch(half, model, mask) is None and noise_level_mismatch(half, model) is not None
+
+
+def test_noise_level_mismatch_tells_an_upscaler_to_denoise_first() -> None:
+    torch.manual_seed(0)
+    upscaler = create_model("srresnet", blocks=1, width=8, scale=2)
+    upscaler.noise_range = (0.0, 0.0)
+    grey = np.full((32, 32, 3), 0.5, np.float32)
+    assert noise_level_mismatch(grey, upscaler) is None
+    assert "denoise first" in noise_level_mismatch(add_gaussian_noise(grey, 10, seed=0), upscaler)

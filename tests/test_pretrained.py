@@ -84,3 +84,17 @@ def test_default_is_the_bundled_denoiser_with_the_best_validation(tmp_path: Path
         (tmp_path / f"{name}.json").write_text(json.dumps(card))
     monkeypatch.setattr(pretrained, "BUNDLED_DIR", tmp_path)
     assert pretrained.default_model_name() == "strong"
+
+
+def test_the_card_beside_a_weights_file_gives_its_training_noise_range(tmp_path: Path):
+    path = save_model(create_model("dncnn", depth=3, width=4, batch_norm=False), tmp_path / "model.safetensors")
+    assert load_model(path).noise_range is None  # no card, nothing known
+    card = tmp_path / "model.json"
+    card.write_text(json.dumps({"recipe": {"noise": {"sigma": [0, 55]}}}))
+    assert load_model(path).noise_range == (0.0, 55.0)
+    card.write_text(json.dumps({"recipe": {"noise": {"sigma": 25}}}))
+    assert load_model(path).noise_range == (25.0, 25.0)
+    assert load_model("dncnn-retina").noise_range == (25.0, 25.0)  # the paper's fixed level
+    card.write_text("{not json")
+    with pytest.raises(WeightsError, match=r"model\.json: unreadable model card"):
+        load_model(path)

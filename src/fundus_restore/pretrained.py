@@ -56,8 +56,28 @@ def default_model_name() -> str:
 
 def model_card(name: str) -> dict[str, Any]:
     """The JSON card of a bundled model (empty if it has none)."""
-    card = BUNDLED_DIR / f"{name}.json"
-    return json.loads(card.read_text()) if card.exists() else {}
+    return card_beside(BUNDLED_DIR / f"{name}.safetensors")
+
+
+def card_beside(weights: Path) -> dict[str, Any]:
+    """The JSON card beside a weights file (``NAME.json``, as bundled and as training
+    writes ``model.json``); empty if there is none."""
+    card = Path(weights).with_suffix(".json")
+    if not card.is_file():
+        return {}
+    try:
+        return json.loads(card.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightsError(f"{card}: unreadable model card ({error})") from None
+
+
+def training_noise_range(card: dict[str, Any]) -> tuple[float, float] | None:
+    """(low, high) noise sigma, 0–255 scale, a card says its model was trained on; None if unsaid."""
+    sigma = card.get("recipe", {}).get("noise", {}).get("sigma")
+    if sigma is None:
+        return None
+    low, high = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
+    return float(low), float(high)
 
 
 def resolve_weights(name_or_path: str | Path) -> Path:
@@ -101,7 +121,8 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
 
     ``name_or_path`` is a bundled model name (see ``list_models``), a path to a
     safetensors file written by ``save_model`` / ``fundus-restore import-weights``,
-    or ``None`` for the default bundled denoiser.
+    or ``None`` for the default bundled denoiser. ``noise_range`` is set to the
+    (low, high) training noise sigma the card beside the file records, or None.
     """
     path = resolve_weights(default_model_name() if name_or_path is None else name_or_path)
     metadata = read_metadata(path)
@@ -122,6 +143,8 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
         first_line = str(error).splitlines()[0]
         raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r}: {first_line}") from None
     model.name = path.stem  # shown in reports and progress bars
+    # What the model expects of its input, for the noise-level check of the command line.
+    model.noise_range = training_noise_range(card_beside(path))
     return model.eval().to(device)
 
 
