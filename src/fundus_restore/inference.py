@@ -40,7 +40,8 @@ from rich.progress import track
 from torch import nn
 
 from fundus_restore.pretrained import (
-    WeightsError, default_model_name, list_models, load_model, model_card, resolve_weights,
+    WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card, resolve_weights,
+    training_noise_range,
 )
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
@@ -289,34 +290,48 @@ NOISE_RANGE_FACTOR = 1.25
 NOISE_RANGE_MARGIN = 2.0
 
 
+def suits_noise_level(noise_range: tuple[float, float], sigma: float) -> bool:
+    """Whether a model trained on noise sigma in ``noise_range`` suits a photo at ``sigma``
+    (0–255 scale), the range widened by ``NOISE_RANGE_FACTOR`` and ``NOISE_RANGE_MARGIN``."""
+    low, high = noise_range
+    return low / NOISE_RANGE_FACTOR - NOISE_RANGE_MARGIN <= sigma <= high * NOISE_RANGE_FACTOR + NOISE_RANGE_MARGIN
+
+
 def noise_level_mismatch(image: np.ndarray, model: nn.Module, mask: np.ndarray | None = None) -> str | None:
     """Why ``model`` may not suit ``image``'s noise level, or None when it does.
 
     Compares ``estimate_noise_sigma(image, mask)`` (use the field of view as ``mask``)
     with the noise range the model was trained on (``model.noise_range``, from its
-    card; no card, no check), widened by ``NOISE_RANGE_FACTOR`` and ``NOISE_RANGE_MARGIN``.
-    A denoiser trained at sigma 25 smooths away detail at lower levels and leaves noise at
-    higher ones; a super-resolution model trained on noise-free input sharpens noise.
+    card; no card, no check; see ``suits_noise_level``). A denoiser trained at sigma 25
+    smooths away detail at lower levels and leaves noise at higher ones (the message
+    names the best bundled denoiser that suits the photo, if any); a super-resolution
+    model trained on noise-free input sharpens noise.
     """
     from fundus_restore.degrade import estimate_noise_sigma
 
     trained = getattr(model, "noise_range", None)
     if trained is None:
         return None
-    low, high = trained
     sigma = estimate_noise_sigma(image, mask)
-    if low / NOISE_RANGE_FACTOR - NOISE_RANGE_MARGIN <= sigma <= high * NOISE_RANGE_FACTOR + NOISE_RANGE_MARGIN:
+    if suits_noise_level(trained, sigma):
         return None
     name = getattr(model, "name", type(model).__name__)
-    seen = f"sigma {low:g}" if low == high else f"sigma {low:g}-{high:g}"
+    found = f"noise sigma about {sigma:.1f} (estimated)"
     if getattr(model, "config", {}).get("scale", 1) > 1:
-        advice = "noise-free input: it may sharpen the noise into false detail; denoise first (fundus-restore restore)"
-        return f"noise sigma about {sigma:.1f} (estimated), but {name} was trained on {advice}"
-    advice = "it may smooth away fine detail" if sigma < low else "noise may remain"
-    return (
-        f"noise sigma about {sigma:.1f} (estimated), outside the {seen} {name} was trained on: {advice}; "
-        "a blind denoiser (trained on a range of sigma) suits it better"
-    )
+        return (
+            f"{found}, but {name} was trained on noise-free input: it may sharpen the noise into false detail; "
+            "denoise first (fundus-restore restore)"
+        )
+    low, high = trained
+    seen = f"sigma {low:g}" if low == high else f"sigma {low:g}-{high:g}"
+    effect = "it may smooth away fine detail" if sigma < low else "noise may remain"
+    candidates = [
+        other for other in list_models()
+        if other != name and (noise_range := training_noise_range(model_card(other))) and suits_noise_level(noise_range, sigma)
+    ]  # fmt: skip
+    better = best_bundled_denoiser(candidates)
+    suggestion = f"the bundled {better} suits it" if better else "a denoiser trained on a range of sigma suits it better"
+    return f"{found}, outside the {seen} {name} was trained on: {effect}; {suggestion}"
 
 
 def dihedral_ensemble(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

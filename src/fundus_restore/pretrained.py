@@ -47,10 +47,18 @@ def default_model_name() -> str:
     names = list_models()
     if DEFAULT_MODEL in names:
         return DEFAULT_MODEL
+    best = best_bundled_denoiser(names)
+    if best is None:
+        raise WeightsError("no bundled denoiser: pass --model FILE.safetensors")
+    return best
+
+
+def best_bundled_denoiser(names: list[str]) -> str | None:
+    """The denoiser among bundled ``names`` whose card reports the highest ``RANKING_MEASURE``; None if none is."""
     cards = {n: model_card(n) for n in names}
     denoisers = [n for n, card in cards.items() if card.get("task", "denoise") == "denoise"]
     if not denoisers:
-        raise WeightsError("no bundled denoiser: pass --model FILE.safetensors")
+        return None
     return max(denoisers, key=lambda n: cards[n].get("validation", {}).get(RANKING_MEASURE, float("-inf")))
 
 
