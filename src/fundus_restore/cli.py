@@ -145,7 +145,7 @@ def _check_noise_level(path: Path, image: np.ndarray, network: nn.Module) -> Non
     from fundus_restore.fov import fov_mask
     from fundus_restore.inference import noise_level_mismatch
 
-    mismatch = noise_level_mismatch(image, network, fov_mask(image))
+    mismatch = noise_level_mismatch(image, network, fov_mask)  # the mask only when the model's card gives a range
     if mismatch is not None:
         _report_error(f"{path}: {mismatch}", "warning")
 

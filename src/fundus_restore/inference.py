@@ -297,12 +297,16 @@ def suits_noise_level(noise_range: tuple[float, float], sigma: float) -> bool:
     return low / NOISE_RANGE_FACTOR - NOISE_RANGE_MARGIN <= sigma <= high * NOISE_RANGE_FACTOR + NOISE_RANGE_MARGIN
 
 
-def noise_level_mismatch(image: np.ndarray, model: nn.Module, mask: np.ndarray | None = None) -> str | None:
+def noise_level_mismatch(
+    image: np.ndarray, model: nn.Module, mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None
+) -> str | None:
     """Why ``model`` may not suit ``image``'s noise level, or None when it does.
 
     Compares ``estimate_noise_sigma(image, mask)`` (use the field of view as ``mask``)
     with the noise range the model was trained on (``model.noise_range``, from its
-    card; no card, no check; see ``suits_noise_level``). A denoiser trained at sigma 25
+    card; no card, no check; see ``suits_noise_level``). ``mask`` may be a function of
+    the image (``fov_mask``): it is then computed only when there is a range to check
+    against. A denoiser trained at sigma 25
     smooths away detail at lower levels and leaves noise at higher ones (the message
     names the best bundled denoiser that suits the photo, if any); a super-resolution
     model trained on noise-free input sharpens noise.
@@ -312,7 +316,7 @@ def noise_level_mismatch(image: np.ndarray, model: nn.Module, mask: np.ndarray |
     trained = getattr(model, "noise_range", None)
     if trained is None:
         return None
-    sigma = estimate_noise_sigma(image, mask)
+    sigma = estimate_noise_sigma(image, mask(image) if callable(mask) else mask)
     if suits_noise_level(trained, sigma):
         return None
     name = getattr(model, "name", type(model).__name__)
@@ -325,11 +329,11 @@ def noise_level_mismatch(image: np.ndarray, model: nn.Module, mask: np.ndarray |
     low, high = trained
     seen = f"sigma {low:g}" if low == high else f"sigma {low:g}-{high:g}"
     effect = "it may smooth away fine detail" if sigma < low else "noise may remain"
-    candidates = [
-        other for other in list_models()
-        if other != name and (noise_range := training_noise_range(model_card(other))) and suits_noise_level(noise_range, sigma)
-    ]  # fmt: skip
-    better = best_bundled_denoiser(candidates)
+    def fits(card: dict) -> bool:
+        noise_range = training_noise_range(card)
+        return noise_range is not None and suits_noise_level(noise_range, sigma)
+
+    better = best_bundled_denoiser([other for other in list_models() if other != name], fits)
     suggestion = f"the bundled {better} suits it" if better else "a denoiser trained on a range of sigma suits it better"
     return f"{found}, outside the {seen} {name} was trained on: {effect}; {suggestion}"
 

@@ -10,6 +10,7 @@ them (architecture, parameters, training data, recipe, validation numbers).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,11 @@ def default_model_name() -> str:
     return best
 
 
-def best_bundled_denoiser(names: list[str]) -> str | None:
-    """The denoiser among bundled ``names`` whose card reports the highest ``RANKING_MEASURE``; None if none is."""
+def best_bundled_denoiser(names: list[str], accept: Callable[[dict[str, Any]], bool] = lambda card: True) -> str | None:
+    """The denoiser among bundled ``names`` whose card ``accept`` takes and reports the highest
+    ``RANKING_MEASURE``; None if there is none."""
     cards = {n: model_card(n) for n in names}
-    denoisers = [n for n, card in cards.items() if card.get("task", "denoise") == "denoise"]
+    denoisers = [n for n, card in cards.items() if card.get("task", "denoise") == "denoise" and accept(card)]
     if not denoisers:
         return None
     return max(denoisers, key=lambda n: cards[n].get("validation", {}).get(RANKING_MEASURE, float("-inf")))
