@@ -6,7 +6,8 @@ import torch
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from fundus_restore.metrics import image_quality, psnr, ssim, ssim_map
+from fundus_restore.degrade import bicubic_downsample, bicubic_upsample
+from fundus_restore.metrics import band_psnr, image_quality, psnr, ssim, ssim_map
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,36 @@ def test_psnr_per_channel_and_mask() -> None:
     mask[2:5, 3:9] = True
     restored[~mask] += 0.5  # errors outside the mask must not count
     np.testing.assert_allclose(psnr(reference, restored, mask=mask, per_channel=True), [20, 40, 60])
+
+
+def test_band_psnr_splits_the_error_at_the_cutoff(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, noisy = retina_pair
+    below, above = band_psnr(reference, noisy, 1 / 8)
+    # The two bands' squared errors add up to the whole image's.
+    assert 10 ** (-below / 10) + 10 ** (-above / 10) == pytest.approx(10 ** (-psnr(reference, noisy) / 10))
+    # White noise spreads evenly: the band below 1/8 holds (2 * 1/8)² of its energy.
+    assert below - above == pytest.approx(10 * np.log10(1 / 0.25**2 - 1), abs=0.3)
+    rows, columns = np.meshgrid(np.arange(64), np.arange(48), indexing="ij")
+    slow = 0.1 * np.cos(np.pi * 5 * (rows + 0.5) / 64)  # DCT frequency 5 / 128 cycles per pixel
+    fast = 0.1 * np.cos(np.pi * 30 * (columns + 0.5) / 48)  # 30 / 96
+    flat = np.full((64, 48), 0.5)
+    assert band_psnr(flat, flat + slow, 1 / 8)[1] > 200 > band_psnr(flat, flat + slow, 1 / 8)[0]
+    assert band_psnr(flat, flat + fast, 1 / 8)[0] > 200 > band_psnr(flat, flat + fast, 1 / 8)[1]
+    assert band_psnr(flat, flat + fast, 1 / 8)[1] == pytest.approx(psnr(flat, flat + fast))
+    with pytest.raises(ValueError, match="cutoff"):
+        band_psnr(flat, flat, 0.5)
+
+
+def test_band_psnr_bounds_an_upscaler_that_invents_nothing() -> None:
+    """Bicubic ×4 is accurate below the small image's Nyquist frequency, and against the
+    reference's own content above it (the bound for a method that invents nothing) it
+    does no better."""
+    reference = data.retina()[400:656, 480:736].astype(np.float64) / 255
+    upscaled = bicubic_upsample(bicubic_downsample(reference, 4), 4)
+    below, above = band_psnr(reference, upscaled, 1 / 8)
+    bound = band_psnr(reference, np.zeros_like(reference), 1 / 8)[1]
+    assert below > above + 3
+    assert above == pytest.approx(bound, abs=0.5)
 
 
 @pytest.mark.parametrize("gaussian_weights", [True, False])
