@@ -10,6 +10,10 @@ summary replaced, after checking that the weights load and are finite.
 ``--validate-on`` rescores the card's validation block on the given photographs (with
 the run's validation crops, noise and seeds, on the CPU), for a run that was validated
 on others: the bundled cards rank denoisers by it, so they must share one validation set.
+
+``--calibrate`` re-centres a run trained in bfloat16 before ``train`` did so itself
+(``fundus_restore.train.calibrate_output_bias`` on the run's ``calibration_patches``
+fresh training patches) and records the shift in the card.
 """
 
 from __future__ import annotations
@@ -24,20 +28,41 @@ from typing import Any
 import torch
 
 from fundus_restore.data import validation_crops
-from fundus_restore.pretrained import BUNDLED_DIR, load_model
-from fundus_restore.train import Placement, Trainer, card_validation, load_config
+from fundus_restore.pretrained import BUNDLED_DIR, load_model, save_model
+from fundus_restore.train import (
+    Placement,
+    Trainer,
+    training_split,
+    calibrate_output_bias,
+    calibration_batches,
+    card_validation,
+    load_config,
+    training_split,
+)
 
 
-def rescored_validation(run: Path, photos: list[Path]) -> dict[str, Any]:
-    """The run's final model scored on ``photos`` as its training validated, in the card's layout."""
-    config = load_config(run / "config.yaml", {"model.init_weights": str(run / "model.safetensors")})
+def run_config(run: Path) -> dict[str, Any]:
+    return load_config(run / "config.yaml", {"model.init_weights": str(run / "model.safetensors")})
+
+
+def rescored_validation(run: Path, model: torch.nn.Module, photos: list[Path]) -> dict[str, Any]:
+    """``model`` scored on ``photos`` as the run's training validated, in the card's layout."""
+    config = run_config(run)
     validation = config["validation"]
     crops = validation_crops(
         photos, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"],
         targets=config["data"]["targets"],
     )
     trainer = Trainer(config, Placement(rank=0, world_size=1, device=torch.device("cpu")))
-    return card_validation(config, trainer.validate(crops))
+    return card_validation(config, trainer.validate(crops, model))
+
+
+def calibrated(run: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Re-centre ``model`` on fresh patches of the run's training images; the card's record."""
+    config = run_config(run)
+    train_images = training_split(config)[0]
+    shift = calibrate_output_bias(model, calibration_batches(config, train_images, config["steps"]))
+    return {"patches": config["calibration_patches"], "output_shift_255": [round(float(v) * 255, 4) for v in shift]}
 
 
 def main() -> None:
@@ -46,6 +71,7 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--summary", required=True)
     parser.add_argument("--validate-on", type=Path, nargs="+", metavar="PHOTO")
+    parser.add_argument("--calibrate", action="store_true", help="Re-centre a bfloat16-trained model for float32.")
     args = parser.parse_args()
     weights, card_path = args.run / "model.safetensors", args.run / "model.json"
     model = load_model(weights)
@@ -53,10 +79,15 @@ def main() -> None:
         raise SystemExit(f"{weights}: non-finite weights")
     card = json.loads(card_path.read_text())
     card["summary"] = args.summary
+    if args.calibrate:
+        card["training"]["output_calibration"] = calibrated(args.run, model)
     if args.validate_on:
-        card["validation"] = rescored_validation(args.run, args.validate_on)
+        card["validation"] = rescored_validation(args.run, model, args.validate_on)
         card["training_data"]["validation_images"] = [p.name for p in args.validate_on]
-    shutil.copyfile(weights, BUNDLED_DIR / f"{args.name}.safetensors")
+    if args.calibrate:
+        save_model(model, BUNDLED_DIR / f"{args.name}.safetensors")
+    else:
+        shutil.copyfile(weights, BUNDLED_DIR / f"{args.name}.safetensors")
     (BUNDLED_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"bundled {args.name}: {card['architecture']}, {card['parameters']} parameters, task {card['task']}")
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from fundus_restore.data import PatchBatch
 from fundus_restore.losses import ChannelWeightedMSE
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import load_model, save_model
@@ -21,6 +22,8 @@ from fundus_restore.train import (
     Trainer,
     TrainingError,
     build_model,
+    calibrate_output_bias,
+    calibration_batches,
     learning_rate_factor,
     load_checkpoint,
     load_config,
@@ -99,6 +102,7 @@ def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, 
     assert card["recipe"]["steps"] == 40 and card["recipe"]["patch_size"] == 16
     assert len(card["training_data"]["images"]) == 3 and len(card["training_data"]["validation_images"]) == 1
     assert card["training"]["patches_per_s"] > 0
+    assert card["training"]["output_calibration"] is None  # float32 training needs none
     measures = {f"{m}_{p}_{r}" for m in ("psnr", "ssim") for p in ("paper", "camera") for r in ("centre", "rim")}
     assert measures <= set(card["validation"])
     assert [step for step, _ in logged(output, "val/psnr_camera_rim")] == [0, 40]  # the start point, then every 40
@@ -113,6 +117,51 @@ def test_bfloat16_on_the_cpu_trains_and_keeps_float32_weights(photo_dir: Path, t
     losses = [loss for _, loss in logged(output, "train/loss")]
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    # The saved model is re-centred for float32 on fresh training patches: its mean error there is zero.
+    card = json.loads((output / "model.json").read_text())
+    calibration = card["training"]["output_calibration"]
+    assert calibration["patches"] == 1024 and len(calibration["output_shift_255"]) == 3
+    images = [photo_dir / name for name in card["training_data"]["images"]]
+    errors = [model(b.noisy, b.sigma) - b.clean for b in calibration_batches(load_config(config), images, 40)]
+    np.testing.assert_allclose(torch.cat(errors).mean(dim=(0, 2, 3)).detach().numpy(), 0, atol=1e-5)
+
+
+class Squashed(torch.nn.Module):
+    """A model whose last bias does not shift its output one to one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x))
+
+
+@pytest.mark.parametrize("architecture, kwargs", [("dncnn", {"depth": 3, "width": 8}), ("srresnet", {"scale": 2, "width": 8, "blocks": 1})])
+def test_calibration_removes_a_constant_output_error(architecture: str, kwargs: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = create_model(architecture, **kwargs).eval()
+    offset = torch.tensor([0.004, -0.002, 0.001])
+    batches = []
+    for _ in range(3):
+        noisy, sigma = torch.rand(2, 3, 12, 12), torch.full((2,), 0.1)
+        with torch.no_grad():  # targets the model misses by `offset` on average (±0.01 per patch)
+            clean = model(noisy, sigma) - offset[:, None, None] + 0.01 * torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+        batches.append(PatchBatch(noisy, clean, sigma))
+    shift = calibrate_output_bias(model, batches)
+    with torch.no_grad():
+        errors = torch.cat([model(b.noisy, b.sigma) - b.clean for b in batches])
+    np.testing.assert_allclose(errors.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-6)
+    np.testing.assert_allclose(shift, -offset.numpy(), atol=1e-6)
+    assert not model.training
+
+
+def test_calibration_refuses_what_it_cannot_shift() -> None:
+    batch = PatchBatch(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.full((2,), 0.1))
+    with pytest.raises(ValueError, match="one to one"):
+        calibrate_output_bias(Squashed(), [batch])
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate_output_bias(create_model("dncnn", depth=3, width=8), [])
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(

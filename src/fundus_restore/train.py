@@ -13,7 +13,9 @@ patch batches (``fundus_restore.data``), and writes into the ``output`` folder:
   logged step): training loss, learning rate, patches/s, and validation PSNR/SSIM
   per noise protocol on fixed crops of held-out photographs, from step 0.
 * ``config.yaml``, the effective config; and at the end ``model.safetensors``
-  (batch norm folded) with its model card ``model.json``.
+  (batch norm folded) with its model card ``model.json``. After bfloat16 training a
+  restoration model is first re-centred for float32 inference on fresh training
+  patches (``calibration_patches``, see ``calibrate_output_bias``).
 
 Run it on several processes with ``torchrun --nproc_per_node N -m fundus_restore
 train CONFIG``: each rank trains on its own share of the patches
@@ -45,9 +47,9 @@ import pickle
 import platform
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from fundus_restore.data import PatchSettings, PatchStream, ValidationCrop, split_images, validation_crops
+from fundus_restore.data import PatchBatch, PatchSettings, PatchStream, ValidationCrop, split_images, validation_crops
 from fundus_restore.io import list_images
 from fundus_restore.losses import ChannelWeightedMSE, VesselSegmentationLoss
 from fundus_restore.metrics import image_quality
@@ -91,6 +93,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # auto: bfloat16 on CUDA, float32 on the CPU | bfloat16: also on the CPU (about 2x
     # faster where it has avx512_bf16; validation stays float32) | off
     "mixed_precision": "auto",
+    # After bfloat16 training, shift the output of a restoration model so that its mean
+    # float32 error is zero on this many fresh training patches (0: never).
+    "calibration_patches": 1024,
     "model": {"architecture": None, "kwargs": {}, "init_weights": None},
     "data": {
         "train": [],
@@ -216,6 +221,8 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     for key in ("steps", "batch_size", "log_every", "validate_every", "checkpoint_every"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
+    if not isinstance(merged["calibration_patches"], int) or merged["calibration_patches"] < 0:
+        raise TrainingError(f"calibration_patches must be a whole number, got {merged['calibration_patches']!r}")
     if not isinstance(schedule["warmup"], int) or schedule["warmup"] < 0:
         raise TrainingError(f"schedule.warmup must be a whole number of steps, got {schedule['warmup']!r}")
     limit = merged["time_limit_minutes"]
@@ -295,6 +302,59 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
         except ValueError:
             raise refused from None
     return model.train()
+
+
+def _output_bias(model: nn.Module) -> torch.Tensor:
+    """The bias of the model's last convolution, which its output is built from."""
+    convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+    if not convolutions:
+        raise ValueError(f"{type(model).__name__} has no convolution with a bias to calibrate")
+    return convolutions[-1].bias
+
+
+@torch.no_grad()
+def calibrate_output_bias(model: nn.Module, batches: Iterable[PatchBatch]) -> np.ndarray:
+    """Shift ``model``'s output, through its last convolution's bias, so that its mean
+    float32 error on ``batches`` is zero in every channel; returns the shift (0–1 scale).
+
+    Why: a network trained under bfloat16 autocast learns to offset bfloat16's rounding,
+    and in float32 (how it is evaluated and run) keeps that offset as a bias: +1/255 in
+    green for the DnCNN fine-tunes here. Refuses a model whose last bias does not move
+    its output one to one (a segmenter's logits, or a layer after it).
+    """
+    was_training = model.training
+    model.eval()
+    bias = _output_bias(model)
+    error_sums, pixels, probe = torch.zeros_like(bias, dtype=torch.float64), 0, None
+    for batch in batches:
+        noisy, clean, sigma = (t.to(bias.device) for t in (batch.noisy, batch.clean, batch.sigma))
+        restored = model(noisy, sigma).float()
+        error_sums += (restored - clean).sum(dim=(0, 2, 3), dtype=torch.float64)
+        pixels += clean.numel() // clean.shape[1]
+        probe = (noisy, sigma, restored) if probe is None else probe
+    if probe is None:
+        raise ValueError("no batches to calibrate on")
+    # Which way the bias moves the output: +1 (output = ... + conv), -1 (DnCNN's x - conv).
+    noisy, sigma, restored = probe
+    bias += 1e-2
+    direction = ((model(noisy, sigma).float() - restored) / 1e-2).mean(dim=(0, 2, 3))
+    bias -= 1e-2
+    model.train(was_training)
+    if not torch.allclose(direction.abs(), torch.ones_like(direction), atol=1e-2):
+        raise ValueError(f"{type(model).__name__}: its last bias does not shift its output one to one")
+    mean_error = (error_sums / pixels).to(bias.dtype)
+    bias -= direction.sign() * mean_error
+    return (-mean_error).cpu().numpy()
+
+
+def calibration_batches(config: Mapping[str, Any], images: list[Path], start_step: int) -> Iterator[PatchBatch]:
+    """``calibration_patches`` fresh patches of the run's training images (batches of its size,
+    after step ``start_step``), each batch from new photographs to spread them widely."""
+    batch_size = config["batch_size"]
+    settings = _patch_settings(config["data"])
+    settings = replace(settings, patches_per_image=max(1, batch_size // settings.images_per_group))
+    stream = PatchStream(images, batch_size=batch_size, settings=settings, seed=config["seed"], start_step=start_step)
+    return (stream.batch(start_step + k) for k in range(math.ceil(config["calibration_patches"] / batch_size)))
 
 
 def _random_states() -> dict[str, Any]:
@@ -554,15 +614,18 @@ class Trainer:
         return number
 
     @torch.no_grad()
-    def validate(self, crops: list[ValidationCrop]) -> dict[str, float]:
-        """Mean PSNR and SSIM over the validation crops, per noise protocol and region."""
-        self.model.eval()
+    def validate(self, crops: list[ValidationCrop], model: nn.Module | None = None) -> dict[str, float]:
+        """Mean PSNR and SSIM over the validation crops, per noise protocol and region,
+        of the model being trained or of ``model`` (e.g. the final one)."""
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
         scores: dict[str, list[float]] = {}
         for crop in crops:
             noisy = torch.from_numpy(crop.noisy.transpose(2, 0, 1)[None].copy()).to(self.placement.device)
             # In float32 (bfloat16 would cap PSNR near the values being measured) and not
             # clipped, like the restorations `evaluate` scores, so that the numbers agree.
-            restored_image = self.model(noisy, crop.sigma)[0].permute(1, 2, 0).cpu().numpy()
+            restored_image = model(noisy, crop.sigma)[0].permute(1, 2, 0).cpu().numpy()
             if self.segmentation:  # logits of the vessel map against the expert's
                 probability, truth = 1 / (1 + np.exp(-restored_image[..., 0])), crop.clean[..., 0] > 0.5
                 fov = crop.mask.astype(bool)
@@ -574,7 +637,7 @@ class Trainer:
                     quality |= vessel_preservation(crop.clean, restored_image, fov=crop.mask)
             for measure in self._validation_measures():
                 scores.setdefault(f"val/{measure}_{crop.protocol}_{crop.region}", []).append(float(quality[measure]))
-        self.model.train()
+        model.train(was_training)
         return {tag: mean_of_finite(values) for tag, values in scores.items()}
 
     def _validation_measures(self) -> tuple[str, ...]:
@@ -625,11 +688,17 @@ class Trainer:
         model = self.model.eval()
         return model.fold_batch_norm() if hasattr(model, "fold_batch_norm") else model
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether the final model is re-centred for float32 (see ``calibrate_output_bias``)."""
+        return self.autocast and not self.segmentation and self.config["calibration_patches"] > 0
+
 
 # ----------------------------------------------------------------------------- run
 
 
-def _data_split(config: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
+def training_split(config: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
+    """The run's training and validation photographs, as its config splits them."""
     data, validation = config["data"], config["validation"]
     images = list_images([Path(p) for p in data["train"]])
     if not images:
@@ -706,7 +775,12 @@ def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, cons
 
 
 def _model_card(
-    trainer: Trainer, model: nn.Module, train_images: list[Path], validation_images: list[Path], scores: dict[str, float]
+    trainer: Trainer,
+    model: nn.Module,
+    train_images: list[Path],
+    validation_images: list[Path],
+    scores: dict[str, float],
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the saved ``model`` is and how it was trained: the card beside its weights."""
     config = trainer.config
@@ -753,6 +827,7 @@ def _model_card(
             else platform.processor() or platform.machine(),
             "processes": trainer.placement.world_size,
             "patches_per_s": round(patches / max(trainer.train_seconds, 1e-9), 1),
+            "output_calibration": calibration,
         },
         "validation": card_validation(config, scores),
         "training_config": config,
@@ -802,7 +877,7 @@ def _past(deadline: float | None, placement: Placement) -> bool:
 def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Console) -> Path:
     output = Path(config["output"])
     state = _resume_state(config, resume, placement.world_size, console)
-    train_images, validation_images = _data_split(config)
+    train_images, validation_images = training_split(config)
     trainer = Trainer(config, placement)
     if state is not None:
         trainer.load_state(state)
@@ -859,11 +934,15 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
     del batches  # stop the loader's workers before the final writes
     weights = output / "model.safetensors"
     if main:
-        if crops and not scores:  # resumed a finished run: score the model once more
-            scores = trainer.validate(crops)
         final = trainer.final_model()
+        calibration = None
+        if trainer.calibrates:
+            shift = calibrate_output_bias(final, calibration_batches(config, train_images, trainer.step))
+            calibration = {"patches": config["calibration_patches"], "output_shift_255": [round(float(v) * 255, 4) for v in shift]}
+        if crops and (calibration or not scores):  # the model as saved (or a resumed finished run's)
+            scores = trainer.validate(crops, final)
         save_model(final, weights)
-        card = _model_card(trainer, final, train_images, validation_images, scores)
+        card = _model_card(trainer, final, train_images, validation_images, scores, calibration)
         (output / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     if placement.world_size > 1:
         dist.barrier()  # the other ranks return once rank 0 has written the model
