@@ -19,7 +19,8 @@ super-resolution networks; both share one runner. Measured on the 2-core AMD EPY
   on this CPU and a Winograd F(4×4, 3×3) written with PyTorch ops was slower;
 * bfloat16 is about twice as fast again but costs 0.15–0.5 dB PSNR (DnCNN subtracts
   a predicted noise image, and rounding any single layer to bfloat16 costs 0.01–0.04
-  dB), so it is opt-in (``precision="bfloat16"``), never automatic; float16 costs
+  dB; part of it is a colour shift, see ``scripts/output_bias.py``), so it is opt-in
+  (``precision="bfloat16"``), never automatic; float16 costs
   under 0.003 dB, so CUDA runs it under autocast by default;
 * tiles cost only the recomputed overlap, kept small by balancing them.
 """
