@@ -81,6 +81,7 @@ def main() -> None:
     card["summary"] = args.summary
     if args.calibrate:
         card["training"]["output_calibration"] = calibrated(args.run, model)
+        card["config"] = model.config  # as the re-saved weights record it
     if args.validate_on:
         card["validation"] = rescored_validation(args.run, model, args.validate_on)
         card["training_data"]["validation_images"] = [p.name for p in args.validate_on]
