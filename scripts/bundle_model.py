@@ -29,16 +29,7 @@ import torch
 
 from fundus_restore.data import validation_crops
 from fundus_restore.pretrained import BUNDLED_DIR, load_model, save_model
-from fundus_restore.train import (
-    Placement,
-    Trainer,
-    training_split,
-    calibrate_output_bias,
-    calibration_batches,
-    card_validation,
-    load_config,
-    training_split,
-)
+from fundus_restore.train import Placement, Trainer, calibrate_on_training_data, card_validation, load_config, training_split
 
 
 def run_config(run: Path) -> dict[str, Any]:
@@ -60,9 +51,7 @@ def rescored_validation(run: Path, model: torch.nn.Module, photos: list[Path]) -
 def calibrated(run: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Re-centre ``model`` on fresh patches of the run's training images; the card's record."""
     config = run_config(run)
-    train_images = training_split(config)[0]
-    shift = calibrate_output_bias(model, calibration_batches(config, train_images, config["steps"]))
-    return {"patches": config["calibration_patches"], "output_shift_255": [round(float(v) * 255, 4) for v in shift]}
+    return calibrate_on_training_data(model, config, training_split(config)[0], config["steps"])
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ def main() -> None:
         if scale == 1:
             return denoise(noisy_photos[index], model)
         return upscale(bicubic_downsample(photos[index][0], scale), model=model)
+
     flat = [f"flat {level:g} {precision}" for precision in ("float32", "bfloat16") for level in LEVELS]
     print("mean error x255, R / G / B")
     print("| method | " + " | ".join(flat) + " | HEI-MED validation, float32 |")

@@ -347,6 +347,12 @@ def calibrate_output_bias(model: nn.Module, batches: Iterable[PatchBatch]) -> np
     return (-mean_error).cpu().numpy()
 
 
+def calibrate_on_training_data(model: nn.Module, config: Mapping[str, Any], images: list[Path], start_step: int) -> dict[str, Any]:
+    """Re-centre ``model`` on ``calibration_batches``; returns the card's record of it."""
+    shift = calibrate_output_bias(model, calibration_batches(config, images, start_step))
+    return {"patches": config["calibration_patches"], "output_shift_255": [round(float(v) * 255, 4) for v in shift]}
+
+
 def calibration_batches(config: Mapping[str, Any], images: list[Path], start_step: int) -> Iterator[PatchBatch]:
     """``calibration_patches`` fresh patches of the run's training images (batches of its size,
     after step ``start_step``), each batch from new photographs to spread them widely."""
@@ -935,10 +941,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
     weights = output / "model.safetensors"
     if main:
         final = trainer.final_model()
-        calibration = None
-        if trainer.calibrates:
-            shift = calibrate_output_bias(final, calibration_batches(config, train_images, trainer.step))
-            calibration = {"patches": config["calibration_patches"], "output_shift_255": [round(float(v) * 255, 4) for v in shift]}
+        calibration = calibrate_on_training_data(final, config, train_images, trainer.step) if trainer.calibrates else None
         if crops and (calibration or not scores):  # the model as saved (or a resumed finished run's)
             scores = trainer.validate(crops, final)
         save_model(final, weights)
