@@ -148,6 +148,13 @@ def test_list_images_expands_folders_and_keeps_files(tmp_path: Path) -> None:
     assert {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"} == set(SUPPORTED_SUFFIXES)
 
 
+def test_list_images_reads_drives_layout(tmp_path: Path) -> None:
+    for folder, name in [("images", "21_training.tif"), ("mask", "21_training_mask.gif"), ("1st_manual", "21_manual1.gif")]:
+        (tmp_path / "training" / folder).mkdir(parents=True)
+        (tmp_path / "training" / folder / name).write_bytes(b"x")
+    assert list_images([tmp_path / "training"]) == [tmp_path / "training/images/21_training.tif"]
+
+
 def _truncated_png(path: Path) -> None:
     write_image(path, _levels((32, 32, 3), 8))
     data = path.read_bytes()

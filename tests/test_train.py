@@ -251,6 +251,40 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
     assert not (output / "model.safetensors").exists()
 
 
+def test_infinite_gradients_stop_training_before_they_reach_the_weights(
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original_forward = ChannelWeightedMSE.forward
+    calls = []
+
+    def nan_gradient_from_call_5(self: ChannelWeightedMSE, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = original_forward(self, restored, clean)
+        # sqrt at 0 adds nothing to the loss but a NaN to every gradient.
+        return loss + torch.sqrt(0 * restored.sum()) if len(calls) >= 5 else loss
+
+    monkeypatch.setattr(ChannelWeightedMSE, "forward", nan_gradient_from_call_5)
+    output = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"step 5: the gradient norm is nan.*last good checkpoint"):
+        train_from_config(tiny_config(photo_dir, output))
+    checkpoint = load_checkpoint(output / "checkpoint.pt")
+    assert checkpoint["step"] == 3
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(TrainingError, match=f"data.train: no such file or folder: {missing}"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"data.train": [str(photo_dir), str(missing)]}))
+    with pytest.raises(TrainingError, match="validation.among: no such file or folder"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.among": [str(missing)]}))
+    with pytest.raises(TrainingError, match="model: unknown architecture 'dncn'"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"model.architecture": "dncn"}))
+    with pytest.raises(TrainingError, match="model: .*'depthh'"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"model.kwargs": {"depthh": 3}}))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_checkpoint_loads_with_weights_only(photo_dir: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
     train_from_config(tiny_config(photo_dir, output, steps=3))

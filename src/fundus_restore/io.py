@@ -236,9 +236,15 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Image files named by ``paths``: each folder expands to its supported images
-    (sorted, not recursive, hidden files skipped); explicit files are kept as given."""
+    (sorted, not recursive, hidden files skipped); explicit files are kept as given.
+
+    A folder in DRIVE's layout (``training/`` or ``test/``, whose photographs lie in
+    ``images/`` beside ``mask/`` and ``1st_manual/``) expands to its ``images/``.
+    """
     found: list[Path] = []
     for path in map(Path, paths):
+        if (path / "images").is_dir():
+            path = path / "images"
         if path.is_dir():
             found.extend(
                 sorted(

@@ -281,7 +281,10 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     if init is None:
         if architecture is None:
             raise TrainingError("the config needs model.architecture or model.init_weights")
-        return create_model(architecture, **kwargs)
+        try:
+            return create_model(architecture, **kwargs)
+        except (ValueError, TypeError) as error:  # unknown architecture; a misspelt model.kwargs key
+            raise TrainingError(f"model: {error}") from None
     if Path(init).suffix.lower() == ".mat":
         from fundus_restore.matconvnet import load_matconvnet_dncnn
 
@@ -598,6 +601,8 @@ class Trainer:
         value = self._check_finite(loss, "loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # A finite loss can still have infinite gradients, and one step with them leaves NaN weights.
+        self._check_finite(self._gradient_norm(), "gradient norm")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -609,6 +614,10 @@ class Trainer:
             dist.all_reduce(reported)  # every rank sees a NaN anywhere and stops together
             reported /= self.placement.world_size
         return reported.item()
+
+    def _gradient_norm(self) -> torch.Tensor:
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gradients]))
 
     def _check_finite(self, value: torch.Tensor, what: str) -> float:
         number = self._averaged(value)
@@ -706,6 +715,10 @@ class Trainer:
 def training_split(config: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
     """The run's training and validation photographs, as its config splits them."""
     data, validation = config["data"], config["validation"]
+    for key, paths in (("data.train", data["train"]), ("validation.among", validation["among"] or [])):
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing:
+            raise TrainingError(f"{key}: no such file or folder: {', '.join(missing)}")
     images = list_images([Path(p) for p in data["train"]])
     if not images:
         raise TrainingError("no training images: set data.train in the config or with --set data.train=[FOLDER,...]")
