@@ -202,6 +202,22 @@ def test_upscale_refuses_a_denoiser_before_touching_any_file(photos: Path, tiny_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["denoise", "restore"])
+def test_denoising_commands_refuse_a_model_that_is_no_denoiser(
+    command: str, photos: Path, tiny_upscaler_file: Path, tmp_path: Path
+):
+    option = "-m" if command == "denoise" else "--denoise-model"
+    result = runner.invoke(app, [command, str(photos), "-o", str(tmp_path / "out"), option, str(tiny_upscaler_file)])
+    assert result.exit_code == 2 and "is not a denoiser" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_with_an_unknown_model_says_so_in_one_line(tmp_path: Path):
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-m", "no-such-model"])
+    assert result.exit_code == 2 and "no-such-model" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "demo").exists()
+
+
 def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Path, tmp_path: Path):
     folder = tmp_path / "in"
     write_image(folder / "a.png", np.random.default_rng(0).random((40, 50, 3)), bit_depth=8)

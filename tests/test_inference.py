@@ -351,6 +351,13 @@ def test_upscale_refuses_a_denoiser(odd_image: np.ndarray) -> None:
         upscale(odd_image, random_dncnn(), device="cpu")
 
 
+def test_denoise_refuses_an_upscaler_and_the_vessel_segmenter(odd_image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="is not a denoiser: its task is 'upscale'"):
+        denoise(odd_image, create_model("srresnet", blocks=1, width=8, scale=2), device="cpu")
+    with pytest.raises(ValueError, match="vessels-unet is not a denoiser: its task is 'segment-vessels'"):
+        denoise(odd_image, "vessels-unet", device="cpu")
+
+
 def test_noise_level_mismatch_speaks_only_outside_the_trained_range() -> None:
     grey = np.full((64, 64, 3), 0.5, np.float32)
     noisy = {sigma: add_gaussian_noise(grey, sigma, seed=0) for sigma in (10, 25, 50)}

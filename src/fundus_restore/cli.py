@@ -32,7 +32,8 @@ ModelOption = Annotated[
 _UPSCALE_MODEL_HELP = "Super-resolution model: bundled name or .safetensors file (default: the bundled one)."
 UpscaleModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help=_UPSCALE_MODEL_HELP)]
 ScaleOption = Annotated[
-    Optional[int], typer.Option(help="Upscaling factor: picks the bundled model of that scale, or checks --model's.")
+    Optional[int],
+    typer.Option(help="Upscaling factor: picks the bundled model of that scale, or checks the given model's."),
 ]
 TileOption = Annotated[Optional[int], typer.Option(help="Tile size for bounded memory on large photos (e.g. 512).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
@@ -125,11 +126,10 @@ def denoise(
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise photographs; writes one output per input with the same name and bit depth."""
-    from fundus_restore.inference import denoise as denoise_image
+    from fundus_restore.inference import denoise as denoise_image, load_denoiser
     from fundus_restore.io import read_image
-    from fundus_restore.pretrained import load_model
 
-    network = _loaded(lambda: load_model(model, device="cpu"))
+    network = _loaded(lambda: load_denoiser(model))
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)
@@ -230,11 +230,10 @@ def restore(
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
-    from fundus_restore.inference import denoise as denoise_image, load_upscaler, upscale as upscale_image
+    from fundus_restore.inference import denoise as denoise_image, load_denoiser, load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
-    from fundus_restore.pretrained import load_model
 
-    denoiser = _loaded(lambda: load_model(denoise_model, device="cpu"))
+    denoiser = _loaded(lambda: load_denoiser(denoise_model))
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
 
     def handle(_: int, path: Path) -> None:
@@ -465,7 +464,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figure and images.")] = Path("out/demo"),
     model: ModelOption = None,
     sigma: SigmaOption = 25.0,
-    seed: SeedOption = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
     tile: TileOption = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -474,16 +473,15 @@ def demo(
 
     from fundus_restore.degrade import add_gaussian_noise
     from fundus_restore.fov import fov_mask
-    from fundus_restore.inference import denoise as denoise_image
+    from fundus_restore.inference import denoise as denoise_image, load_denoiser
     from fundus_restore.io import write_image
     from fundus_restore.metrics import image_quality
-    from fundus_restore.pretrained import load_model
     from fundus_restore.report import comparison_figure, thin_vessel_window
 
     clean = skimage_data.retina().astype(np.float32) / 255.0
     mask = fov_mask(clean)
     noisy = add_gaussian_noise(clean, sigma, seed=seed)
-    network = load_model(model)
+    network = _loaded(lambda: load_denoiser(model))
     name = getattr(network, "name", str(model))
     console.print(f"denoising the {clean.shape[1]}×{clean.shape[0]} retina photo (sigma {sigma:g}) with {name} …")
     restored = denoise_image(noisy, network, tile=tile, device=device)

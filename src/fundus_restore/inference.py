@@ -271,6 +271,25 @@ def default_upscale_model_name(scale: int | None = None) -> str:
     raise WeightsError(f"no {wanted} model is bundled: pass --model FILE.safetensors")
 
 
+def check_denoiser(network: nn.Module) -> nn.Module:
+    """``network`` if it is a denoiser; a super-resolution model or a vessel segmenter
+    (by its card's task, or for a model without one by a ``scale`` in its config) is
+    refused with a ``ValueError``, since its output is no denoised photograph."""
+    task = getattr(network, "task", None)
+    if task is None:
+        task = "upscale" if getattr(network, "config", {}).get("scale", 1) > 1 else "denoise"
+    if task != "denoise":
+        name = getattr(network, "name", type(network).__name__)
+        raise ValueError(f"{name} is not a denoiser: its task is {task!r}")
+    return network
+
+
+def load_denoiser(model: str | Path | None = None) -> nn.Module:
+    """A denoiser on the CPU: a bundled name, a safetensors file, or None for the bundled
+    default; anything else is refused here, before any image is read (``check_denoiser``)."""
+    return check_denoiser(load_model(model))
+
+
 def load_upscaler(model: str | Path | None = None, scale: int | None = None) -> nn.Module:
     """A super-resolution model on the CPU: a bundled name, a safetensors file, or None for
     the bundled default (of ``scale``, when given); a file that is not a super-resolution
@@ -378,7 +397,11 @@ def _run_network(
     """Shared by ``denoise`` and ``upscale``: prepare the model, check the image, run it tiled."""
     torch_device = resolve_device(device)
     network = _prepared(model, default_name, torch_device)
-    scale = upscale_factor(network) if super_resolution else 1
+    if super_resolution:
+        scale = upscale_factor(network)
+    else:
+        check_denoiser(network)
+        scale = 1
     pixels = _checked_image(image, input_channels(network))
     dtype = resolve_precision(precision, torch_device)
 

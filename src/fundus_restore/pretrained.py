@@ -131,8 +131,9 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
 
     ``name_or_path`` is a bundled model name (see ``list_models``), a path to a
     safetensors file written by ``save_model`` / ``fundus-restore import-weights``,
-    or ``None`` for the default bundled denoiser. ``noise_range`` is set to the
-    (low, high) training noise sigma the card beside the file records, or None.
+    or ``None`` for the default bundled denoiser. ``task`` and ``noise_range`` are set
+    from the card beside the file: its task, and the (low, high) training noise sigma
+    it records; None where it has none.
     """
     path = resolve_weights(default_model_name() if name_or_path is None else name_or_path)
     metadata = read_metadata(path)
@@ -152,9 +153,11 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     except RuntimeError as error:
         first_line = str(error).splitlines()[0]
         raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r}: {first_line}") from None
+    card = card_beside(path)
     model.name = path.stem  # shown in reports and progress bars
+    model.task = card.get("task")  # denoise, upscale or segment-vessels; None without a card
     # What the model expects of its input, for the noise-level check of the command line.
-    model.noise_range = training_noise_range(card_beside(path))
+    model.noise_range = training_noise_range(card)
     return model.eval().to(device)
 
 
