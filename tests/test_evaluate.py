@@ -11,20 +11,23 @@ from typer.testing import CliRunner
 
 from fundus_restore import save_model
 from fundus_restore.cli import app
-from fundus_restore.degrade import degrade_for_protocol
-from fundus_restore.evaluate import Method, ScoreCache, build_methods, evaluate_images, summarise, weights_fingerprint, write_tables
+from fundus_restore.degrade import bicubic_upsample, degrade_for_protocol
+from fundus_restore.evaluate import (
+    INVENTED_VS_BICUBIC, SUMMARY_COLUMNS, Method, ScoreCache, build_methods, evaluate_images, summarise,
+    weights_fingerprint, write_tables,
+)
 from fundus_restore.inference import denoise
 from fundus_restore.io import write_image
 from fundus_restore.models import create_model
 
 
-def _fundus_like(size: int, seed: int) -> np.ndarray:
-    """A smooth bright disc with dark lines on a black surround."""
+def _fundus_like(size: int, seed: int, lines: int = 5) -> np.ndarray:
+    """A smooth bright disc with ``lines`` dark lines on a black surround."""
     rows, cols = np.mgrid[:size, :size] / size
     disc = (rows - 0.5) ** 2 + (cols - 0.5) ** 2 < 0.4**2
     image = np.stack([0.7 + 0.1 * rows, 0.35 + 0.1 * cols, 0.2 + 0 * rows], axis=-1)
     rng = np.random.default_rng(seed)
-    for _ in range(5):
+    for _ in range(lines):
         image[rng.integers(10, size - 10), :] *= 0.8
     return (image * disc[..., None]).astype(np.float32)
 
@@ -49,7 +52,11 @@ def test_rows_and_summary_cover_every_image_sigma_protocol_and_method(clean_dir:
         for protocol in ("paper", "camera"):
             assert summary[(sigma, protocol, "nlmeans")]["psnr_fov"] > summary[(sigma, protocol, "noisy")]["psnr_fov"]
     markdown, summary_csv = write_tables(rows, tmp_path / "report")
-    assert "| 25 | camera | nlmeans | 2 |" in markdown.read_text()
+    text = markdown.read_text()
+    assert "| 25 | camera | nlmeans | 2 |" in text
+    # Overall, inside the field of view, and per channel there, for PSNR and SSIM alike.
+    assert "| σ | noise | method | images | " + " | ".join(SUMMARY_COLUMNS) + " |" in text
+    assert {"psnr_fov_g", "ssim_fov_g"} <= set(SUMMARY_COLUMNS)
     with summary_csv.open() as handle:
         assert len(list(csv.DictReader(handle))) == 8
 
@@ -198,3 +205,79 @@ def test_evaluate_command_with_scale_writes_a_super_resolution_table(clean_dir: 
     assert result.exit_code == 0, result.output
     text = (report / "results.md").read_text()
     assert text.startswith("# Super-resolution x2") and "| 0 | paper | bicubic | 2 |" in text
+
+
+def test_super_resolution_table_shows_the_vessels_each_upscaler_invents_against_bicubic(tmp_path: Path):
+    write_image(tmp_path / "clean" / "smooth.png", _fundus_like(128, 0, lines=0))
+    calls: list[str] = []
+
+    def painting(low: np.ndarray, sigma: float) -> np.ndarray:
+        """Bicubic with a dark line painted across the disc: a vessel bicubic cannot have."""
+        calls.append("painter")
+        upscaled = bicubic_upsample(low, 2)
+        upscaled[64, 30:98] *= 0.6
+        return upscaled
+
+    methods = [*build_methods(["bicubic"], scale=2), Method("painter", painting, "v1")]
+    cache_file = tmp_path / "scores.jsonl"
+
+    def run() -> dict[str, dict]:
+        rows = evaluate_images([tmp_path / "clean" / "smooth.png"], methods, sigmas=(0,), protocols=("paper",),
+                               scale=2, cache=ScoreCache(cache_file))
+        return {row["method"]: row for row in rows}
+
+    first = run()
+    assert first["bicubic"][INVENTED_VS_BICUBIC] == 0  # the reference row, by construction
+    assert first["painter"][INVENTED_VS_BICUBIC] > 0.2
+    header = write_tables(list(first.values()), tmp_path / "report")[0].read_text().splitlines()[2]
+    assert f"| spurious_rate | {INVENTED_VS_BICUBIC} |" in header
+    # An entry cached before the guard existed lacks its rate: it is measured again, not shown empty.
+    entries = [json.loads(line) for line in cache_file.read_text().splitlines()]
+    for entry in entries:
+        del entry["scores"][INVENTED_VS_BICUBIC]
+    cache_file.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    calls.clear()
+    assert run()["painter"][INVENTED_VS_BICUBIC] == first["painter"][INVENTED_VS_BICUBIC] and calls == ["painter"]
+    calls.clear()
+    run()
+    assert calls == []  # and cached again, with the rate
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--clean", "{tmp}/empty"], "no image files in --clean {tmp}/empty"),
+        (["--clean", "{tmp}/gone.png"], "{tmp}/gone.png: no such file"),
+        (["--clean", "{clean}", "--protocol", "studio"], "unknown noise protocol 'studio'; known: paper, camera"),
+        (["--clean", "{clean}", "--segmenter", "frangi"], "unknown vessel segmenter 'frangi'; known: hessian, unet"),
+    ],
+    ids=["empty selection", "missing file", "unknown protocol", "unknown segmenter"],
+)
+def test_evaluate_command_refuses_bad_settings_up_front_in_one_line(
+    args: list[str], message: str, clean_dir: Path, tmp_path: Path
+):
+    (tmp_path / "empty").mkdir()
+    filled = [arg.format(tmp=tmp_path, clean=clean_dir) for arg in args]
+    result = CliRunner().invoke(app, ["evaluate", *filled, "--report", str(tmp_path / "report"), "--method", "noisy"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {message.format(tmp=tmp_path)}" and "Traceback" not in result.output
+
+
+def test_an_unknown_segmenter_is_refused_before_any_method_runs(clean_dir: Path):
+    calls: list[str] = []
+
+    def restore(noisy: np.ndarray, sigma: float) -> np.ndarray:
+        calls.append("clip")
+        return np.clip(noisy, 0, 1)
+
+    with pytest.raises(ValueError, match="unknown vessel segmenter 'frangi'"):
+        evaluate_images(sorted(clean_dir.iterdir()), [Method("clip", restore)], segmenter="frangi")
+    assert calls == []
+
+
+def test_evaluate_command_runs_with_its_defaults(tmp_path: Path):
+    write_image(tmp_path / "clean" / "eye.png", _fundus_like(64, 0))
+    result = CliRunner().invoke(app, ["evaluate", "--clean", str(tmp_path / "clean"), "--report", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "| 25 | paper | noisy | 1 |" in text and "| 25 | camera | dncnn-retina-green | 1 |" in text

@@ -417,14 +417,22 @@ def evaluate(
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
     from fundus_restore.evaluate import (
-        DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, Example, ScoreCache, build_methods, evaluate_images, write_tables,
+        DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, Example, ScoreCache, build_methods, check_settings, evaluate_images,
+        write_tables,
     )
+    from fundus_restore.io import ImageFileError, read_header
     from fundus_restore.report import write_html_report
 
     files = _expand(clean)
+    if not files:
+        _report_error(f"no image files in --clean {' '.join(map(str, clean))}")
+        raise typer.Exit(1)
     sigma = sigma or [25.0 if scale == 1 else 0.0]
     defaults = DEFAULT_METHODS if scale == 1 else DEFAULT_UPSCALE_METHODS
-    try:
+    try:  # everything that can be refused is, before any method runs
+        check_settings(protocol, segmenter)
+        for path in files:
+            read_header(path)  # a missing, empty or unreadable photo
         chosen = build_methods(methods or defaults, official_weights=official_weights, tile=tile, device=device,
                                skip_missing=methods is None, scale=scale)
     except ValueError as error:
@@ -438,11 +446,15 @@ def evaluate(
             progress.update(task, advance=1, description=description)
 
         examples: list[Example] = []
-        rows = evaluate_images(
-            files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
-            on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
-            segmenter=segmenter,
-        )
+        try:
+            rows = evaluate_images(
+                files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
+                on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
+                segmenter=segmenter,
+            )
+        except ImageFileError as error:  # pixel data found corrupt past a sound header
+            _report_error(str(error))
+            raise typer.Exit(1) from None
     markdown, _ = write_tables(rows, report, title="Denoising" if scale == 1 else f"Super-resolution x{scale}")
     settings = {
         "sigmas": ", ".join(f"{s:g}" for s in sigma),

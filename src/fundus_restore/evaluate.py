@@ -13,6 +13,7 @@ plain low resolution), and the methods are upscalers: ``bicubic`` and SR models.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from collections import Counter, defaultdict
@@ -27,17 +28,22 @@ from fundus_restore.degrade import PROTOCOLS, bicubic_downsample, bicubic_upsamp
 from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
-from fundus_restore.vessel_metrics import vessel_preservation
-from fundus_restore.vessels import segment_vessels
+from fundus_restore.vessel_metrics import hallucinated_vessels, vessel_preservation
+from fundus_restore.vessels import SEGMENTERS, segment_vessels
 
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "dncnn-retina-green-range", "cbm3d")
 DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
 # A method name ending in this runs the network with the flip-and-turn ensemble (inference.dihedral_ensemble).
 ENSEMBLE_SUFFIX = "+x8"
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.
-SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b")
+SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b",
+                   "ssim_fov_r", "ssim_fov_g", "ssim_fov_b")
+# The hallucination guard of super-resolution (``upscale --check``): the share of an upscaler's
+# vessel centreline absent from the bicubic upscale of the same input (bicubic itself scores 0).
+INVENTED_VS_BICUBIC = "invented_vs_bicubic"
 # Vessel-preservation columns, shown when measured.
-VESSEL_COLUMNS = ("thin_recall", "thick_recall", "spurious_rate", "cldice", "thin_contrast_retention", "psnr_thin_band")
+VESSEL_COLUMNS = ("thin_recall", "thick_recall", "spurious_rate", INVENTED_VS_BICUBIC, "cldice",
+                  "thin_contrast_retention", "psnr_thin_band")
 
 
 # Bump when a measure's definition changes: cached scores of older definitions are then ignored.
@@ -90,8 +96,11 @@ class ScoreCache:
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels, scale,
                            method.name, method.fingerprint])
 
-    def get(self, key: str) -> dict[str, float] | None:
-        return self.scores.get(key)
+    def get(self, key: str, required: Iterable[str] = ()) -> dict[str, float] | None:
+        """The scores under ``key``; None when absent or lacking a ``required`` measure (one added
+        since they were cached: measuring it anew beats bumping ``SCORES_VERSION`` for every entry)."""
+        scores = self.scores.get(key)
+        return scores if scores is not None and all(name in scores for name in required) else None
 
     def put(self, key: str, scores: dict[str, float]) -> None:
         self.scores[key] = scores
@@ -252,6 +261,14 @@ def example_setting(sigmas: Sequence[float], protocols: Sequence[str]) -> tuple[
     return sigmas[0], "camera" if "camera" in protocols else protocols[0]
 
 
+def check_settings(protocols: Iterable[str], segmenter: str) -> None:
+    """Refuse an unknown noise protocol or vessel segmenter before anything is run."""
+    checks = [("noise protocol", protocol, PROTOCOLS) for protocol in protocols]
+    for kind, value, known in [*checks, ("vessel segmenter", segmenter, SEGMENTERS)]:
+        if value not in known:
+            raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(known)}")
+
+
 def evaluate_images(
     paths: Iterable[Path],
     methods: Sequence[Method],
@@ -278,8 +295,12 @@ def evaluate_images(
     With a ``cache``, scores measured before are reused and new ones are added to it.
     ``segmenter`` is the ``segment_vessels`` method behind the vessel measures.
     With ``scale`` > 1 the methods upscale the shrunk, noised image (the example's
-    ``noisy`` is then that input enlarged by bicubic, for display).
+    ``noisy`` is then that input enlarged by bicubic, for display), and the vessel
+    measures add ``INVENTED_VS_BICUBIC``, the ``upscale --check`` guard's rate (its own,
+    classical segmenter).
     """
+    check_settings(protocols, segmenter)
+    guard = vessels and scale > 1
     rows: list[dict[str, float | str]] = []
     shown_setting = example_setting(sigmas, protocols)
     for index, path in enumerate(paths):
@@ -291,16 +312,21 @@ def evaluate_images(
             height, width = low.shape[0] * scale, low.shape[1] * scale
             clean, mask = clean[:height, :width], mask[:height, :width]
             expert = None if expert is None else expert[:height, :width]
-        clean_vessels = None  # segmented once per image, when a vessel measure is first needed
+        # Segmented once per image, when a vessel measure is first needed.
+        clean_vessels = functools.cache(partial(segment_vessels, clean, mask, method=segmenter))
         for sigma in sigmas:
             for protocol in protocols:
                 noisy = degrade_for_protocol(low, sigma, protocol, seed + index)
+                # The input at the clean image's size: for super-resolution its bicubic upscale, the
+                # guard's reference, segmented once for all the upscalers (as hallucinated_vessels would).
+                enlarged = noisy if scale == 1 else bicubic_upsample(noisy, scale)
+                enlarged_vessels = functools.cache(partial(segment_vessels, enlarged, mask))
                 keep = on_example is not None and index == 0 and (sigma, protocol) == shown_setting
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
                     key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size,
                                          segmenter if vessels else None, scale, method)
-                    quality = cache.get(key) if cache is not None else None
+                    quality = cache.get(key, (INVENTED_VS_BICUBIC,) if guard else ()) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)
                         if keep:
@@ -308,18 +334,19 @@ def evaluate_images(
                         if quality is None:
                             quality = image_quality(clean, restored, mask=mask)
                             if vessels:
-                                if clean_vessels is None:
-                                    clean_vessels = segment_vessels(clean, mask, method=segmenter)
                                 quality |= vessel_preservation(clean, restored, expert=expert, fov=mask,
-                                                               segmenter=segmenter, clean_vessels=clean_vessels)
+                                                               segmenter=segmenter, clean_vessels=clean_vessels())
+                            if guard:
+                                quality[INVENTED_VS_BICUBIC] = hallucinated_vessels(
+                                    restored, enlarged, fov=mask, reference_vessels=enlarged_vessels()
+                                )[1]
                             if cache is not None:
                                 cache.put(key, {k: float(v) for k, v in quality.items()})
                     rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
                     if on_step:
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
                 if keep:
-                    shown = noisy if scale == 1 else bicubic_upsample(noisy, scale)
-                    on_example(Example(path.name, sigma, protocol, clean, shown, outputs, mask, expert, segmenter))
+                    on_example(Example(path.name, sigma, protocol, clean, enlarged, outputs, mask, expert, segmenter))
     return rows
 
 

@@ -265,6 +265,7 @@ def hallucinated_vessels(
     fov: np.ndarray | None = None,
     *,
     scale: float | None = None,
+    reference_vessels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """The hallucination guard of super-resolution: (bool H×W map, rate) of invented vessels.
 
@@ -274,13 +275,13 @@ def hallucinated_vessels(
     relative to DRIVE, default width / 565); the map holds the centreline pixels of
     the super-resolved vessels farther than ``TOLERANCE_PX``·``scale`` from every
     vessel pixel of the reference, and the rate is their share of the super-resolved
-    centreline (0 when it has none).
+    centreline (0 when it has none). ``reference_vessels``, the reference's
+    ``segment_vessels`` map with the same ``fov`` and ``scale``, saves segmenting it
+    again when one input is compared with many upscalers.
     """
     upscaled, reference_upscaled = _same_shape(upscaled, reference_upscaled, ("upscaled", "reference"))
     fov = checked_fov(reference_upscaled, fov)
     scale = image_scale(upscaled) if scale is None else scale
-    return _spurious_centreline(
-        segment_vessels(upscaled, fov, scale=scale),
-        segment_vessels(reference_upscaled, fov, scale=scale),
-        TOLERANCE_PX * scale,
-    )
+    if reference_vessels is None:
+        reference_vessels = segment_vessels(reference_upscaled, fov, scale=scale)
+    return _spurious_centreline(segment_vessels(upscaled, fov, scale=scale), reference_vessels, TOLERANCE_PX * scale)

@@ -143,6 +143,10 @@ def learned_vesselness(
     return np.where(fov, probability, 0).astype(np.float32)
 
 
+# The methods of segment_vessels: classical vesselness, or the bundled learned segmenter.
+SEGMENTERS = ("hessian", "unet")
+
+
 def segment_vessels(
     image: np.ndarray,
     mask: np.ndarray | None = None,
@@ -163,7 +167,7 @@ def segment_vessels(
     elif method == "unet":
         vessels = learned_vesselness(image, mask, scale=scale) > (0.5 if threshold is None else threshold)
     else:
-        raise ValueError(f"unknown segmentation method {method!r}: hessian or unet")
+        raise ValueError(f"unknown segmentation method {method!r}: {' or '.join(SEGMENTERS)}")
     return remove_small_objects(vessels, max_size=round(_MIN_COMPONENT_PX * scale**2))
 
 
