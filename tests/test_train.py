@@ -107,6 +107,7 @@ def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, 
     assert measures <= set(card["validation"])
     assert [step for step, _ in logged(output, "val/psnr_camera_rim")] == [0, 40]  # the start point, then every 40
     assert (output / "scalars.csv").read_text().startswith("wall_time,step,tag,value\n")
+    assert len(list(output.glob("events.out.tfevents.*"))) == 1  # for TensorBoard (see test_tfevents)
 
 
 def test_bfloat16_on_the_cpu_trains_and_keeps_float32_weights(photo_dir: Path, tmp_path: Path) -> None:
@@ -196,6 +197,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     # The log holds each step once: what the crashed run logged after step 3 was dropped.
     steps = [step for step, _ in logged(interrupted, "train/loss")]
     assert steps == list(range(1, 9))
+    assert len(list(interrupted.glob("events.out.tfevents.*"))) == 2  # the resumed run's event file is new
 
 
 def test_time_limit_stops_at_a_log_step_with_model_and_checkpoint_and_resume_goes_on(
@@ -405,6 +407,7 @@ def test_torchrun_two_cpu_processes(photo_dir: Path, tmp_path: Path) -> None:
     card = json.loads((output / "model.json").read_text())
     assert card["training"]["processes"] == 2 and card["recipe"]["batch_size"] == 8
     load_model(output / "model.safetensors")
+    assert len(list(output.glob("events.out.tfevents.*"))) == 1  # rank 0 alone logs
 
 
 def sr_config(photo_dir: Path, output: Path, **changes: Any) -> dict[str, Any]:

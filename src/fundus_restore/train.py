@@ -8,10 +8,12 @@ patch batches (``fundus_restore.data``), and writes into the ``output`` folder:
   scheduler, the random states and the step. Since batch k is a pure function of
   (seed, k), ``resume=True`` continues bit for bit where the run stopped (given the
   same number of processes and data workers).
-* ``scalars.csv`` (wall_time, step, tag, value: TensorBoard's scalar records, as
-  TensorBoard is not a dependency) and ``scalars.jsonl`` (one JSON object per
-  logged step): training loss, learning rate, patches/s, and validation PSNR/SSIM
-  per noise protocol on fixed crops of held-out photographs, from step 0.
+* TensorBoard event files (``events.out.tfevents.*``, for ``tensorboard --logdir``;
+  written by ``fundus_restore.tfevents``, as TensorBoard is not a dependency) and,
+  for scripts, ``scalars.csv`` (wall_time, step, tag, value) and ``scalars.jsonl``
+  (one JSON object per logged step): training loss, learning rate, patches/s, and
+  validation PSNR/SSIM per noise protocol on fixed crops of held-out photographs,
+  from step 0.
 * ``config.yaml``, the effective config; and at the end ``model.safetensors``
   (batch norm folded) with its model card ``model.json``. After bfloat16 training a
   restoration model is first re-centred for float32 inference on fresh training
@@ -75,6 +77,7 @@ from fundus_restore.perceptual import PerceptualLoss, discriminator_loss, genera
 from fundus_restore.ridges import RidgeFeatures
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import count_parameters, load_model, save_model
+from fundus_restore.tfevents import EventFileWriter
 
 # Every key a config may have, with its default. Unknown keys are refused (a typo
 # would otherwise silently train with the default). ``model.kwargs`` is free-form.
@@ -427,8 +430,10 @@ def _lines_up_to(path: Path, step: int | None, step_of: Callable[[str], int]) ->
 
 
 class ScalarLog:
-    """Scalars by step in ``scalars.csv`` and ``scalars.jsonl``; on resume, entries
-    after the checkpoint's step (logged by the interrupted run) are dropped."""
+    """Scalars by step in a TensorBoard event file, ``scalars.csv`` and ``scalars.jsonl``.
+    On resume, CSV and JSONL entries after the checkpoint's step (logged by the interrupted
+    run) are dropped; the old event files are left as they are and a new one starts after
+    that step, from which TensorBoard then drops what they logged beyond it."""
 
     CSV_HEADER = "wall_time,step,tag,value"
 
@@ -438,6 +443,7 @@ class ScalarLog:
         json_lines = _lines_up_to(self.jsonl_path, resume_step, lambda line: int(json.loads(line)["step"]))
         self.csv_path.write_text("".join(line + "\n" for line in [self.CSV_HEADER, *csv_lines]))
         self.jsonl_path.write_text("".join(line + "\n" for line in json_lines))
+        self.events = EventFileWriter(directory, start_step=0 if resume_step is None else resume_step + 1)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         now = time.time()
@@ -445,6 +451,7 @@ class ScalarLog:
             handle.writelines(f"{now:.3f},{step},{tag},{value:.7g}\n" for tag, value in scalars.items())
         with open(self.jsonl_path, "a") as handle:
             handle.write(json.dumps({"step": step, "wall_time": round(now, 3), **scalars}) + "\n")
+        self.events.add_scalars(step, scalars, now)
 
 
 @dataclass(frozen=True)
