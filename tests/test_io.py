@@ -139,6 +139,14 @@ def test_write_replaces_existing_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
 
 
+@pytest.mark.parametrize("name", ["view.png", "view.tif", "view.jpg"])
+def test_a_non_contiguous_image_is_written(tmp_path: Path, name: str) -> None:
+    image = np.random.default_rng(0).random((3, 12, 10)).astype(np.float32).transpose(1, 2, 0)
+    assert not image.flags.c_contiguous  # as a resize along the first axis leaves it
+    tolerance = 0.1 if name.endswith(".jpg") else 0.5 / 255
+    np.testing.assert_allclose(read_image(write_image(tmp_path / name, image)), image, atol=tolerance)
+
+
 def test_list_images_expands_folders_and_keeps_files(tmp_path: Path) -> None:
     for name in ["b.png", "a.TIF", "notes.txt", ".hidden.png"]:
         (tmp_path / name).write_bytes(b"x")

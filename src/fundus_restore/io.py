@@ -221,7 +221,8 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
     else:
         top = 2**bit_depth - 1
         samples = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
-    data = _encode(path, samples)
+    # The encoders take C-ordered samples only; a resized or transposed view is not.
+    data = _encode(path, np.ascontiguousarray(samples))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
