@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fundus_restore.degrade import add_gaussian_noise, bicubic_downsample, degrade_for_protocol
+from fundus_restore.degrade import add_gaussian_noise, downsample, degrade_for_protocol
 from fundus_restore.evaluate import load_clean
 from fundus_restore.inference import denoise, upscale
 from fundus_restore.matconvnet import load_matconvnet_dncnn
@@ -58,7 +58,7 @@ def main() -> None:
         scale = model.config.get("scale", 1)
         if scale == 1:
             return denoise(noisy_photos[index], model)
-        return upscale(bicubic_downsample(photos[index][0], scale), model=model)
+        return upscale(downsample(photos[index][0], scale), model=model)
 
     flat = [f"flat {level:g} {precision}" for precision in ("float32", "bfloat16") for level in LEVELS]
     print("mean error x255, R / G / B")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_restore.degrade import bicubic_downsample
+from fundus_restore.degrade import downsample
 from fundus_restore.evaluate import build_methods, load_clean
 from fundus_restore.io import list_images
 from fundus_restore.metrics import band_psnr, psnr
@@ -50,7 +50,7 @@ def main() -> None:
         bounds, scores = [], {m.name: [] for m in methods}
         for path in paths:
             clean = load_clean(path, crop)[0]
-            low = bicubic_downsample(clean, args.scale)
+            low = downsample(clean, args.scale)
             clean = clean[: low.shape[0] * args.scale, : low.shape[1] * args.scale]
             # Against all-zero output the error above the cutoff is the photo's own content there.
             bounds.append(band_psnr(clean, np.zeros_like(clean), cutoff)[1])

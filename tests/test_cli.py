@@ -86,6 +86,12 @@ def test_degrade_is_seeded_and_downsamples(photos: Path, tmp_path: Path):
     other_seed = tmp_path / "three"
     runner.invoke(app, ["degrade", str(good), "--sigma", "25", "--seed", "4", "--scale", "2", "-o", str(other_seed)])
     assert not np.array_equal(first, read_image(other_seed / good.name))
+    box = tmp_path / "box"
+    assert runner.invoke(app, ["degrade", str(good), "--sigma", "0", "--scale", "2", "--kernel", "box", "-o", str(box)]).exit_code == 0
+    clean = read_image(good)[:40, :50]
+    np.testing.assert_allclose(read_image(box / good.name), clean.reshape(20, 2, 25, 2, 3).mean(axis=(1, 3)), atol=0.501 / 255)
+    refused = runner.invoke(app, ["degrade", str(good), "--kernel", "nearest", "-o", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "unknown --kernel 'nearest'" in refused.output
 
 
 def test_import_weights_round_trip(tmp_path: Path):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from fundus_restore import data
 from fundus_restore.data import PatchSettings, PatchStream, split_images, validation_crops
-from fundus_restore.degrade import bicubic_downsample
+from fundus_restore.degrade import downsample
 
 
 def fundus_like(size: int, seed: int) -> np.ndarray:
@@ -195,21 +195,41 @@ def test_super_resolution_pairs_are_the_target_shrunk_like_the_whole_photograph(
     photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(data, "read_image", read_png)
-    batch = small_stream(photos, scale=4, sigma=0.0, clip_probability=0.0).batch(0)
-    assert batch.noisy.shape == (8, 3, 4, 4) and batch.clean.shape == (8, 3, 16, 16)
+    batch = small_stream(photos, scale=2, sigma=0.0, clip_probability=0.0).batch(0)
+    assert batch.noisy.shape == (8, 3, 8, 8) and batch.clean.shape == (8, 3, 16, 16)
     for low, high in zip(batch.noisy.numpy(), batch.clean.numpy()):
-        shrunk = bicubic_downsample(high.transpose(1, 2, 0), 4).transpose(2, 0, 1)
+        shrunk = downsample(high.transpose(1, 2, 0), 2).transpose(2, 0, 1)
         # Inside, the kernel reads only the target's own pixels; at the edge it reads the margin cut with it.
         np.testing.assert_allclose(low[:, 2:-2, 2:-2], shrunk[:, 2:-2, 2:-2], atol=1e-5)
+        assert np.abs(low - shrunk).max() > 1e-3  # the margin: not a shrink of the target alone
     with pytest.raises(ValueError, match="multiple of the scale"):
         PatchSettings(patch_size=18, scale=4)
+
+
+def test_super_resolution_patches_can_be_shrunk_by_random_kernels(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "read_image", read_png)
+    settings = {"scale": 2, "sigma": 0.0, "clip_probability": 0.0}
+    batch = small_stream(photos, **settings, lr_kernels=("box", "bicubic")).batch(0)
+    kernels = []
+    for low, high in zip(batch.noisy.numpy(), batch.clean.numpy()):
+        shrunk = {k: downsample(high.transpose(1, 2, 0), 2, k).transpose(2, 0, 1) for k in ("box", "bicubic")}
+        errors = {k: np.abs(low[:, 2:-2, 2:-2] - small[:, 2:-2, 2:-2]).max() for k, small in shrunk.items()}
+        kernels.append(min(errors, key=errors.get))
+        assert min(errors.values()) < 1e-5  # each input is the target shrunk by one of the kernels
+    assert set(kernels) == {"box", "bicubic"}
+    # The same seed and step give the same kernels (batch k stays a pure function of (seed, k)).
+    assert_same_batch(batch, small_stream(photos, **settings, lr_kernels=("box", "bicubic")).batch(0))
+    with pytest.raises(ValueError, match="lr_kernels must be a non-empty list"):
+        PatchSettings(patch_size=16, scale=4, lr_kernels=("nearest",))
 
 
 def test_super_resolution_validation_crops_shrink_the_crop(photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data, "read_image", read_png)
     paper, camera = validation_crops(photos[:1], crop=24, sigma=0.0, scale=4)[:2]
     assert paper.clean.shape == (24, 24, 3) and paper.noisy.shape == (6, 6, 3)
-    np.testing.assert_allclose(paper.noisy, bicubic_downsample(paper.clean, 4), atol=1e-6)
+    np.testing.assert_allclose(paper.noisy, downsample(paper.clean, 4), atol=1e-6)
     assert np.array_equal(camera.noisy, np.round(np.clip(camera.noisy, 0, 1) * 255) / 255)
 
 

@@ -6,7 +6,7 @@ from PIL import Image
 from skimage import data
 
 from fundus_restore.degrade import (
-    add_gaussian_noise, bicubic_downsample, bicubic_upsample, degrade_for_protocol, estimate_noise_sigma, quantize,
+    KERNELS, add_gaussian_noise, bicubic_upsample, degrade_for_protocol, downsample, estimate_noise_sigma, quantize,
 )
 
 
@@ -72,7 +72,7 @@ def test_quantize_rejects_bad_bits() -> None:
 @pytest.mark.parametrize("factor", [2, 3, 4])
 def test_downsample_agrees_with_pillow(retina_crop: np.ndarray, factor: int) -> None:
     image = retina_crop.astype(np.float32) / 255
-    small = bicubic_downsample(image, factor)
+    small = downsample(image, factor)
     height, width = 240 // factor, 312 // factor
     assert small.shape == (height, width, 3) and small.dtype == np.float32
     # Pillow's BICUBIC is the same antialiased a=-0.5 kernel but renormalises at the
@@ -96,32 +96,48 @@ def test_upsample_agrees_with_pillow(retina_crop: np.ndarray) -> None:
 
 def test_sizes_not_divisible_are_cropped_first() -> None:
     image = np.random.default_rng(0).random((103, 98, 3)).astype(np.float32)
-    small = bicubic_downsample(image, 4)
+    small = downsample(image, 4)
     assert small.shape == (25, 24, 3)
-    np.testing.assert_array_equal(small, bicubic_downsample(image[:100, :96], 4))
+    np.testing.assert_array_equal(small, downsample(image[:100, :96], 4))
     assert bicubic_upsample(small, 4).shape == (100, 96, 3)
+
+
+def test_box_kernel_averages_blocks_and_every_kernel_keeps_a_constant() -> None:
+    image = np.random.default_rng(0).random((24, 36, 3)).astype(np.float32)
+    blocks = image.reshape(6, 4, 9, 4, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(downsample(image, 4, "box"), blocks, atol=1e-6)
+    constant = np.full((32, 32), 0.6, dtype=np.float32)
+    for kernel in KERNELS:
+        np.testing.assert_allclose(downsample(constant, 4, kernel), 0.6, atol=1e-6)
+    # The kernels differ where it matters, at edges: an upscaler trained on all sees each.
+    edge = np.zeros((32, 32), dtype=np.float32)
+    edge[:, 15:] = 1
+    rows = {kernel: downsample(edge, 4, kernel)[4] for kernel in KERNELS}
+    assert len({tuple(np.round(row, 4)) for row in rows.values()}) == len(KERNELS)
+    with pytest.raises(ValueError, match="unknown resampling kernel 'nearest'"):
+        downsample(image, 4, "nearest")
 
 
 def test_constant_survives_down_and_up() -> None:
     constant = np.full((64, 48, 3), 0.37, dtype=np.float32)
-    small = bicubic_downsample(constant, 4)
+    small = downsample(constant, 4)
     np.testing.assert_allclose(small, 0.37, atol=1e-6)
     np.testing.assert_allclose(bicubic_upsample(small, 4), 0.37, atol=1e-6)
 
 
 def test_grey_and_factor_one() -> None:
     grey = np.random.default_rng(0).random((12, 16)).astype(np.float32)
-    assert bicubic_downsample(grey, 2).shape == (6, 8)
-    np.testing.assert_allclose(bicubic_downsample(grey, 1), grey, atol=1e-6)
+    assert downsample(grey, 2).shape == (6, 8)
+    np.testing.assert_allclose(downsample(grey, 1), grey, atol=1e-6)
 
 
 def test_bad_factor_or_tiny_image() -> None:
     with pytest.raises(ValueError, match="factor"):
-        bicubic_downsample(np.zeros((8, 8)), 0)
+        downsample(np.zeros((8, 8)), 0)
     with pytest.raises(ValueError, match="factor"):
         bicubic_upsample(np.zeros((8, 8)), 2.5)
     with pytest.raises(ValueError, match="smaller than the factor"):
-        bicubic_downsample(np.zeros((3, 8)), 4)
+        downsample(np.zeros((3, 8)), 4)
 
 
 def test_protocols_differ_only_by_clipping_and_quantisation() -> None:

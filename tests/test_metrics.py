@@ -6,7 +6,7 @@ import torch
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from fundus_restore.degrade import bicubic_downsample, bicubic_upsample
+from fundus_restore.degrade import downsample, bicubic_upsample
 from fundus_restore.metrics import band_psnr, image_quality, psnr, ssim, ssim_map
 
 
@@ -81,7 +81,7 @@ def test_band_psnr_bounds_an_upscaler_that_invents_nothing() -> None:
     reference's own content above it (the bound for a method that invents nothing) it
     does no better."""
     reference = data.retina()[400:656, 480:736].astype(np.float64) / 255
-    upscaled = bicubic_upsample(bicubic_downsample(reference, 4), 4)
+    upscaled = bicubic_upsample(downsample(reference, 4), 4)
     below, above = band_psnr(reference, upscaled, 1 / 8)
     bound = band_psnr(reference, np.zeros_like(reference), 1 / 8)[1]
     assert below > above + 3

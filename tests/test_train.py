@@ -19,6 +19,7 @@ from fundus_restore.models import create_model
 from fundus_restore.pretrained import load_model, save_model
 from fundus_restore.train import (
     DEFAULT_CONFIG,
+    Placement,
     Trainer,
     TrainingError,
     build_model,
@@ -429,6 +430,29 @@ def test_super_resolution_run_lowers_the_loss_and_writes_an_upscaler(photo_dir: 
     assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
 
 
+def test_an_upscaler_can_learn_from_a_denoisers_outputs(photo_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    denoiser_file = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "denoiser.safetensors")
+    config = load_config(sr_config(photo_dir, tmp_path / "sr", steps=3, **{"data.lr_denoiser": str(denoiser_file)}))
+    trainer = Trainer(config, Placement(0, 1, torch.device("cpu")))
+    noisy, sigma = torch.rand(2, 3, 8, 8), torch.full((2,), 0.1)
+    torch.testing.assert_close(trainer.model_input(noisy, sigma), load_model(denoiser_file)(noisy, sigma))
+    assert not trainer.model_input(noisy, sigma).requires_grad
+    images = sorted(photo_dir.iterdir())
+    plain = next(calibration_batches(config | {"data": config["data"] | {"lr_denoiser": None}}, images, 0))
+    denoised = next(calibration_batches(config, images, 0))  # re-centring sees what training saw
+    torch.testing.assert_close(denoised.noisy, load_model(denoiser_file)(plain.noisy, plain.sigma))
+
+    card = json.loads((train_from_config(config).with_suffix(".json")).read_text())
+    assert card["recipe"]["lr_denoiser"] == str(denoiser_file) and card["recipe"]["lr_kernels"] == ["bicubic"]
+    with pytest.raises(TrainingError, match="data: lr_kernels must be a non-empty list"):
+        load_config(sr_config(photo_dir, tmp_path / "k", **{"data.lr_kernels": ["nearest"]}))
+    with pytest.raises(TrainingError, match="data.lr_denoiser .* needs data.scale > 1"):
+        load_config(tiny_config(photo_dir, tmp_path / "dn", **{"data.lr_denoiser": str(denoiser_file)}))
+    with pytest.raises(TrainingError, match="data.lr_denoiser: srresnet-x4-retina is not a denoiser"):
+        train_from_config(sr_config(photo_dir, tmp_path / "bad", **{"data.lr_denoiser": "srresnet-x4-retina"}))
+
+
 def test_adversarial_training_alternates_after_pretraining_and_resumes_exactly(photo_dir: Path, tmp_path: Path) -> None:
     changes = {"steps": 6, "checkpoint_every": 2, "adversarial.weight": 1e-3, "adversarial.start_step": 2,
                "adversarial.discriminator_width": 8, "schedule.decay": "none"}  # the same rates when stopped at 4
@@ -446,18 +470,28 @@ def test_adversarial_training_alternates_after_pretraining_and_resumes_exactly(p
         assert torch.equal(a, b)
 
 
-def test_vessel_perceptual_loss_trains_and_is_logged(photo_dir: Path, tmp_path: Path) -> None:
-    output = tmp_path / "ridges"
-    train_from_config(sr_config(photo_dir, output, steps=3, **{"perceptual.features": "vessels",
-                                                                "perceptual.feature_scale": 10.0}))
+# Ridge feature MSEs are thousands of times smaller than the U-Net's (see VesselUNetFeatures): scaled up.
+@pytest.mark.parametrize(("features", "feature_scale"), [("vessels", 10.0), ("vessels-unet", 1 / 12.75)])
+def test_vessel_perceptual_loss_trains_and_is_logged(
+    photo_dir: Path, tmp_path: Path, features: str, feature_scale: float
+) -> None:
+    output = tmp_path / features
+    train_from_config(sr_config(photo_dir, output, steps=2, **{"perceptual.features": features,
+                                                                "perceptual.feature_scale": feature_scale}))
     assert all(value > 0 for _, value in logged(output, "train/perceptual"))
     card = json.loads((output / "model.json").read_text())
-    assert card["recipe"]["loss"]["perceptual"]["features"] == "vessels"
+    assert card["recipe"]["loss"]["perceptual"]["features"] == features
 
 
-def test_vgg_perceptual_loss_without_weights_is_refused_before_training(photo_dir: Path, tmp_path: Path) -> None:
-    config = sr_config(photo_dir, tmp_path / "vgg", **{"perceptual.features": "vgg19"})
-    with pytest.raises(TrainingError, match="--vgg-weights"):
+@pytest.mark.parametrize(("features", "message"), [
+    ("vgg19", "--vgg-weights"),  # no weights given
+    ("vgg16", "must be one of null, 'vgg19', 'vessels', 'vessels-unet'; got 'vgg16'"),
+])
+def test_perceptual_loss_without_weights_or_unknown_is_refused_before_training(
+    photo_dir: Path, tmp_path: Path, features: str, message: str
+) -> None:
+    config = sr_config(photo_dir, tmp_path / "vgg", **{"perceptual.features": features})
+    with pytest.raises(TrainingError, match=message):
         train_from_config(config)
 
 

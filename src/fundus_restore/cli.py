@@ -252,23 +252,30 @@ def degrade(
     out: OutDir,
     sigma: SigmaOption = 25.0,
     seed: SeedOption = 0,
-    scale: Annotated[int, typer.Option(help="Bicubic downsampling factor applied before the noise (1 = none).")] = 1,
+    scale: Annotated[int, typer.Option(help="Downsampling factor applied before the noise (1 = none).")] = 1,
+    kernel: Annotated[
+        str, typer.Option(help="Antialiased downsampling kernel: bicubic, bilinear, box or lanczos3 (MATLAB's imresize).")
+    ] = "bicubic",
     clip: Annotated[
         bool, typer.Option(help="Clip and quantise to the input's bit depth (camera); --no-clip writes float32 TIFF.")
     ] = True,
 ) -> None:
-    """Make degraded copies: bicubic downsampling by --scale, then seeded Gaussian noise.
+    """Make degraded copies: downsampling by --scale (bicubic by default), then seeded Gaussian noise.
 
     By default the noisy images are clipped and quantised to the input's bit depth,
     as a camera's files are; --no-clip keeps the paper's unclipped noise in 32-bit
     float TIFF files (NAME.tif)."""
-    from fundus_restore.degrade import add_gaussian_noise, bicubic_downsample
+    from fundus_restore.degrade import KERNELS, add_gaussian_noise, downsample
     from fundus_restore.io import image_bit_depth, read_image, write_image
+
+    if kernel not in KERNELS:
+        _report_error(f"unknown --kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        raise typer.Exit(2)
 
     def handle(index: int, path: Path) -> None:
         image = read_image(path)
         if scale > 1:
-            image = bicubic_downsample(image, scale)
+            image = downsample(image, scale, kernel)
         if sigma > 0:
             image = add_gaussian_noise(image, sigma, seed=seed + index, clip=clip)
         if clip:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fundus_restore.degrade import PROTOCOLS, bicubic_downsample, degrade_for_protocol, quantize
+from fundus_restore.degrade import KERNELS, PROTOCOLS, degrade_for_protocol, downsample, quantize
 from fundus_restore.evaluate import centre_square, load_clean
 from fundus_restore.fov import crop_to_fov
 from fundus_restore.io import read_header, read_image
@@ -92,6 +92,9 @@ class PatchSettings:
     # "image": every photograph gives as many patches | "area": photographs are drawn in
     # proportion to their pixel count, so every pixel is equally likely.
     sampling: str = "image"
+    # With scale > 1, the kernels that shrink the patches (``degrade.KERNELS``), one drawn
+    # per patch: real low-resolution cameras follow no single one.
+    lr_kernels: tuple[str, ...] = ("bicubic",)
 
     def __post_init__(self) -> None:
         low, high = self.sigma_range
@@ -107,6 +110,9 @@ class PatchSettings:
             raise ValueError(f"patch_size {self.patch_size} is not a multiple of the scale {self.scale}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        unknown = [k for k in self.lr_kernels if k not in KERNELS]
+        if not self.lr_kernels or unknown:
+            raise ValueError(f"lr_kernels must be a non-empty list of {', '.join(KERNELS)}, got {list(self.lr_kernels)}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         if self.targets == "vessels" and self.scale != 1:
@@ -304,7 +310,10 @@ class PatchStream(IterableDataset):
             clean[index] = patch[margin : margin + size, margin : margin + size]
             if scale > 1:
                 reach = margin // scale
-                inputs[index] = bicubic_downsample(patch, scale)[reach : reach + low, reach : reach + low]
+                # One kernel draws nothing, so that the default stream stays what it always was.
+                kernels = settings.lr_kernels
+                kernel = kernels[0] if len(kernels) == 1 else kernels[rng.integers(len(kernels))]
+                inputs[index] = downsample(patch, scale, kernel)[reach : reach + low, reach : reach + low]
         if settings.targets == "vessels":  # photo channels in, the vessel map channel out
             inputs, clean = clean[..., :-1], clean[..., -1:]
         sigma = rng.uniform(*settings.sigma_range, size=len(clean)).astype(np.float32) / 255.0
@@ -370,7 +379,7 @@ def validation_crops(
             if targets == "vessels":  # the photo is the input, its vessel map the target
                 low, clean = clean[..., :-1], clean[..., -1:]
             elif scale > 1:
-                low = bicubic_downsample(clean, scale)  # cropped to a multiple of the scale first
+                low = downsample(clean, scale)  # cropped to a multiple of the scale first
                 height, width = low.shape[0] * scale, low.shape[1] * scale
                 clean, mask = clean[:height, :width], mask[:height, :width]
             for protocol in protocols:

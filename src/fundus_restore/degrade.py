@@ -1,11 +1,14 @@
 """Synthetic degradations of clean [0, 1] float32 images: white Gaussian noise,
 quantisation to a file's bit depth, and bicubic down/up-sampling as MATLAB's
-``imresize`` does it (the convention of the denoising and super-resolution papers);
+``imresize`` does it (the convention of the denoising and super-resolution papers;
+its box, bilinear and Lanczos kernels shrink too, as other cameras might);
 and the estimate of a photograph's noise level, to tell whether a model trained at
 one level suits it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -80,18 +83,41 @@ def _cubic(x: np.ndarray) -> np.ndarray:
     return near + far
 
 
-def _resize_taps(in_length: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Input indices and weights (both out_length × taps) of MATLAB's ``imresize``
-    bicubic along one axis: pixel centres aligned, the kernel widened by 1/scale when
-    shrinking (antialiasing), weights normalised, borders mirrored (symmetric)."""
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(1.0 - np.abs(x), 0.0)
+
+
+def _box(x: np.ndarray) -> np.ndarray:
+    return ((-0.5 <= x) & (x < 0.5)).astype(np.float64)
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    return np.sinc(x) * np.sinc(x / 3.0) * (np.abs(x) < 3.0)
+
+
+# The interpolation kernels of MATLAB's imresize, with their half-widths: real low-resolution
+# cameras follow no single one, so super-resolution can train on all (data.lr_kernels).
+KERNELS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
+    "bicubic": (_cubic, 2.0),
+    "bilinear": (_triangle, 1.0),
+    "box": (_box, 0.5),
+    "lanczos3": (_lanczos3, 3.0),
+}
+
+
+def _resize_taps(in_length: int, scale: float, kernel: str = "bicubic") -> tuple[np.ndarray, np.ndarray]:
+    """Input indices and weights (both out_length × taps) of MATLAB's ``imresize`` along
+    one axis: pixel centres aligned, the kernel widened by 1/scale when shrinking
+    (antialiasing), weights normalised, borders mirrored (symmetric)."""
+    function, half_width = KERNELS[kernel]
     out_length = round(in_length * scale)
-    kernel_width = 4.0 / scale if scale < 1 else 4.0
+    kernel_width = 2.0 * half_width / scale if scale < 1 else 2.0 * half_width
     # Centre of each output pixel in input coordinates (1-based, as MATLAB writes it).
     centres = np.arange(1, out_length + 1) / scale + 0.5 * (1.0 - 1.0 / scale)
     first = np.floor(centres - kernel_width / 2.0)
     indices = first[:, None] + np.arange(int(np.ceil(kernel_width)) + 2)
     distances = centres[:, None] - indices
-    weights = scale * _cubic(scale * distances) if scale < 1 else _cubic(distances)
+    weights = scale * function(scale * distances) if scale < 1 else function(distances)
     weights /= weights.sum(axis=1, keepdims=True)
     # Mirror indices that fall outside the input: ..., 2, 1, | 1, 2, ..., n, | n, n-1, ...
     period = 2 * in_length
@@ -100,9 +126,9 @@ def _resize_taps(in_length: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     return indices, weights.astype(np.float32)
 
 
-def _resize_axis(image: np.ndarray, axis: int, scale: float) -> np.ndarray:
+def _resize_axis(image: np.ndarray, axis: int, scale: float, kernel: str) -> np.ndarray:
     moved = np.moveaxis(image, axis, 0)
-    indices, weights = _resize_taps(moved.shape[0], scale)
+    indices, weights = _resize_taps(moved.shape[0], scale, kernel)
     # One tap at a time keeps memory at one output-sized array (a 2196×1958 photo has 18 taps at ×1/4).
     extra_axes = (1,) * (moved.ndim - 1)
     resized = np.zeros((indices.shape[0], *moved.shape[1:]), dtype=np.float32)
@@ -111,11 +137,13 @@ def _resize_axis(image: np.ndarray, axis: int, scale: float) -> np.ndarray:
     return np.moveaxis(resized, 0, axis)
 
 
-def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+def _resize(image: np.ndarray, scale: float, kernel: str = "bicubic") -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
     if image.ndim not in (2, 3):
         raise ValueError(f"expected an H×W or H×W×C image, got shape {image.shape}")
-    return _resize_axis(_resize_axis(image, 0, scale), 1, scale)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown resampling kernel {kernel!r}; known: {', '.join(KERNELS)}")
+    return _resize_axis(_resize_axis(image, 0, scale, kernel), 1, scale, kernel)
 
 
 def _check_factor(factor: int) -> None:
@@ -123,8 +151,9 @@ def _check_factor(factor: int) -> None:
         raise ValueError(f"the scale factor must be a positive integer, not {factor!r}")
 
 
-def bicubic_downsample(image: np.ndarray, factor: int = 4) -> np.ndarray:
-    """Shrink by an integer ``factor`` with antialiased bicubic, as MATLAB's ``imresize(x, 1/factor)``.
+def downsample(image: np.ndarray, factor: int = 4, kernel: str = "bicubic") -> np.ndarray:
+    """Shrink by an integer ``factor`` with an antialiased kernel, as MATLAB's ``imresize(x, 1/factor)``:
+    bicubic by default, or another of ``KERNELS`` (``box`` averages factor×factor blocks).
 
     Height and width are first cropped (bottom and right) to multiples of ``factor``,
     the usual "modcrop" of super-resolution benchmarks, so that down- and up-sampling
@@ -135,7 +164,7 @@ def bicubic_downsample(image: np.ndarray, factor: int = 4) -> np.ndarray:
     cropped = np.asarray(image)[: height - height % factor, : width - width % factor]
     if cropped.shape[0] == 0 or cropped.shape[1] == 0:
         raise ValueError(f"an image of {height}×{width} is smaller than the factor {factor}")
-    return _resize(cropped, 1.0 / factor)
+    return _resize(cropped, 1.0 / factor, kernel)
 
 
 def bicubic_upsample(image: np.ndarray, factor: int = 4) -> np.ndarray:

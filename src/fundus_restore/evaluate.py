@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_restore.degrade import PROTOCOLS, bicubic_downsample, bicubic_upsample, degrade_for_protocol
+from fundus_restore.degrade import PROTOCOLS, downsample, bicubic_upsample, degrade_for_protocol
 from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
@@ -308,7 +308,7 @@ def evaluate_images(
         clean, mask, expert = load_clean(path, crop_size)
         low = clean
         if scale > 1:
-            low = bicubic_downsample(clean, scale)
+            low = downsample(clean, scale)
             height, width = low.shape[0] * scale, low.shape[1] * scale
             clean, mask = clean[:height, :width], mask[:height, :width]
             expert = None if expert is None else expert[:height, :width]

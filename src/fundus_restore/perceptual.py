@@ -8,6 +8,8 @@ paper's VGG54; any frozen network that maps images to feature maps will do.
 ``fundus_restore.ridges.RidgeFeatures`` is the vessel-aware one that needs no
 ImageNet weights: the multi-scale Hessian ridge responses of the green channel that
 the classical vessel segmenter thresholds, so the loss compares what makes a vessel a vessel.
+``VesselUNetFeatures`` is the learned counterpart: the feature maps of the bundled
+vessel segmenter ``vessels-unet``.
 
 Feature maps are multiplied by ``feature_scale`` before the MSE; the paper's 1/12.75
 brings VGG losses to the scale of the pixel MSE.
@@ -27,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fundus_restore.losses import channel_weighted_mse
-from fundus_restore.pretrained import WeightsError
+from fundus_restore.pretrained import WeightsError, load_model
+from fundus_restore.ridges import RidgeFeatures
+from fundus_restore.vessels import LEARNED_SEGMENTER
 
 SRGAN_FEATURE_SCALE = 1 / 12.75
 ADVERSARIAL_WEIGHT = 1e-3
@@ -87,6 +91,39 @@ class PerceptualLoss(nn.Module):
         return f"feature_scale={self.feature_scale:.4g}"
 
 
+class VesselUNetFeatures(nn.Module):
+    """The frozen learned vessel segmenter's features (``VesselUNet.features``): each
+    encoder level's output and the vessel logits. N×3×H×W in, a list of maps out.
+
+    The encoder levels are the segmenter's multi-scale description of the image (from
+    edges at full size to vessel context at 1/8, as VGG's layers are for ImageNet); the
+    logits are its decision, which a restoration must keep. The decoder's maps are
+    left out: they mix the encoder's again on the way to the logits.
+
+    The images are fed as ``vessels.learned_vesselness`` feeds the segmenter and as
+    it was trained: RGB on [0, 1] as is, no mean or deviation normalisation, no clipping.
+    That function also resizes photos to DRIVE's scale (565 px wide); a training
+    patch's photo size is unknown here, so patches are seen at their own scale, as
+    with ``RidgeFeatures()``.
+
+    The unscaled loss (the mean over the five maps, the logits' MSE the largest) is about
+    100 times the pixel MSE: on 64-px DRIVE crops σ = 25 noise gives 1.0–1.3 against a
+    pixel MSE of 0.0095, so the default ``feature_scale`` 1/12.75 (for VGG's features)
+    brings it to the pixel MSE's order; the ridge features' is some 4000 times smaller.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.segmenter = load_model(LEARNED_SEGMENTER).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.segmenter.features(x)
+
+
+# The perceptual features that need no ImageNet weights, by their config name (``perceptual.features``).
+VESSEL_FEATURES: dict[str, type[nn.Module]] = {"vessels": RidgeFeatures, "vessels-unet": VesselUNetFeatures}
+
+
 class GeneratorLoss(NamedTuple):
     """The generator's loss (``total``, to minimise) and its terms, for logging.
 
@@ -105,7 +142,7 @@ def generator_loss(
     hr: torch.Tensor,
     fake_logits: torch.Tensor | None = None,
     *,
-    pixel_weights: Sequence[float] = EQUAL_WEIGHTS,
+    pixel_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     perceptual: PerceptualLoss | None = None,
     adversarial_weight: float = ADVERSARIAL_WEIGHT,
 ) -> GeneratorLoss:
@@ -113,11 +150,12 @@ def generator_loss(
 
     ``sr`` is the generator's output and ``hr`` the ground truth (N×C×H×W);
     ``fake_logits`` the discriminator's logits on ``sr`` (None, as in SRResNet
-    pre-training, leaves the adversarial term out). ``pixel_weights`` are the channel
-    weights of the pixel MSE: equal, or ``GREEN_WEIGHTS`` (1:3:2) for vessel contrast.
+    pre-training, leaves the adversarial term out). ``pixel_loss(sr, hr)`` is the pixel
+    term: plain MSE by default, or the criterion a restoration trains on, e.g.
+    ``ChannelWeightedMSE(GREEN_WEIGHTS, vessel_weight)`` for vessel contrast.
     """
     zero = sr.new_zeros(())
-    pixel = channel_weighted_mse(sr, hr, pixel_weights)
+    pixel = channel_weighted_mse(sr, hr, EQUAL_WEIGHTS) if pixel_loss is None else pixel_loss(sr, hr)
     perceptual_term = perceptual(sr, hr) if perceptual is not None else zero
     if fake_logits is None:
         adversarial = zero

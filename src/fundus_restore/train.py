@@ -26,9 +26,11 @@ CUDA and bfloat16 mixed precision are used when present; `mixed_precision: bfloa
 also trains in bfloat16 on a CPU that has it.
 
 Super-resolution (SRResNet, SRGAN) trains the same way with ``data.scale`` > 1
-(low-resolution inputs shrunk from the high-resolution patches, see ``data``). Its
+(low-resolution inputs shrunk from the high-resolution patches, see ``data``; with
+``data.lr_denoiser`` a frozen denoiser restores the noisy small inputs first, the
+paper's pipeline, ``configs/srresnet-denoised.yaml``). Its
 content loss may add a ``perceptual`` term (VGG19 features from a local weights file)
-(or the vessel-aware Hessian ridge features, which need no weights)
+(or vessel-aware features, which need no ImageNet weights: Hessian ridges or the vessel U-Net's maps)
 and an ``adversarial`` one: with ``adversarial.weight`` > 0 an SRGAN discriminator
 is trained in alternation with the generator after ``adversarial.start_step``
 content-only (pre-training) steps. The discriminator, its optimizer and schedule are
@@ -73,8 +75,7 @@ from fundus_restore.losses import ChannelWeightedMSE, VesselSegmentationLoss
 from fundus_restore.metrics import image_quality
 from fundus_restore.evaluate import mean_of_finite
 from fundus_restore.vessel_metrics import dice, segmentation_auc, vessel_preservation
-from fundus_restore.perceptual import PerceptualLoss, discriminator_loss, generator_loss
-from fundus_restore.ridges import RidgeFeatures
+from fundus_restore.perceptual import VESSEL_FEATURES, PerceptualLoss, discriminator_loss, generator_loss
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import count_parameters, load_model, save_model
 from fundus_restore.tfevents import EventFileWriter
@@ -113,6 +114,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "targets": "clean",  # or "vessels": train a segmenter on the expert maps beside the photos
         "gain": None,  # [low, high]: random per-channel brightness of the clean patches, clipped to [0, 1]
         "sampling": "image",  # or "area": photographs drawn in proportion to pixel count (every pixel equally likely)
+        # Super-resolution as the paper's second stage: a denoiser (bundled name or file) restores the
+        # noisy small patches first, and the upscaler learns from its outputs (null: from the noisy ones).
+        "lr_denoiser": None,
+        # With scale > 1: the kernels that shrink the patches, one drawn per patch (degrade.KERNELS:
+        # bicubic, bilinear, box, lanczos3), for upscalers that suit more than one camera.
+        "lr_kernels": ["bicubic"],
     },
     # vessels: also thin-vessel recall, contrast retention and spurious rate of restorations
     # (the clean crop's segmentation as reference), e.g. for the vessel-loss search.
@@ -121,7 +128,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # | vessel_segmentation (BCE + dice_weight × soft Dice)
     "loss": {"name": "channel_weighted_mse", "weights": [1.0, 1.0, 1.0], "vessel_weight": 0.0, "dice_weight": 1.0},
     # Content loss term on features: features null | vgg19 (SRGAN's VGG54, needs vgg_weights)
-    # | vessels (multi-scale Hessian ridges of the green channel: no weights needed).
+    # | vessels (multi-scale Hessian ridges of the green channel) | vessels-unet (the bundled
+    # vessel U-Net's encoder maps and logits): these two need no ImageNet weights.
     "perceptual": {"features": None, "vgg_weights": None, "layer": "relu5_4", "feature_scale": 1 / 12.75},
     # weight > 0 trains an SRGAN discriminator against the model from start_step on.
     "adversarial": {"weight": 0.0, "start_step": 0, "discriminator_width": 64, "lr": None},
@@ -242,6 +250,8 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
     if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
         raise TrainingError(f"data.scale must be a positive integer dividing data.patch_size, got {data['scale']!r}")
+    if data["lr_denoiser"] is not None and (data["scale"] == 1 or not np.any(data["sigma"])):
+        raise TrainingError("data.lr_denoiser restores noisy small inputs: it needs data.scale > 1 and data.sigma > 0")
     try:
         _patch_settings(data)  # refuse bad patch settings before any output is written
     except (ValueError, TypeError) as error:
@@ -361,12 +371,18 @@ def calibrate_on_training_data(model: nn.Module, config: Mapping[str, Any], imag
 
 def calibration_batches(config: Mapping[str, Any], images: list[Path], start_step: int) -> Iterator[PatchBatch]:
     """``calibration_patches`` fresh patches of the run's training images (batches of its size,
-    after step ``start_step``), each batch from new photographs to spread them widely."""
+    after step ``start_step``), each batch from new photographs to spread them widely; with
+    ``data.lr_denoiser`` their inputs are that denoiser's outputs, as in training."""
     batch_size = config["batch_size"]
     settings = _patch_settings(config["data"])
     settings = replace(settings, patches_per_image=max(1, batch_size // settings.images_per_group))
     stream = PatchStream(images, batch_size=batch_size, settings=settings, seed=config["seed"], start_step=start_step)
-    return (stream.batch(start_step + k) for k in range(math.ceil(config["calibration_patches"] / batch_size)))
+    batches = (stream.batch(start_step + k) for k in range(math.ceil(config["calibration_patches"] / batch_size)))
+    denoiser = _input_denoiser(config["data"]["lr_denoiser"], torch.device("cpu"))
+    if denoiser is None:
+        return batches
+    # Frozen weights and inputs that need no gradient: no graph is built.
+    return (batch._replace(noisy=denoiser(batch.noisy, batch.sigma)) for batch in batches)
 
 
 def _random_states() -> dict[str, Any]:
@@ -493,15 +509,28 @@ def _placement(device_name: str) -> Iterator[Placement]:
 # ----------------------------------------------------------------------------- trainer
 
 
+def _input_denoiser(name_or_path: str | None, device: torch.device) -> nn.Module | None:
+    """The frozen denoiser of ``data.lr_denoiser``, or None."""
+    if name_or_path is None:
+        return None
+    from fundus_restore.inference import check_denoiser
+
+    try:
+        return check_denoiser(load_model(name_or_path)).requires_grad_(False).to(device)
+    except ValueError as error:  # WeightsError is one
+        raise TrainingError(f"data.lr_denoiser: {error}") from None
+
+
 def _perceptual_loss(settings: Mapping[str, Any], device: torch.device) -> PerceptualLoss | None:
     """The configured feature loss, refusing before training where its weights are missing."""
     features = settings["features"]
     if features is None:
         return None
-    if features == "vessels":
-        return PerceptualLoss(RidgeFeatures(), settings["feature_scale"]).to(device)
+    if features in VESSEL_FEATURES:
+        return PerceptualLoss(VESSEL_FEATURES[features](), settings["feature_scale"]).to(device)
     if features != "vgg19":
-        raise TrainingError(f"perceptual.features must be null, 'vgg19' or 'vessels', got {features!r}")
+        choices = ", ".join(repr(choice) for choice in ("vgg19", *VESSEL_FEATURES))
+        raise TrainingError(f"perceptual.features must be one of null, {choices}; got {features!r}")
     if settings["vgg_weights"] is None:
         raise TrainingError(
             "perceptual.features 'vgg19' needs ImageNet VGG19 weights: give a local file in torchvision's "
@@ -534,6 +563,7 @@ class Trainer:
             else ChannelWeightedMSE(loss["weights"], loss["vessel_weight"])
         ).to(placement.device)
         self.perceptual = _perceptual_loss(config["perceptual"], placement.device)
+        self.input_denoiser = _input_denoiser(config["data"]["lr_denoiser"], placement.device)
         optimizer_config, schedule = config["optimizer"], config["schedule"]
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=optimizer_config["lr"], weight_decay=optimizer_config["weight_decay"]
@@ -577,7 +607,8 @@ class Trainer:
         """
         device = self.placement.device
         noisy, clean, sigma = (t.to(device, non_blocking=True) for t in (noisy, clean, sigma))
-        noisy = noisy.contiguous(memory_format=torch.channels_last)
+        # The input denoiser runs in float32, as `restore` runs it, not under the model's autocast.
+        noisy = self.model_input(noisy, sigma).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             restored = self.network(noisy, sigma)
         terms: dict[str, torch.Tensor] = {}
@@ -600,7 +631,7 @@ class Trainer:
             loss = self.criterion(restored.float(), clean)
         else:
             parts = generator_loss(
-                restored.float(), clean, fake_logits, pixel_weights=self.criterion.weights,
+                restored.float(), clean, fake_logits, pixel_loss=self.criterion,
                 perceptual=self.perceptual, adversarial_weight=self.adversarial["weight"],
             )
             loss = parts.total
@@ -614,6 +645,11 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return {"loss": value} | reported | {name: self._averaged(term) for name, term in terms.items()}
+
+    @torch.no_grad()
+    def model_input(self, noisy: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """What the model restores: ``noisy``, or with ``data.lr_denoiser`` that denoiser's output."""
+        return noisy if self.input_denoiser is None else self.input_denoiser(noisy, sigma)
 
     def _averaged(self, value: torch.Tensor) -> float:
         reported = value.detach().float().clone()
@@ -647,7 +683,7 @@ class Trainer:
             noisy = torch.from_numpy(crop.noisy.transpose(2, 0, 1)[None].copy()).to(self.placement.device)
             # In float32 (bfloat16 would cap PSNR near the values being measured) and not
             # clipped, like the restorations `evaluate` scores, so that the numbers agree.
-            restored_image = model(noisy, crop.sigma)[0].permute(1, 2, 0).cpu().numpy()
+            restored_image = model(self.model_input(noisy, crop.sigma), crop.sigma)[0].permute(1, 2, 0).cpu().numpy()
             if self.segmentation:  # logits of the vessel map against the expert's
                 probability, truth = 1 / (1 + np.exp(-restored_image[..., 0])), crop.clean[..., 0] > 0.5
                 fov = crop.mask.astype(bool)
@@ -751,6 +787,7 @@ def _patch_settings(data: Mapping[str, Any]) -> PatchSettings:
         targets=data["targets"],
         gain=None if data["gain"] is None else tuple(data["gain"]),
         sampling=data["sampling"],
+        lr_kernels=tuple(data["lr_kernels"]),
     )
 
 
@@ -838,6 +875,8 @@ def _model_card(
                 "adversarial": config["adversarial"] if trainer.discriminator is not None else None,
             },
             "scale": data["scale"],
+            "lr_denoiser": data["lr_denoiser"],
+            "lr_kernels": data["lr_kernels"],
             "noise": {
                 "sigma": data["sigma"],
                 "clip_probability": data["clip_probability"],

@@ -4,7 +4,8 @@ Four levels of two 3×3 convolutions (``widths`` 16, 32, 64, 128 by default) wit
 batch norm and ReLU, 2×2 max pooling down, bilinear upsampling and concatenation
 with the encoder's maps up, and a 1×1 convolution to one map of vessel logits
 (``torch.sigmoid`` gives the probability). ``forward(x, sigma=None)`` keeps the
-models' contract; ``sigma`` is ignored.
+models' contract; ``sigma`` is ignored. ``features(x)`` gives the encoder's maps
+with the logits, for the vessel-aware perceptual loss (``perceptual.VesselUNetFeatures``).
 
 Any input size works: the image is padded (by replication) to a multiple of the
 pooling factor and the logits cropped back. Small on purpose — about 0.49 M
@@ -53,7 +54,8 @@ class VesselUNet(nn.Module):
         # Two 3×3 convolutions per level, at strides 1, 2, 4, ... down and up again.
         self.receptive_field_radius = sum(2 * 2**level for level in range(len(widths))) * 2
 
-    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The encoder's maps at the padded size, and the logits cropped to the input's size."""
         height, width = x.shape[-2:]
         pad_bottom, pad_right = -height % self.factor, -width % self.factor
         if pad_bottom or pad_right:
@@ -65,7 +67,21 @@ class VesselUNet(nn.Module):
         for level, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = level(torch.cat([skip, x], dim=1))
-        return self.head(x)[..., :height, :width]
+        return skips, self.head(x)[..., :height, :width]
+
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x)[1]
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's output at each level, then the vessel logits, from one pass.
+
+        Level ``i`` is ``widths[i]`` × ceil(H / 2^i) × ceil(W / 2^i) (the padding
+        cropped off); the logits are 1 × H × W, as ``forward`` returns them.
+        """
+        height, width = x.shape[-2:]
+        skips, logits = self._run(x)
+        cropped = [skip[..., : -(-height // 2**i), : -(-width // 2**i)] for i, skip in enumerate(skips)]
+        return cropped + [logits]
 
     def fold_batch_norm(self) -> VesselUNet:
         """The same function without batch norm layers (eval-mode statistics folded in)."""
