@@ -531,3 +531,116 @@ def test_vessel_segmenter_learns_the_expert_maps(drive_like_dir: Path, tmp_path:
 def test_targets_and_loss_must_match() -> None:
     with pytest.raises(TrainingError, match="trains with loss.name 'vessel_segmentation'"):
         load_config({"data": {"targets": "vessels"}})
+
+
+def kill_after_checkpoint(config_path: Path, at_step: int, log: Path) -> int | None:
+    """Run ``python -m fundus_restore train`` on the config and SIGKILL it once its checkpoint
+    holds step ``at_step`` or later; returns that checkpoint's step, or None when the kill
+    came too late (the run had finished training first)."""
+    import signal
+    import time
+
+    config = load_config(config_path)
+    output = Path(config["output"])
+    checkpoint = output / "checkpoint.pt"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fundus_restore", "train", str(config_path)],
+            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    deadline = time.monotonic() + 60
+    # Written atomically (temporary file, then rename): a visible checkpoint must always load.
+    while process.poll() is None and not (checkpoint.exists() and load_checkpoint(checkpoint)["step"] >= at_step):
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail(f"no checkpoint of step {at_step} within 60 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.005)
+    process.kill()  # nothing if it has exited
+    process.wait(timeout=30)
+    assert process.returncode in (0, -signal.SIGKILL), log.read_text()[-3000:]
+    step = load_checkpoint(checkpoint)["step"]
+    finished = process.returncode == 0 or step >= config["steps"] or (output / "model.safetensors").exists()
+    return None if finished else step
+
+
+@pytest.mark.slow
+def test_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_one(photo_dir: Path, tmp_path: Path) -> None:
+    """A real kill (SIGKILL of ``fundus_restore train``, no Python cleanup, possibly mid-write)
+    then ``--resume`` ends bit for bit where an uninterrupted run ends, leaves no temporary
+    files and logs each step once. A run that finished before the kill proves nothing: it
+    is retried longer."""
+    import yaml
+
+    for steps in (200, 1000):  # about 7 ms a step: the kill at step 10 lands well inside
+        config = tiny_config(photo_dir, tmp_path / f"killed-{steps}", steps=steps, checkpoint_every=5, log_every=5,
+                             validate_every=steps)
+        config_path = tmp_path / f"killed-{steps}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        killed_at = kill_after_checkpoint(config_path, 10, tmp_path / f"killed-{steps}.log")
+        if killed_at is not None:
+            break
+    else:
+        pytest.fail("every run finished training before it could be killed")
+    assert killed_at % 5 == 0 and 10 <= killed_at < steps
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fundus_restore", "train", str(config_path), "--resume"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = train_from_config(tiny_config(photo_dir, tmp_path / "straight", steps=steps, checkpoint_every=5,
+                                             log_every=5, validate_every=steps))
+
+    output = Path(config["output"])
+    expected, actual = load_file(straight), load_file(output / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert not list(output.glob("*.partial"))
+    assert [step for step, _ in logged(output, "train/loss")] == list(range(5, steps + 1, 5))
+    assert [step for step, _ in logged(output, "val/psnr_paper_centre")] == [0, steps]
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_process_on_both_ranks_batches(photo_dir: Path, tmp_path: Path) -> None:
+    """What data parallelism promises, checked exactly: a 2-process run equals one process
+    stepping on rank 0's and rank 1's batch k joined.
+
+    A 1-process run at the same global batch is not comparable: each rank draws from its
+    own stream (``PatchStream`` with its rank: its own share of the image sequence and its
+    own random generator), so the patches differ. What holds by design is that the ranks
+    start from the seed's weights, DistributedDataParallel averages their gradients, and
+    the loss is a mean over equal-sized batches; so the run is plain training on the union
+    of the ranks' batches. Batch norm is off: its statistics are per rank, not over the
+    union. The logged loss is the ranks' mean, i.e. the joined batch's. Only rank 0 saves,
+    so its weights are compared; the tolerance allows for gloo's order of summation.
+    """
+    from fundus_restore.train import _patch_stream, training_split
+
+    output = tmp_path / "ddp"
+    config = tiny_config(photo_dir, output, steps=6, checkpoint_every=6, validate_every=6,
+                         **{"model.kwargs": {"depth": 3, "width": 8, "batch_norm": False}})
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fundus_restore", "train", str(config_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    settings = load_config(config)  # a Trainer writes nothing
+    images, _ = training_split(settings)
+    cpu = torch.device("cpu")
+    trainer = Trainer(settings, Placement(0, 1, cpu))
+    streams = [_patch_stream(settings, images, 0, Placement(rank, 2, cpu)) for rank in (0, 1)]
+    losses = []
+    for step in range(settings["steps"]):
+        first, second = (stream.batch(step) for stream in streams)
+        assert not torch.equal(first.clean, second.clean)  # the ranks train on different patches
+        losses.append(trainer.train_step(*(torch.cat(pair) for pair in zip(first, second, strict=True)))["loss"])
+
+    np.testing.assert_allclose([loss for _, loss in logged(output, "train/loss")], losses, rtol=1e-5)
+    expected, actual = trainer.final_model().state_dict(), load_file(output / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
