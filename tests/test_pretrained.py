@@ -23,7 +23,7 @@ VALIDATION_MEASURES = {
     "segment-vessels": {f"{m}_{p}_{r}" for m in ("dice", "auc") for p in ("paper", "camera") for r in ("centre", "rim")},
 }
 RECIPE_KEYS = ("init_weights", "optimizer", "schedule", "steps", "batch_size", "patch_size", "loss", "noise", "seed")
-TRAINING_KEYS = ("wall_time_s", "device", "device_name", "processes", "patches_per_s")
+TRAINING_KEYS = ("wall_time_s", "device", "device_name", "processes", "patches_per_s", "earlier_stages")
 
 
 def test_save_and_load_round_trip(tmp_path: Path):
@@ -154,6 +154,9 @@ def test_bundled_card_describes_its_weights(name: str):
     training = card["training"]
     assert training["wall_time_s"] > 0 and training["patches_per_s"] > 0 and training["processes"] >= 1
     assert training["device"] in ("cpu", "cuda") and training["device_name"]
+    # A fine-tune of a fine-tune lists every run before it, back to weights without a card.
+    stages = training["earlier_stages"]
+    assert all(stage["steps"] > 0 and stage["wall_time_s"] > 0 and stage["device_name"] for stage in stages)
 
     validation = card["validation"]
     for key in VALIDATION_MEASURES[card["task"]]:

@@ -111,6 +111,17 @@ def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, 
     assert len(list(output.glob("events.out.tfevents.*"))) == 1  # for TensorBoard (see test_tfevents)
 
 
+def test_a_card_lists_every_training_stage_behind_its_weights(photo_dir: Path, tmp_path: Path) -> None:
+    first = train_from_config(tiny_config(photo_dir, tmp_path / "first", steps=2))
+    second = train_from_config(tiny_config(photo_dir, tmp_path / "second", steps=3, **{"model.init_weights": str(first)}))
+    third = train_from_config(tiny_config(photo_dir, tmp_path / "third", steps=1, **{"model.init_weights": str(second)}))
+    stages = json.loads(third.with_suffix(".json").read_text())["training"]["earlier_stages"]
+    assert [(stage["init_weights"], stage["steps"]) for stage in stages] == [(str(first), 3), (None, 2)]
+    first_card = json.loads(first.with_suffix(".json").read_text())
+    assert first_card["training"]["earlier_stages"] == []
+    assert stages[1]["wall_time_s"] == first_card["training"]["wall_time_s"]
+
+
 def test_bfloat16_on_the_cpu_trains_and_keeps_float32_weights(photo_dir: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
     config = tiny_config(photo_dir, output, steps=40, validate_every=40, mixed_precision="bfloat16",

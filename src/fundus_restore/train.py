@@ -77,7 +77,7 @@ from fundus_restore.evaluate import mean_of_finite
 from fundus_restore.vessel_metrics import dice, segmentation_auc, vessel_preservation
 from fundus_restore.perceptual import VESSEL_FEATURES, PerceptualLoss, discriminator_loss, generator_loss
 from fundus_restore.models import create_model
-from fundus_restore.pretrained import count_parameters, load_model, save_model
+from fundus_restore.pretrained import WeightsError, card_beside, count_parameters, load_model, resolve_weights, save_model
 from fundus_restore.tfevents import EventFileWriter
 
 # Every key a config may have, with its default. Unknown keys are refused (a typo
@@ -893,10 +893,30 @@ def _model_card(
             "processes": trainer.placement.world_size,
             "patches_per_s": round(patches / max(trainer.train_seconds, 1e-9), 1),
             "output_calibration": calibration,
+            "earlier_stages": earlier_stages(config["model"]["init_weights"]),
         },
         "validation": card_validation(config, scores),
         "training_config": config,
     }
+
+
+def earlier_stages(init_weights: str | None) -> list[dict[str, Any]]:
+    """The training behind ``init_weights``, most recent stage first: its card's run and the
+    stages that card lists, so that a model fine-tuned over several runs records its whole
+    budget. Empty from scratch, and for weights without a card (the official DnCNN .mat)."""
+    if init_weights is None:
+        return []
+    try:
+        card = card_beside(resolve_weights(init_weights))
+    except WeightsError:
+        return []
+    if "training" not in card:
+        return []
+    recipe, training = card["recipe"], card["training"]
+    stage = {"init_weights": recipe["init_weights"], "steps": recipe["steps"], "batch_size": recipe["batch_size"],
+             "patch_size": recipe["patch_size"], "wall_time_s": training["wall_time_s"],
+             "device_name": training["device_name"]}
+    return [stage, *training.get("earlier_stages", [])]
 
 
 def card_validation(config: Mapping[str, Any], scores: Mapping[str, float]) -> dict[str, Any]:
