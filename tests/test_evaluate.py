@@ -111,7 +111,8 @@ def test_the_example_is_the_first_image_under_camera_noise_at_the_first_sigma(cl
 
 def test_evaluate_command_writes_a_self_contained_html_report(clean_dir: Path, tmp_path: Path):
     report = tmp_path / "report"
-    args = ["evaluate", "--clean", str(clean_dir), "--report", str(report), "--method", "noisy", "--method", "nlmeans"]
+    # Methods repeat (--method A --method B) or come as a list, as issue 3 writes it.
+    args = ["evaluate", "--clean", str(clean_dir), "--report", str(report), "--methods", "noisy,nlmeans"]
     result = CliRunner().invoke(app, [*args, "--protocol", "camera", "--sigma", "25"])
     assert result.exit_code == 0, result.output
     page = (report / "report.html").read_text()

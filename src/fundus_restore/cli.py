@@ -394,8 +394,8 @@ def evaluate(
     ] = None,
     methods: Annotated[
         Optional[list[str]],
-        typer.Option("--method", help="Method to compare; repeat. Default: the paper's table (with --scale: bicubic "
-                     "and the bundled SR models)."),
+        typer.Option("--method", "--methods", help="Method(s) to compare; repeat, or separate by commas. Default: the "
+                     "paper's table (with --scale: bicubic and the bundled SR models)."),
     ] = None,
     protocol: Annotated[list[str], typer.Option(help="paper (float, unclipped) and/or camera (clipped, 8-bit).")] = list(
         ("paper", "camera")
@@ -440,7 +440,8 @@ def evaluate(
         check_settings(protocol, segmenter)
         for path in files:
             read_header(path)  # a missing, empty or unreadable photo
-        chosen = build_methods(methods or defaults, official_weights=official_weights, tile=tile, device=device,
+        names = [name for option in methods or [] for name in option.split(",") if name]
+        chosen = build_methods(names or defaults, official_weights=official_weights, tile=tile, device=device,
                                skip_missing=methods is None, scale=scale)
     except ValueError as error:
         _report_error(str(error))
