@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--method", action="append", help="Methods (default: the paper's table / the SR models).")
     parser.add_argument("--scale", type=int, default=1, help="Super-resolution factor (1: denoising).")
     parser.add_argument("--segmenter", default="hessian", help="Vessel segmenter of the vessel columns.")
+    parser.add_argument("--lr-kernel", default="bicubic", help="With --scale: the kernel that shrinks the photos.")
     args = parser.parse_args()
     args.out = args.out or Path("out/table1" if args.scale == 1 else "out/table-sr")
     data, official = args.shared / "data", args.shared / "weights/dncnn/GD_Color_Blind.mat"
@@ -58,12 +59,12 @@ def main() -> None:
         "heimed-validation": (heimed_validation(data / "HEI-MED"), 1024),
         "unseen": ([unseen_photo(args.out)], 1024),
     }
-    title = "Denoising, sigma 25" if args.scale == 1 else f"Super-resolution x{args.scale}"
+    title = "Denoising, sigma 25" if args.scale == 1 else f"Super-resolution x{args.scale}, {args.lr_kernel} shrink"
     joined = [f"# {title}, seed 0, vessel segmenter {args.segmenter}", ""]
     for name, (files, crop) in sets.items():
         command = [sys.executable, "-m", "fundus_restore", "evaluate", "--report", str(args.out / name),
                    "--official-weights", str(official), "--cache", str(args.out / "scores.jsonl"),
-                   "--scale", str(args.scale), "--segmenter", args.segmenter]
+                   "--scale", str(args.scale), "--segmenter", args.segmenter, "--lr-kernel", args.lr_kernel]
         command += [option for path in files for option in ("--clean", str(path))]
         # Without --method, evaluate's defaults, leaving out a bundled model that is not there (yet).
         command += [option for method in args.method or [] for option in ("--method", method)]

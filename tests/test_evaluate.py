@@ -244,6 +244,23 @@ def test_super_resolution_table_shows_the_vessels_each_upscaler_invents_against_
     assert calls == []  # and cached again, with the rate
 
 
+def test_super_resolution_can_be_scored_on_photos_shrunk_by_another_kernel(clean_dir: Path, tmp_path: Path):
+    bicubic = build_methods(["bicubic"], scale=2)
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+
+    def scored(kernel: str) -> float:
+        rows = evaluate_images(sorted(clean_dir.iterdir()), bicubic, sigmas=(0,), protocols=("paper",), scale=2,
+                               vessels=False, cache=cache, lr_kernel=kernel)
+        return float(np.mean([row["psnr_fov"] for row in rows]))
+
+    # Box averaging blurs less than antialiased bicubic shrinking, so the two inputs differ;
+    # their scores are cached apart.
+    assert scored("box") != scored("bicubic")
+    assert len(cache.scores) == 2 * len(list(clean_dir.iterdir()))
+    with pytest.raises(ValueError, match="unknown kernel 'nearest'"):
+        evaluate_images(sorted(clean_dir.iterdir()), bicubic, scale=2, lr_kernel="nearest")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -420,6 +420,9 @@ def evaluate(
     segmenter: Annotated[
         str, typer.Option(help="Vessel segmenter behind the vessel columns: hessian (classical) or unet (learned).")
     ] = "hessian",
+    lr_kernel: Annotated[
+        str, typer.Option(help="With --scale: the kernel that shrinks the photos (bicubic, bilinear, box, lanczos3).")
+    ] = "bicubic",
 ) -> None:
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
@@ -437,7 +440,7 @@ def evaluate(
     sigma = sigma or [25.0 if scale == 1 else 0.0]
     defaults = DEFAULT_METHODS if scale == 1 else DEFAULT_UPSCALE_METHODS
     try:  # everything that can be refused is, before any method runs
-        check_settings(protocol, segmenter)
+        check_settings(protocol, segmenter, lr_kernel)
         for path in files:
             read_header(path)  # a missing, empty or unreadable photo
         names = [name for option in methods or [] for name in option.split(",") if name]
@@ -458,7 +461,7 @@ def evaluate(
             rows = evaluate_images(
                 files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
                 on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
-                segmenter=segmenter,
+                segmenter=segmenter, lr_kernel=lr_kernel,
             )
         except ImageFileError as error:  # pixel data found corrupt past a sound header
             _report_error(str(error))
@@ -472,7 +475,7 @@ def evaluate(
         "images": f"{len(files)}: " + ", ".join(f.name for f in files),
         "crop": "whole field of view" if crop is None else f"central {crop}²",
         "vessel segmenter": segmenter,
-        "task": "denoising" if scale == 1 else f"super-resolution x{scale} (input: antialiased bicubic shrink, then noise)",
+        "task": "denoising" if scale == 1 else f"super-resolution x{scale} (input: antialiased {lr_kernel} shrink, then noise)",
     }
     write_html_report(rows, report, settings=settings, example=examples[0] if examples else None)
     print(markdown.read_text())

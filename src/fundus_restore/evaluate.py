@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_restore.degrade import PROTOCOLS, downsample, bicubic_upsample, degrade_for_protocol
+from fundus_restore.degrade import KERNELS, PROTOCOLS, bicubic_upsample, degrade_for_protocol, downsample
 from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
@@ -91,10 +91,12 @@ class ScoreCache:
 
     @staticmethod
     def key(image_digest: str, sigma: float, protocol: str, noise_seed: int, crop_size: int | None,
-            vessels: str | None, scale: int, method: Method) -> str:
+            vessels: str | None, scale: int, method: Method, lr_kernel: str = "bicubic") -> str:
         """``vessels``: the segmenter of the vessel measures, None without them."""
+        # The default kernel adds nothing, so that scores cached before kernels were selectable stay valid.
+        kernel = [] if lr_kernel == "bicubic" else [lr_kernel]
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels, scale,
-                           method.name, method.fingerprint])
+                           method.name, method.fingerprint, *kernel])
 
     def get(self, key: str, required: Iterable[str] = ()) -> dict[str, float] | None:
         """The scores under ``key``; None when absent or lacking a ``required`` measure (one added
@@ -261,10 +263,11 @@ def example_setting(sigmas: Sequence[float], protocols: Sequence[str]) -> tuple[
     return sigmas[0], "camera" if "camera" in protocols else protocols[0]
 
 
-def check_settings(protocols: Iterable[str], segmenter: str) -> None:
-    """Refuse an unknown noise protocol or vessel segmenter before anything is run."""
+def check_settings(protocols: Iterable[str], segmenter: str, lr_kernel: str = "bicubic") -> None:
+    """Refuse an unknown noise protocol, vessel segmenter or shrinking kernel before anything is run."""
     checks = [("noise protocol", protocol, PROTOCOLS) for protocol in protocols]
-    for kind, value, known in [*checks, ("vessel segmenter", segmenter, SEGMENTERS)]:
+    checks += [("vessel segmenter", segmenter, SEGMENTERS), ("kernel", lr_kernel, tuple(KERNELS))]
+    for kind, value, known in checks:
         if value not in known:
             raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(known)}")
 
@@ -283,6 +286,7 @@ def evaluate_images(
     cache: ScoreCache | None = None,
     scale: int = 1,
     segmenter: str = "hessian",
+    lr_kernel: str = "bicubic",
 ) -> list[dict[str, float | str]]:
     """One row per (image, sigma, protocol, method) with every quality measure and,
     with ``vessels``, the vessel-preservation measures (against the expert map where
@@ -294,12 +298,13 @@ def evaluate_images(
     that one image's outputs are kept, so memory stays bounded on any number of images.
     With a ``cache``, scores measured before are reused and new ones are added to it.
     ``segmenter`` is the ``segment_vessels`` method behind the vessel measures.
-    With ``scale`` > 1 the methods upscale the shrunk, noised image (the example's
+    With ``scale`` > 1 the methods upscale the image shrunk by ``lr_kernel`` (one of
+    ``degrade.KERNELS``; antialiased bicubic by default), then noised (the example's
     ``noisy`` is then that input enlarged by bicubic, for display), and the vessel
     measures add ``INVENTED_VS_BICUBIC``, the ``upscale --check`` guard's rate (its own,
     classical segmenter).
     """
-    check_settings(protocols, segmenter)
+    check_settings(protocols, segmenter, lr_kernel)
     guard = vessels and scale > 1
     rows: list[dict[str, float | str]] = []
     shown_setting = example_setting(sigmas, protocols)
@@ -308,7 +313,7 @@ def evaluate_images(
         clean, mask, expert = load_clean(path, crop_size)
         low = clean
         if scale > 1:
-            low = downsample(clean, scale)
+            low = downsample(clean, scale, lr_kernel)
             height, width = low.shape[0] * scale, low.shape[1] * scale
             clean, mask = clean[:height, :width], mask[:height, :width]
             expert = None if expert is None else expert[:height, :width]
@@ -325,7 +330,7 @@ def evaluate_images(
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
                     key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size,
-                                         segmenter if vessels else None, scale, method)
+                                         segmenter if vessels else None, scale, method, lr_kernel)
                     quality = cache.get(key, (INVENTED_VS_BICUBIC,) if guard else ()) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)
