@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,18 @@ def test_restore_is_upscale_of_denoise(
     assert sorted(p.name for p in out.iterdir()) == ["a (1).png", "b.tif"]  # no intermediate files
     denoised = denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu", ensemble=ensemble)
     expected = upscale(denoised, tiny_upscaler_file, device="cpu", ensemble=ensemble)
+    assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
+
+
+def test_restore_feeds_an_upscaler_the_denoiser_its_card_was_trained_behind(
+    photos: Path, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path
+):
+    card = {"task": "upscale", "recipe": {"lr_denoiser": str(tiny_model_file)}}
+    tiny_upscaler_file.with_suffix(".json").write_text(json.dumps(card))
+    out = tmp_path / "out"
+    runner.invoke(app, ["restore", str(photos / "b.tif"), "-o", str(out), "--upscale-model", str(tiny_upscaler_file),
+                        "--device", "cpu", "--no-noise-check"])
+    expected = upscale(denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu"), tiny_upscaler_file, device="cpu")
     assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
 
 

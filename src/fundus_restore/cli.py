@@ -220,7 +220,9 @@ def restore(
     inputs: Inputs,
     out: OutDir,
     denoise_model: Annotated[
-        Optional[str], typer.Option(help="Denoiser: bundled name or .safetensors file (default: best bundled).")
+        Optional[str],
+        typer.Option(help="Denoiser: bundled name or .safetensors file (default: the one the upscaler was trained "
+                     "behind, if its card names one, else the best bundled)."),
     ] = None,
     upscale_model: Annotated[Optional[str], typer.Option(help=_UPSCALE_MODEL_HELP)] = None,
     scale: ScaleOption = None,
@@ -233,8 +235,8 @@ def restore(
     from fundus_restore.inference import denoise as denoise_image, load_denoiser, load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
 
-    denoiser = _loaded(lambda: load_denoiser(denoise_model))
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
+    denoiser = _loaded(lambda: load_denoiser(denoise_model or upscaler.input_denoiser))
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)

@@ -131,9 +131,10 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
 
     ``name_or_path`` is a bundled model name (see ``list_models``), a path to a
     safetensors file written by ``save_model`` / ``fundus-restore import-weights``,
-    or ``None`` for the default bundled denoiser. ``task`` and ``noise_range`` are set
-    from the card beside the file: its task, and the (low, high) training noise sigma
-    it records; None where it has none.
+    or ``None`` for the default bundled denoiser. ``task``, ``noise_range`` and
+    ``input_denoiser`` are set from the card beside the file: its task, the (low, high)
+    training noise sigma it records, and the denoiser an upscaler was trained behind;
+    None where it has none.
     """
     path = resolve_weights(default_model_name() if name_or_path is None else name_or_path)
     metadata = read_metadata(path)
@@ -156,6 +157,8 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     card = card_beside(path)
     model.name = path.stem  # shown in reports and progress bars
     model.task = card.get("task")  # denoise, upscale or segment-vessels; None without a card
+    # An upscaler trained on a denoiser's outputs (data.lr_denoiser) is best fed by that denoiser.
+    model.input_denoiser = card.get("recipe", {}).get("lr_denoiser")
     # What the model expects of its input, for the noise-level check of the command line.
     model.noise_range = training_noise_range(card)
     return model.eval().to(device)
