@@ -171,7 +171,8 @@ def _check_hallucinations(path: Path, image: np.ndarray, upscaled: np.ndarray, o
     if rate > threshold:
         _report_error(
             f"{path}: {rate:.1%} of the upscaled vessel centreline is absent from the bicubic upscale "
-            f"(threshold {threshold:.1%}): the model may be inventing vessels",
+            f"(threshold {threshold:.1%}): vessels the small image does not show, recovered or invented; "
+            f"check them in {path.stem}.hallucination.png",
             "warning",
         )
 
