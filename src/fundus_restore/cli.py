@@ -237,7 +237,7 @@ def restore(
     from fundus_restore.io import read_image
 
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
-    denoiser = _loaded(lambda: load_denoiser(denoise_model or upscaler.input_denoiser))
+    denoiser = _loaded(lambda: load_denoiser(denoise_model or upscaler.lr_denoiser))
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)

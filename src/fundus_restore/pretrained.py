@@ -132,7 +132,7 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     ``name_or_path`` is a bundled model name (see ``list_models``), a path to a
     safetensors file written by ``save_model`` / ``fundus-restore import-weights``,
     or ``None`` for the default bundled denoiser. ``task``, ``noise_range`` and
-    ``input_denoiser`` are set from the card beside the file: its task, the (low, high)
+    ``lr_denoiser`` are set from the card beside the file: its task, the (low, high)
     training noise sigma it records, and the denoiser an upscaler was trained behind;
     None where it has none.
     """
@@ -158,7 +158,7 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     model.name = path.stem  # shown in reports and progress bars
     model.task = card.get("task")  # denoise, upscale or segment-vessels; None without a card
     # An upscaler trained on a denoiser's outputs (data.lr_denoiser) is best fed by that denoiser.
-    model.input_denoiser = card.get("recipe", {}).get("lr_denoiser")
+    model.lr_denoiser = card.get("recipe", {}).get("lr_denoiser")
     # What the model expects of its input, for the noise-level check of the command line.
     model.noise_range = training_noise_range(card)
     return model.eval().to(device)

@@ -620,7 +620,7 @@ class Trainer:
                 logits = self.critic(torch.cat([clean, restored.detach()]).contiguous(memory_format=torch.channels_last))
             real_logits, detached_logits = logits.float().chunk(2)
             critic_loss = discriminator_loss(real_logits, detached_logits)
-            reported["discriminator"] = self._check_finite(critic_loss, "discriminator loss")
+            reported["discriminator"] = self._check_finite(self._averaged(critic_loss), "discriminator loss")
             self.discriminator_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             self.discriminator_optimizer.step()
@@ -636,11 +636,13 @@ class Trainer:
             )
             loss = parts.total
             terms |= {"pixel": parts.pixel, "perceptual": parts.perceptual, "adversarial": parts.adversarial}
-        value = self._check_finite(loss, "loss")
+        value = self._check_finite(self._averaged(loss), "loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # A finite loss can still have infinite gradients, and one step with them leaves NaN weights.
-        self._check_finite(self._gradient_norm(), "gradient norm")
+        # DistributedDataParallel's backward left the same averaged gradients on every rank: no all-reduce.
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self._check_finite(torch.nn.utils.get_total_norm(gradients).item(), "gradient norm")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -658,12 +660,8 @@ class Trainer:
             reported /= self.placement.world_size
         return reported.item()
 
-    def _gradient_norm(self) -> torch.Tensor:
-        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gradients]))
-
-    def _check_finite(self, value: torch.Tensor, what: str) -> float:
-        number = self._averaged(value)
+    def _check_finite(self, number: float, what: str) -> float:
+        """``number``, the same on every rank; a NaN or infinity stops training."""
         if not math.isfinite(number):
             raise TrainingError(
                 f"step {self.step + 1}: the {what} is {number}; training stopped and the last good checkpoint "
