@@ -65,7 +65,7 @@ _POINTWISE_MODULES = (
 )  # fmt: skip
 
 
-def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+def _tile_spans(length: int, tile: int, overlap: int, alignment: int = 1) -> list[tuple[int, int, int, int]]:
     """Tiles along one axis: ``(start, stop, keep_start, keep_stop)`` in input pixels.
 
     Each tile writes only ``[keep_start, keep_stop)``, which lies at least ``overlap``
@@ -73,11 +73,23 @@ def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, in
     padding is the same as on the whole image. The keep intervals partition the axis.
     The tiles are balanced: the fewest tiles of at most ``tile`` pixels, each shrunk
     to the smallest equal size that covers the axis, so little work is repeated.
+
+    With ``alignment`` a > 1 (a network with strided layers, whose grid has to be the
+    whole image's) every tile starts on a multiple of a and stops at the image's end or
+    a multiple of a before it, so a flipped or turned tile is aligned too; the tiles are
+    then balanced within ``tile - 2 (a - 1)`` pixels and grown outwards to the grid.
     """
     if tile >= length:
         return [(0, length, 0, length)]
-    if tile <= 2 * overlap:
-        raise ValueError(f"tile {tile} must be larger than twice the overlap {overlap}")
+    growth = 2 * (alignment - 1)
+    if tile - growth <= 2 * overlap:
+        grid = f" plus {growth} for the network's grid of {alignment}" if growth else ""
+        raise ValueError(f"tile {tile} must be larger than twice the overlap {overlap}{grid}")
+    if alignment > 1:
+        return [
+            (start // alignment * alignment, length - (length - stop) // alignment * alignment, keep_start, keep_stop)
+            for start, stop, keep_start, keep_stop in _tile_spans(length, tile - growth, overlap)
+        ]
     inner = length - 2 * overlap
     count = math.ceil(inner / (tile - 2 * overlap))
     core = math.ceil(inner / count)
@@ -98,6 +110,7 @@ def apply_tiled(
     tile: int,
     overlap: int,
     scale: int = 1,
+    alignment: int = 1,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
@@ -105,7 +118,8 @@ def apply_tiled(
 
     ``forward`` maps a 1×C×h×w tile (float32, channels-last, on ``device``) to a
     1×C'×(scale·h)×(scale·w) tensor. ``tile`` and ``overlap`` are in input pixels;
-    tiles are clipped to the image. The result is a float32 CPU tensor
+    tiles are clipped to the image and start on multiples of ``alignment`` (see
+    ``_tile_spans``). The result is a float32 CPU tensor
     1×C'×(scale·H)×(scale·W) in channels-last layout (so ``out[0].permute(1, 2, 0)``
     is a contiguous H×W×C' array), filled tile by tile: peak memory is the input, the
     output and one tile's activations. Runs under ``torch.inference_mode``.
@@ -117,8 +131,8 @@ def apply_tiled(
     height, width = image.shape[-2:]
     tiles = [
         (rows, columns)
-        for rows in _tile_spans(height, tile, overlap)
-        for columns in _tile_spans(width, tile, overlap)
+        for rows in _tile_spans(height, tile, overlap, alignment)
+        for columns in _tile_spans(width, tile, overlap, alignment)
     ]
     out: torch.Tensor | None = None
     for (top, bottom, keep_top, keep_bottom), (left, right, keep_left, keep_right) in track(
@@ -419,6 +433,8 @@ def _run_network(
         tile=DEFAULT_TILE // scale if tile is None else tile,
         overlap=default_overlap(network) if overlap is None else overlap,
         scale=scale,
+        # A network with strided layers (the residual U-Net) states the grid its tiles must keep.
+        alignment=getattr(network, "tile_alignment", 1),
         device=torch_device,
         progress=progress,
     )

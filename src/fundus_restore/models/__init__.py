@@ -54,3 +54,4 @@ from fundus_restore.models import dncnn  # noqa: E402,F401
 from fundus_restore.models import srresnet  # noqa: E402,F401
 from fundus_restore.models import discriminator  # noqa: E402,F401
 from fundus_restore.models import unet  # noqa: E402,F401
+from fundus_restore.models import resunet  # noqa: E402,F401
