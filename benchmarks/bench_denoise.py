@@ -7,13 +7,15 @@ One square crop of a HEI-MED photograph (or scikit-image's retina, resized, when
   (``model(x)`` under ``torch.no_grad()``), the reference for the speed ratios;
 * ``fundus_restore.denoise`` with the same network: default settings (tile 2048: a
   1696² image is one tile), and tiles of 1024 and 512 (memory for recomputed overlap);
+* ``fundus_restore.denoise`` with each ``--model`` (a bundled name or a weights file),
+  default settings, to compare architectures (the residual U-Net against DnCNN);
 * CBM3D (``bm3d.bm3d_rgb``) on a centred crop (``--bm3d-size``), its time scaled per
   megapixel to the full image, since it runs about a minute per megapixel.
 
 All in one process, in interleaved rounds (best time per method); the peak resident
 memory of each run is read from VmHWM after resetting it through /proc/self/clear_refs.
 
-    python benchmarks/bench_denoise.py [--size 1696] [--weights ../shared/weights/dncnn/GD_Color_Blind.mat]
+    python benchmarks/bench_denoise.py [--size 1696] [--weights ../shared/weights/dncnn/GD_Color_Blind.mat] [--model NAME ...]
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--bm3d-size", type=int, default=512, help="side of the centred crop BM3D runs on")
     parser.add_argument("--skip-bm3d", action="store_true")
     parser.add_argument("--repeat", type=int, default=2, help="rounds of runs; each method's best time counts")
+    parser.add_argument("--model", action="append", default=[], help="also time denoise with this model (name or file)")
     args = parser.parse_args()
 
     clean, source = test_image(args.size)
@@ -145,6 +148,8 @@ def main() -> None:
     warm = noisy[:64, :64]
     plain_forward(network, warm)
     fundus_restore.denoise(warm, network, device="cpu")
+    for model in args.model:
+        fundus_restore.denoise(warm, model, device="cpu")
 
     plain = Method("plain float32 forward (whole)", partial(plain_forward, network, noisy), clean)
     networks = [
@@ -155,14 +160,15 @@ def main() -> None:
             for tile in (1024, 512)
         ),
     ]
+    others = [Method(f"denoise with {model}", partial(fundus_restore.denoise, noisy, model), clean) for model in args.model]
     # Rounds over all methods, so that a change in the machine's load hits them alike.
     for round_index in range(args.repeat):
-        for method in networks:
+        for method in networks + others:
             run_once(method)
         print(f"round {round_index + 1}: load average {os.getloadavg()}", flush=True)
     for method in networks[1:]:
         method.note = f"max |difference| to the plain forward {np.abs(method.restored - plain.restored).max():.1e}"
-    methods = list(networks)
+    methods = networks + others
     if not args.skip_bm3d:
         import bm3d
 

@@ -25,6 +25,7 @@ NETWORKS = {
     "skip autoencoder": (lambda: create_model("autoencoder", skip_weights=True), 80, 1),
     "SRResNet x4": (lambda: create_model("srresnet", scale=4), 96, 4),
     "vessel U-Net": (lambda: create_model("unet"), 96, 1),
+    "residual U-Net denoiser (ours)": (lambda: create_model("resunet"), 80, 1),
 }
 MODES = ("float32", "channels-last", "channels-last + bfloat16")
 
