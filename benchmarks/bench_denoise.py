@@ -112,11 +112,12 @@ def plain_forward(network: nn.Module, noisy: np.ndarray) -> np.ndarray:
 
 
 def print_table(methods: list[Method], reference: Method) -> None:
-    print(f"{'method':34}{'seconds':>10}{'s/MP':>8}{'MP/s':>9}{'peak RSS':>11}{'PSNR':>9}{'speed-up':>10}")
+    width = max(34, *(len(m.name) + 2 for m in methods))  # a --model path can be long
+    print(f"{'method':{width}}{'seconds':>10}{'s/MP':>8}{'MP/s':>9}{'peak RSS':>11}{'PSNR':>9}{'speed-up':>10}")
     for m in methods:
         per_mp = m.seconds_per_megapixel()
         print(
-            f"{m.name:34}{min(m.seconds):10.2f}{per_mp:8.2f}{1 / per_mp:9.4f}{m.peak_rss_mib:8.0f} MiB"
+            f"{m.name:{width}}{min(m.seconds):10.2f}{per_mp:8.2f}{1 / per_mp:9.4f}{m.peak_rss_mib:8.0f} MiB"
             f"{psnr(m.clean, m.restored):9.3f}{reference.seconds_per_megapixel() / per_mp:9.2f}×"
         )
         if len(m.seconds) > 1:
