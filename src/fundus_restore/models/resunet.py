@@ -9,8 +9,8 @@ up, and each decoder level adds its encoder's maps. No batch norm, so nothing to
 Like DnCNN it learns the noise: the output is ``x - body(x)``, and the last convolution
 starts at zero, so an untrained network is the identity.
 
-With the default widths (32, 64, 128, 256) and 2 blocks it has 4.6 M parameters and
-costs about a fifth of DnCNN-20's multiply-adds per pixel. Any input size works: the
+With the default widths (32, 64, 128, 256) and 2 blocks it has 4.3 M parameters and
+costs about 40 % of DnCNN-20's multiply-adds per pixel. Any input size works: the
 image is padded (by replication) to a multiple of ``factor`` and the output cropped
 back. Tiles must start on multiples of ``factor`` (``tile_alignment``) for the strided
 layers to see the same grid as on the whole image; ``fundus_restore.inference`` does so.
