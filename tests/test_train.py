@@ -234,6 +234,21 @@ def test_time_limit_must_be_positive(photo_dir: Path, tmp_path: Path) -> None:
         load_config(tiny_config(photo_dir, tmp_path / "run", time_limit_minutes=0))
 
 
+def test_gradients_above_the_clip_norm_are_scaled_down_to_it_and_their_norm_is_logged(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    config = load_config(tiny_config(photo_dir, tmp_path / "run", **{"optimizer.clip_grad_norm": 1e-4}))
+    trainer = Trainer(config, Placement(0, 1, torch.device("cpu")))
+    noisy, clean = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    reported = trainer.train_step(noisy, clean, torch.full((2,), 0.1))
+    # The step leaves the gradients it applied on the parameters.
+    applied = torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters()]).item()
+    assert reported["grad_norm"] > 10 * 1e-4 and applied == pytest.approx(1e-4, rel=1e-3)
+    for clip in (0, -1, "big"):
+        with pytest.raises(TrainingError, match="optimizer.clip_grad_norm must be a positive number or null"):
+            load_config(tiny_config(photo_dir, tmp_path / "bad", **{"optimizer.clip_grad_norm": clip}))
+
+
 def test_bad_patch_settings_are_refused_when_the_config_loads(photo_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="data: gain"):
         load_config(tiny_config(photo_dir, tmp_path / "run"), overrides={"data.gain": [1.5, 0.5]})

@@ -133,7 +133,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "perceptual": {"features": None, "vgg_weights": None, "layer": "relu5_4", "feature_scale": 1 / 12.75},
     # weight > 0 trains an SRGAN discriminator against the model from start_step on.
     "adversarial": {"weight": 0.0, "start_step": 0, "discriminator_width": 64, "lr": None},
-    "optimizer": {"lr": 1e-3, "weight_decay": 0.0},
+    # clip_grad_norm: rescale the gradients whose total norm exceeds it (null: never).
+    "optimizer": {"lr": 1e-3, "weight_decay": 0.0, "clip_grad_norm": None},
     # decay: none | step | exponential | cosine; warmup: steps of linear ramp from lr / warmup to lr
     "schedule": {"decay": "none", "lr_min": 0.0, "intervals": 10, "warmup": 0},
 }
@@ -236,6 +237,9 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError(f"calibration_patches must be a whole number, got {merged['calibration_patches']!r}")
     if not isinstance(schedule["warmup"], int) or schedule["warmup"] < 0:
         raise TrainingError(f"schedule.warmup must be a whole number of steps, got {schedule['warmup']!r}")
+    clip = merged["optimizer"]["clip_grad_norm"]
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise TrainingError(f"optimizer.clip_grad_norm must be a positive number or null, got {clip!r}")
     limit = merged["time_limit_minutes"]
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise TrainingError(f"time_limit_minutes must be a positive number of minutes or null, got {limit!r}")
@@ -641,8 +645,13 @@ class Trainer:
         loss.backward()
         # A finite loss can still have infinite gradients, and one step with them leaves NaN weights.
         # DistributedDataParallel's backward left the same averaged gradients on every rank: no all-reduce.
-        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-        self._check_finite(torch.nn.utils.get_total_norm(gradients).item(), "gradient norm")
+        trained = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trained])
+        reported["grad_norm"] = self._check_finite(norm.item(), "gradient norm")
+        clip = self.config["optimizer"]["clip_grad_norm"]
+        if clip is not None:
+            # One outlier batch can throw a normalisation-free network off for thousands of steps.
+            torch.nn.utils.clip_grads_with_norm_(trained, clip, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
