@@ -1,7 +1,7 @@
 """Bundle a trained run's model with its card, as the package ships it.
 
     python scripts/bundle_model.py RUN_DIR NAME --summary "one line: what it is and its budget" \
-        [--validate-on PHOTO ...]
+        [--validate-on PHOTO ...] [--half] [--calibrate]
 
 Copies ``RUN_DIR/model.safetensors`` to ``src/fundus_restore/weights/NAME.safetensors``
 and ``RUN_DIR/model.json`` (the card ``train`` wrote) to ``NAME.json`` with the
@@ -10,6 +10,9 @@ summary replaced, after checking that the weights load and are finite.
 ``--validate-on`` rescores the card's validation block on the given photographs (with
 the run's validation crops, noise and seeds, on the CPU), for a run that was validated
 on others: the bundled cards rank denoisers by it, so they must share one validation set.
+
+``--half`` stores the weights in float16 (half the size; loading casts them back to
+float32) and needs ``--validate-on``, so that the card scores the rounded weights.
 
 ``--calibrate`` re-centres a run trained in bfloat16 before ``train`` did so itself
 (``fundus_restore.train.calibrate_output_bias`` on the run's ``calibration_patches``
@@ -61,7 +64,10 @@ def main() -> None:
     parser.add_argument("--summary", required=True)
     parser.add_argument("--validate-on", type=Path, nargs="+", metavar="PHOTO")
     parser.add_argument("--calibrate", action="store_true", help="Re-centre a bfloat16-trained model for float32.")
+    parser.add_argument("--half", action="store_true", help="Store float16 weights (needs --validate-on).")
     args = parser.parse_args()
+    if args.half and not args.validate_on:
+        parser.error("--half needs --validate-on: the card must score the weights as stored")
     weights, card_path = args.run / "model.safetensors", args.run / "model.json"
     model = load_model(weights)
     if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters()):
@@ -71,11 +77,15 @@ def main() -> None:
     if args.calibrate:
         card["training"]["output_calibration"] = calibrated(args.run, model)
         card["config"] = model.config  # as the re-saved weights record it
+    if args.half:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(parameter.half())  # scored below as it will be stored
     if args.validate_on:
         card["validation"] = rescored_validation(args.run, model, args.validate_on)
         card["training_data"]["validation_images"] = [p.name for p in args.validate_on]
-    if args.calibrate:
-        save_model(model, BUNDLED_DIR / f"{args.name}.safetensors")
+    if args.calibrate or args.half:
+        save_model(model.half() if args.half else model, BUNDLED_DIR / f"{args.name}.safetensors")
     else:
         shutil.copyfile(weights, BUNDLED_DIR / f"{args.name}.safetensors")
     (BUNDLED_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
