@@ -31,7 +31,8 @@ from fundus_restore.metrics import image_quality
 from fundus_restore.vessel_metrics import hallucinated_vessels, vessel_preservation
 from fundus_restore.vessels import SEGMENTERS, segment_vessels
 
-DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "dncnn-retina-green-range", "cbm3d")
+DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "dncnn-retina-green-range",
+                   "resunet-retina-green", "cbm3d")
 DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
 # A method name ending in this runs the network with the flip-and-turn ensemble (inference.dihedral_ensemble).
 ENSEMBLE_SUFFIX = "+x8"

@@ -22,7 +22,7 @@ from torch import nn
 from fundus_restore.models import create_model
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "dncnn-retina-green-range"
+DEFAULT_MODEL = "resunet-retina-green"
 
 
 class WeightsError(ValueError):
