@@ -237,12 +237,10 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError(f"calibration_patches must be a whole number, got {merged['calibration_patches']!r}")
     if not isinstance(schedule["warmup"], int) or schedule["warmup"] < 0:
         raise TrainingError(f"schedule.warmup must be a whole number of steps, got {schedule['warmup']!r}")
-    clip = merged["optimizer"]["clip_grad_norm"]
-    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
-        raise TrainingError(f"optimizer.clip_grad_norm must be a positive number or null, got {clip!r}")
-    limit = merged["time_limit_minutes"]
-    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
-        raise TrainingError(f"time_limit_minutes must be a positive number of minutes or null, got {limit!r}")
+    for key, value, unit in (("optimizer.clip_grad_norm", merged["optimizer"]["clip_grad_norm"], "number"),
+                             ("time_limit_minutes", merged["time_limit_minutes"], "number of minutes")):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise TrainingError(f"{key} must be a positive {unit} or null, got {value!r}")
     data = merged["data"]
     expected_loss = "vessel_segmentation" if data["targets"] == "vessels" else "channel_weighted_mse"
     if data["targets"] not in ("clean", "vessels") or merged["loss"]["name"] != expected_loss:
