@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from fundus_restore.inference import _tile_spans, denoise
+from fundus_restore.degrade import add_gaussian_noise
+from fundus_restore.inference import _tile_spans, denoise, estimated_noise_level
 from fundus_restore.models import create_model, list_architectures
 from fundus_restore.models.resunet import ResUNet
 from fundus_restore.pretrained import load_model, save_model
@@ -86,3 +87,45 @@ def test_weights_round_trip(tmp_path, odd_image: np.ndarray) -> None:
     loaded = load_model(save_model(model, tmp_path / "resunet.safetensors"))
     assert isinstance(loaded, ResUNet) and loaded.config == model.config
     np.testing.assert_array_equal(whole(loaded.eval(), odd_image), whole(model, odd_image))
+
+
+def test_told_the_noise_level_it_starts_as_the_blind_network_and_then_uses_it(odd_image: np.ndarray) -> None:
+    blind = small_resunet()
+    told = blind.with_config({"noise_map": True}).eval()
+    assert told.needs_noise_level and not blind.needs_noise_level
+    assert told.config == {**blind.config, "noise_map": True} and told.head.in_channels == 4
+    x = torch.from_numpy(odd_image.transpose(2, 0, 1)[None].copy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(told(x, 0.1).numpy(), blind(x).numpy())  # its map's weights start at zero
+        told.head.weight[:, 3:].normal_(0, 0.1)
+        quiet, noisy = told(x, 5 / 255), told(x, 50 / 255)
+        assert (quiet - noisy).abs().max() > 1e-3
+        # One level per image of a batch, each as if alone.
+        pair = told(torch.cat([x, x]), torch.tensor([5 / 255, 50 / 255]))
+        torch.testing.assert_close(pair, torch.cat([quiet, noisy]))
+    with pytest.raises(ValueError, match="give sigma"):
+        told(x)
+    with pytest.raises(ValueError, match="2 levels for 1 images"):
+        told(x, torch.tensor([0.1, 0.2]))
+    for refused in ({"noise_map": False}, {"noise_map": True, "blocks": 2}):
+        with pytest.raises(ValueError, match="would change the function"):
+            blind.with_config(refused)
+    with pytest.raises(ValueError, match="would change the function"):
+        told.with_config({"noise_map": True})
+
+
+def test_told_the_noise_level_its_weights_round_trip_and_denoise_estimates_the_level(tmp_path) -> None:
+    told = small_resunet().with_config({"noise_map": True}).eval()
+    with torch.no_grad():
+        told.head.weight[:, 3:].normal_(0, 0.1)
+    loaded = load_model(save_model(told, tmp_path / "told.safetensors"))
+    assert loaded.needs_noise_level and loaded.config == told.config
+    rows, columns = np.mgrid[0:101, 0:133] / 133
+    smooth = np.dstack([0.3 + 0.4 * rows, 0.5 + 0.2 * columns, 0.4 * (rows + columns)]).astype(np.float32)
+    noisy = add_gaussian_noise(smooth, 20, seed=0)
+    level = estimated_noise_level(noisy)
+    assert 18 / 255 < level < 22 / 255
+    estimated = denoise(noisy, loaded, device="cpu")
+    np.testing.assert_array_equal(estimated, denoise(noisy, loaded, sigma=level, device="cpu"))
+    assert np.abs(estimated - denoise(noisy, loaded, sigma=5 / 255, device="cpu")).max() > 1e-3
+    np.testing.assert_allclose(denoise(noisy, loaded, tile=80, device="cpu"), estimated, atol=1e-5)

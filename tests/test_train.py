@@ -404,6 +404,22 @@ def test_initial_weights_gain_range_inputs_but_no_other_change(tmp_path: Path) -
         build_model({"architecture": None, "kwargs": {"range_inputs": True, "width": 16}, "init_weights": str(path)})
 
 
+def test_a_blind_residual_unet_learns_to_use_the_noise_level_it_is_told(photo_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    start = save_model(create_model("resunet", widths=[4, 8], blocks=1), tmp_path / "blind.safetensors")
+    told = {"architecture": "resunet", "kwargs": {"widths": [4, 8], "blocks": 1, "noise_map": True},
+            "init_weights": str(start)}
+    output = tmp_path / "told"
+    weights = train_from_config(tiny_config(photo_dir, output, steps=30, model=told, **{"data.sigma": [0, 50]}))
+    model = load_model(weights)
+    assert model.needs_noise_level and model.head.weight[:, 3:].abs().max() > 0
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["config"]["noise_map"] is True and card["recipe"]["noise"]["sigma"] == [0, 50]
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (model(x, 5 / 255) - model(x, 50 / 255)).abs().max() > 1e-4
+
+
 @pytest.mark.shared
 def test_initial_weights_from_the_official_matconvnet_file(dncnn_weights_dir: Path) -> None:
     model = build_model({"architecture": "dncnn", "kwargs": {}, "init_weights": str(dncnn_weights_dir / "GD_Color_Blind.mat")})

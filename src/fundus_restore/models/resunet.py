@@ -14,9 +14,17 @@ costs about 40 % of DnCNN-20's multiply-adds per pixel. Any input size works: th
 image is padded (by replication) to a multiple of ``factor`` and the output cropped
 back. Tiles must start on multiples of ``factor`` (``tile_alignment``) for the strided
 layers to see the same grid as on the whole image; ``fundus_restore.inference`` does so.
+
+With ``noise_map`` it is told the noise level, as DRUNet is: ``sigma`` enters as one
+more input channel, constant over the image. One network then serves every level
+(a denoiser trained at sigma 25 alone smooths quieter photos and leaves noise on noisier
+ones), and ``fundus_restore.denoise`` estimates the level of a photo when none is given.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,9 @@ from torch import nn
 from fundus_restore.models import register_architecture
 
 WIDTHS = (32, 64, 128, 256)
+# The noise map holds sigma in units of 25/255, near 1 where most training happens, so that
+# under Adam its weights move the output about as fast as the image's do.
+NOISE_MAP_UNIT = 25.0 / 255.0
 
 
 class ResidualBlock(nn.Sequential):
@@ -41,14 +52,19 @@ def _blocks(width: int, count: int) -> nn.Sequential:
 
 @register_architecture("resunet")
 class ResUNet(nn.Module):
-    def __init__(self, channels: int = 3, widths: tuple[int, ...] | list[int] = WIDTHS, blocks: int = 2) -> None:
+    def __init__(
+        self, channels: int = 3, widths: tuple[int, ...] | list[int] = WIDTHS, blocks: int = 2, noise_map: bool = False
+    ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) < 2 or blocks < 1:
             raise ValueError(f"a residual U-Net needs at least 2 levels and 1 block, got widths={widths}, blocks={blocks}")
         self.config = {"channels": channels, "widths": list(widths), "blocks": blocks}
+        if noise_map:  # only when set, so that the configs of earlier weights stay as they were
+            self.config["noise_map"] = True
+        self.noise_map = bool(noise_map)
         levels = range(len(widths) - 1)
-        self.head = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.head = nn.Conv2d(channels + self.noise_map, widths[0], 3, padding=1)
         self.encoder = nn.ModuleList(_blocks(widths[i], blocks) for i in levels)
         self.down = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 2, stride=2) for i in levels)
         self.middle = _blocks(widths[-1], blocks)
@@ -65,11 +81,30 @@ class ResUNet(nn.Module):
         per_level = [(4 * blocks + 2) * 2**level for level in levels]
         self.receptive_field_radius = 2 + sum(per_level) + 2 * blocks * 2 ** (len(widths) - 1) + self.factor
 
+    @property
+    def needs_noise_level(self) -> bool:
+        """Whether ``forward`` needs ``sigma`` (with ``noise_map``); a blind network ignores it."""
+        return self.noise_map
+
+    def with_config(self, changes: Mapping[str, Any]) -> "ResUNet":
+        """The same function under the config ``changes``, for training from these weights:
+        only adding the noise map keeps it (its input weights start at zero)."""
+        if dict(changes) != {"noise_map": True} or self.noise_map:
+            raise ValueError(f"config {dict(changes)} would change the function of {self.config}")
+        told = ResUNet(**{**self.config, "noise_map": True}).to(self.head.weight.device)
+        state = self.state_dict()
+        state["head.weight"] = torch.cat([state["head.weight"], torch.zeros_like(state["head.weight"][:, :1])], dim=1)
+        told.load_state_dict(state)
+        return told.train(self.training)
+
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Denoise ``x`` (N×C×H×W). The network is blind: ``sigma`` is accepted and ignored."""
+        """Denoise ``x`` (N×C×H×W). ``sigma`` (0–1 scale; a number, or one per image) is
+        needed with ``noise_map`` and ignored without it (the network is then blind)."""
         height, width = x.shape[-2:]
         pad_bottom, pad_right = -height % self.factor, -width % self.factor
         padded = F.pad(x, (0, pad_right, 0, pad_bottom), mode="replicate") if pad_bottom or pad_right else x
+        if self.noise_map:
+            padded = torch.cat([padded, self._noise_map(sigma, padded)], dim=1)
         features = self.head(padded)
         skips = []
         for blocks, down in zip(self.encoder, self.down, strict=True):
@@ -80,3 +115,14 @@ class ResUNet(nn.Module):
         for up, blocks, skip in zip(reversed(self.up), reversed(self.decoder), reversed(skips), strict=True):
             features = blocks(up(features) + skip)
         return x - self.tail(features)[..., :height, :width]
+
+    def _noise_map(self, sigma: float | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        if sigma is None:
+            raise ValueError(
+                "this residual U-Net is told the noise level: give sigma (0-1 scale); "
+                "fundus_restore.denoise estimates it from the photo when not given"
+            )
+        levels = torch.as_tensor(sigma, dtype=like.dtype, device=like.device).reshape(-1, 1, 1, 1) / NOISE_MAP_UNIT
+        if levels.shape[0] not in (1, like.shape[0]):
+            raise ValueError(f"sigma holds {levels.shape[0]} levels for {like.shape[0]} images")
+        return levels.expand(like.shape[0], 1, *like.shape[-2:])
