@@ -277,3 +277,25 @@ def test_train_with_a_missing_vgg_weights_file_says_so_in_one_line(photos: Path,
     result = runner.invoke(app, ["train", str(config), "--vgg-weights", str(tmp_path / "vgg19.pth")])
     assert result.exit_code == 1
     assert "vgg19.pth: no such VGG19 weights file" in result.output and "Traceback" not in result.output
+
+
+def test_sigma_is_told_to_a_denoiser_that_takes_it_and_refused_for_a_blind_one(
+    photos: Path, tiny_model_file: Path, tmp_path: Path
+):
+    photo = photos / "a (1).png"
+    result = runner.invoke(app, ["denoise", str(photo), "-o", str(tmp_path / "blind"), "--model", str(tiny_model_file),
+                                 "--sigma", "15"])
+    assert result.exit_code == 2 and "tiny is blind: --sigma is for a denoiser told the noise level" in result.output
+    assert not (tmp_path / "blind").exists()
+    torch.manual_seed(0)
+    told = create_model("resunet", widths=[4, 8], blocks=1, noise_map=True)
+    torch.nn.init.normal_(told.tail.weight, 0, 0.1)
+    told_file = save_model(told, tmp_path / "told.safetensors")
+    for sigma in ("5", "40"):
+        args = ["denoise", str(photo), "-o", str(tmp_path / sigma), "--model", str(told_file), "--sigma", sigma]
+        assert runner.invoke(app, args).exit_code == 0
+    image = read_image(photo)
+    for sigma in (5, 40):
+        expected = np.clip(denoise(image, load_model(told_file), sigma=sigma / 255, device="cpu"), 0, 1)
+        assert np.abs(read_image(tmp_path / str(sigma) / "a (1).png") - expected).max() <= 0.5 / 255 + 1e-6
+    assert np.abs(read_image(tmp_path / "5" / "a (1).png") - read_image(tmp_path / "40" / "a (1).png")).max() > 0

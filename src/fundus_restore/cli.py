@@ -48,6 +48,14 @@ NoiseCheckOption = Annotated[
     ),
 ]
 SigmaOption = Annotated[float, typer.Option(help="Noise standard deviation on the 0-255 scale.")]
+NoiseLevelOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--sigma", min=0,
+        help="Noise sigma (0-255 scale) to tell a denoiser that takes it (resunet-retina-green-blind); "
+        "default: estimated per photo.",
+    ),
+]
 SeedOption = Annotated[int, typer.Option(help="Seed of the noise; file i (sorted order) uses seed + i.")]
 
 
@@ -109,6 +117,14 @@ def _loaded(load: Callable[[], nn.Module]) -> nn.Module:
         raise typer.Exit(2) from None
 
 
+def _told(network: nn.Module, sigma: float | None) -> nn.Module:
+    """``network``, refused when a noise level is given to a blind one (it would be ignored)."""
+    if sigma is not None and not getattr(network, "needs_noise_level", False):
+        name = getattr(network, "name", type(network).__name__)
+        raise ValueError(f"{name} is blind: --sigma is for a denoiser told the noise level")
+    return network
+
+
 def _expand(inputs: Iterable[Path]) -> list[Path]:
     from fundus_restore.io import list_images
 
@@ -123,19 +139,22 @@ def denoise(
     tile: TileOption = None,
     device: DeviceOption = "auto",
     ensemble: EnsembleOption = False,
+    sigma: NoiseLevelOption = None,
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise photographs; writes one output per input with the same name and bit depth."""
     from fundus_restore.inference import denoise as denoise_image, load_denoiser
     from fundus_restore.io import read_image
 
-    network = _loaded(lambda: load_denoiser(model))
+    network = _loaded(lambda: _told(load_denoiser(model), sigma))
+    level = None if sigma is None else sigma / 255.0
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)
         if noise_check:
             _check_noise_level(path, image, network)
-        _write_output(out, path, denoise_image(image, network, tile=tile, device=device, ensemble=ensemble))
+        denoised = denoise_image(image, network, tile=tile, device=device, ensemble=ensemble, sigma=level)
+        _write_output(out, path, denoised)
 
     _process_files(_expand(inputs), f"denoising with {getattr(network, 'name', model)}", handle)
 
@@ -230,6 +249,7 @@ def restore(
     tile: TileOption = None,
     device: DeviceOption = "auto",
     ensemble: EnsembleOption = False,
+    sigma: NoiseLevelOption = None,
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
@@ -237,13 +257,14 @@ def restore(
     from fundus_restore.io import read_image
 
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
-    denoiser = _loaded(lambda: load_denoiser(denoise_model or upscaler.lr_denoiser))
+    denoiser = _loaded(lambda: _told(load_denoiser(denoise_model or upscaler.lr_denoiser), sigma))
+    level = None if sigma is None else sigma / 255.0
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)
         if noise_check:
             _check_noise_level(path, image, denoiser)
-        denoised = denoise_image(image, denoiser, tile=tile, device=device, ensemble=ensemble)
+        denoised = denoise_image(image, denoiser, tile=tile, device=device, ensemble=ensemble, sigma=level)
         _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble))
 
     _process_files(_expand(inputs), "restoring", handle)

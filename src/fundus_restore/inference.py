@@ -372,6 +372,21 @@ def noise_level_mismatch(
     return f"{found}, outside the {seen} {name} was trained on: {effect}; {suggestion}"
 
 
+def estimated_noise_level(image: np.ndarray) -> float:
+    """The noise sigma of an H×W×C ``image`` on the [0, 1] scale, for a denoiser told the
+    level: ``estimate_noise_sigma`` inside the field of view, or over the whole image
+    where none is found. Under unclipped noise it is within 0.4 (of 255) of the true sigma
+    5–50 on every DRIVE test and HEI-MED validation photo; clipped 8-bit noise reads low
+    at high sigma, 45–46 at 50 (``docs/results.md``, "Other noise levels")."""
+    from fundus_restore.degrade import estimate_noise_sigma
+    from fundus_restore.fov import fov_mask
+
+    try:
+        return estimate_noise_sigma(image, fov_mask(image)) / 255.0
+    except ValueError:  # no whole 2×2 block inside a field of view
+        return estimate_noise_sigma(image) / 255.0
+
+
 def dihedral_ensemble(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``forward`` averaged over the 8 quarter turns and mirror images of its N×C×H×W input.
 
@@ -417,6 +432,8 @@ def _run_network(
         check_denoiser(network)
         scale = 1
     pixels = _checked_image(image, input_channels(network))
+    if sigma is None and getattr(network, "needs_noise_level", False):
+        sigma = estimated_noise_level(pixels)
     dtype = resolve_precision(precision, torch_device)
 
     def forward(patch: torch.Tensor) -> torch.Tensor:
@@ -460,7 +477,8 @@ def denoise(
     device and cached. ``tile`` (input pixels, default ``DEFAULT_TILE``) bounds the
     memory; ``overlap`` defaults to the model's receptive-field radius, which makes
     the tiled result equal the whole-image one. ``sigma`` (on the [0, 1] scale) is
-    passed to models that take it. ``precision`` is the compute dtype: ``"auto"`` is
+    passed to models that take it; a model told the noise level (``needs_noise_level``)
+    gets the photo's ``estimated_noise_level`` when it is None. ``precision`` is the compute dtype: ``"auto"`` is
     float32 on the CPU (bfloat16 costs CDnCNN-B 0.15–0.5 dB) and float16 autocast on
     CUDA. Values outside [0, 1] are neither rejected nor clipped, in the input or in
     the output. ``ensemble`` averages the outputs for the 8 flips and quarter turns of
