@@ -90,6 +90,14 @@ def test_skimage_retina() -> None:
     assert not mask[:20, :20].any()
 
 
+@pytest.mark.filterwarnings("error")  # no logarithm of a negative surround
+def test_unclipped_noise_below_zero_finds_the_same_field_of_view() -> None:
+    image = data.retina().astype(np.float32) / 255
+    noisy = add_gaussian_noise(image, 25, seed=0)  # the paper's protocol: not clipped
+    assert noisy.min() < 0
+    assert _iou(fov_mask(noisy), fov_mask(image)) > 0.99
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("split,name", DRIVE_IMAGES)
 def test_matches_drive_masks(drive_dir: Path, split: str, name: str) -> None:

@@ -34,7 +34,9 @@ def _intensity(image: np.ndarray) -> np.ndarray:
         image = image.max(axis=-1)
     if image.ndim != 2:
         raise ValueError(f"expected an H×W or H×W×C image, got shape {image.shape}")
-    return ndimage.median_filter(image, _MEDIAN_SIZE)
+    # Clipped: unclipped float noise (the paper's protocol) dips below 0 on the surround,
+    # where the logarithm of the threshold is undefined.
+    return np.clip(ndimage.median_filter(image, _MEDIAN_SIZE), 0.0, 1.0)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
