@@ -370,7 +370,7 @@ def test_noise_level_mismatch_speaks_only_outside_the_trained_range() -> None:
     assert "noise may remain" in noise_level_mismatch(noisy[50], model)
     assert "sigma 25 m was trained on" in noise_level_mismatch(noisy[10], model)
     # It names the best bundled denoiser trained on a range that holds the photo's level.
-    assert "the bundled dncnn-retina-green-blind suits it" in noise_level_mismatch(noisy[50], model)
+    assert "the bundled resunet-retina-green-blind suits it" in noise_level_mismatch(noisy[50], model)
     model.noise_range = (0.0, 55.0)  # blind
     assert all(noise_level_mismatch(image, model) is None for image in (grey, *noisy.values()))
     # Only the masked part counts: noise outside the mask is not seen.

@@ -32,7 +32,7 @@ from fundus_restore.vessel_metrics import hallucinated_vessels, vessel_preservat
 from fundus_restore.vessels import SEGMENTERS, segment_vessels
 
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "dncnn-retina-green-range",
-                   "resunet-retina-green", "cbm3d")
+                   "resunet-retina-green", "resunet-retina-green-blind", "cbm3d")
 DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
 # A method name ending in this runs the network with the flip-and-turn ensemble (inference.dihedral_ensemble).
 ENSEMBLE_SUFFIX = "+x8"

@@ -22,7 +22,9 @@ from torch import nn
 from fundus_restore.models import create_model
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "resunet-retina-green"
+# Told the noise level (estimated per photo): within 0.2 dB of the sigma-25 specialist
+# resunet-retina-green at 25, 1.2-6.2 dB above it at 10, 15 and 50 (docs/results.md).
+DEFAULT_MODEL = "resunet-retina-green-blind"
 
 
 class WeightsError(ValueError):
