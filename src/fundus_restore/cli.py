@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -143,28 +143,42 @@ def denoise(
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise photographs; writes one output per input with the same name and bit depth."""
-    from fundus_restore.inference import denoise as denoise_image, load_denoiser
+    from fundus_restore.inference import load_denoiser
     from fundus_restore.io import read_image
 
     network = _loaded(lambda: _told(load_denoiser(model), sigma))
-    level = None if sigma is None else sigma / 255.0
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)
-        if noise_check:
-            _check_noise_level(path, image, network)
-        denoised = denoise_image(image, network, tile=tile, device=device, ensemble=ensemble, sigma=level)
+        denoised = _denoised(path, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, denoised)
 
     _process_files(_expand(inputs), f"denoising with {getattr(network, 'name', model)}", handle)
 
 
-def _check_noise_level(path: Path, image: np.ndarray, network: nn.Module) -> None:
-    """Warn, naming the file, when ``image``'s estimated noise level does not suit ``network``."""
+def _denoised(
+    path: Path, image: np.ndarray, network: nn.Module, sigma: float | None, noise_check: bool, **options: Any
+) -> np.ndarray:
+    """``image`` denoised by ``network`` after the noise check; a denoiser told the noise level
+    gets ``sigma`` (0-255 scale) or the photo's estimate, made once for it and the check."""
+    from fundus_restore.inference import denoise, estimated_noise_level
+
+    estimated = None
+    if sigma is None and getattr(network, "needs_noise_level", False):
+        estimated = estimated_noise_level(image)
+    if noise_check:
+        _check_noise_level(path, image, network, None if estimated is None else 255.0 * estimated)
+    return denoise(image, network, sigma=estimated if sigma is None else sigma / 255.0, **options)
+
+
+def _check_noise_level(path: Path, image: np.ndarray, network: nn.Module, sigma: float | None = None) -> None:
+    """Warn, naming the file, when ``image``'s estimated noise level (``sigma``, 0-255, where
+    already made) does not suit ``network``."""
     from fundus_restore.fov import fov_mask
     from fundus_restore.inference import noise_level_mismatch
 
-    mismatch = noise_level_mismatch(image, network, fov_mask)  # the mask only when the model's card gives a range
+    # The mask only when the model's card gives a range and no estimate is at hand.
+    mismatch = noise_level_mismatch(image, network, fov_mask, sigma=sigma)
     if mismatch is not None:
         _report_error(f"{path}: {mismatch}", "warning")
 
@@ -253,18 +267,15 @@ def restore(
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
-    from fundus_restore.inference import denoise as denoise_image, load_denoiser, load_upscaler, upscale as upscale_image
+    from fundus_restore.inference import load_denoiser, load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
 
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
     denoiser = _loaded(lambda: _told(load_denoiser(denoise_model or upscaler.lr_denoiser), sigma))
-    level = None if sigma is None else sigma / 255.0
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path)
-        if noise_check:
-            _check_noise_level(path, image, denoiser)
-        denoised = denoise_image(image, denoiser, tile=tile, device=device, ensemble=ensemble, sigma=level)
+        denoised = _denoised(path, image, denoiser, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble))
 
     _process_files(_expand(inputs), "restoring", handle)

@@ -332,7 +332,11 @@ def suits_noise_level(noise_range: tuple[float, float], sigma: float) -> bool:
 
 
 def noise_level_mismatch(
-    image: np.ndarray, model: nn.Module, mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None
+    image: np.ndarray,
+    model: nn.Module,
+    mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+    *,
+    sigma: float | None = None,
 ) -> str | None:
     """Why ``model`` may not suit ``image``'s noise level, or None when it does.
 
@@ -340,7 +344,8 @@ def noise_level_mismatch(
     with the noise range the model was trained on (``model.noise_range``, from its
     card; no card, no check; see ``suits_noise_level``). ``mask`` may be a function of
     the image (``fov_mask``): it is then computed only when there is a range to check
-    against. A denoiser trained at sigma 25
+    against. ``sigma`` (0–255 scale) is that estimate where it is already made (for a
+    denoiser told the level): it is then not made again. A denoiser trained at sigma 25
     smooths away detail at lower levels and leaves noise at higher ones (the message
     names the best bundled denoiser that suits the photo, if any); a super-resolution
     model trained on noise-free input sharpens noise.
@@ -350,7 +355,8 @@ def noise_level_mismatch(
     trained = getattr(model, "noise_range", None)
     if trained is None:
         return None
-    sigma = estimate_noise_sigma(image, mask(image) if callable(mask) else mask)
+    if sigma is None:
+        sigma = estimate_noise_sigma(image, mask(image) if callable(mask) else mask)
     if suits_noise_level(trained, sigma):
         return None
     name = getattr(model, "name", type(model).__name__)
