@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fundus_restore import save_model
 from fundus_restore.cli import app
-from fundus_restore.degrade import bicubic_upsample, degrade_for_protocol
+from fundus_restore.degrade import NOISE_ESTIMATE_VERSION, bicubic_upsample, degrade_for_protocol
 from fundus_restore.evaluate import (
     INVENTED_VS_BICUBIC, SUMMARY_COLUMNS, Method, ScoreCache, build_methods, evaluate_images, summarise,
     weights_fingerprint, write_tables,
@@ -156,6 +156,15 @@ def test_model_fingerprint_changes_with_the_weights():
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     assert weights_fingerprint(model) != before
+
+
+def test_a_model_told_the_noise_level_is_fingerprinted_with_the_estimate_it_is_told(tmp_path: Path):
+    torch.manual_seed(0)
+    told = save_model(create_model("resunet", widths=(8, 16), blocks=1, noise_map=True), tmp_path / "told.safetensors")
+    (method,) = build_methods([str(told)])
+    assert method.fingerprint.endswith(f" noise estimate v{NOISE_ESTIMATE_VERSION}")  # a better estimate is measured anew
+    noisy = np.random.default_rng(0).random((24, 32, 3), dtype=np.float32)
+    np.testing.assert_allclose(method.restore(noisy, 25 / 255), denoise(noisy, str(told)))
 
 
 def test_plus_x8_runs_a_network_with_the_flip_and_turn_ensemble(tmp_path: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy import ndimage
 
 
 def add_gaussian_noise(
@@ -42,8 +43,30 @@ def quantize(image: np.ndarray, bits: int = 8) -> np.ndarray:
     return np.round(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * top) / top
 
 
+# Bump when estimate_noise_sigma's readings change: scores cached for a model told the
+# estimate are then measured anew.
+NOISE_ESTIMATE_VERSION = 2
 # Median absolute value of a standard normal variable: MAD / 0.6745 estimates sigma.
 _NORMAL_MAD = 0.6745
+# Clipping at 0 and 1 narrows the noise wherever the signal lies within about two sigma
+# of either bound (the dark blue channel of a fundus photo at high noise): such blocks
+# are left out, in a few rounds, while enough blocks remain.
+_CLIP_MARGIN = 2.0
+_CLIP_ROUNDS = 3
+_MIN_BLOCKS = 256
+
+def _sigma_from_details(details: np.ndarray, step: float) -> float:
+    """Median absolute detail over 0.6745. Details on a grid of ``step`` (half a grey level
+    of an 8-bit file) tie in bins, and the plain median jumps a whole bin (0.4 of 255 at
+    σ 10): the median of grouped data is taken instead, interpolated within its bin."""
+    magnitudes = np.abs(details).ravel()
+    median = float(np.median(magnitudes))
+    if step > 0:
+        low, high = max(median - step / 2, 0.0), median + step / 2
+        below = np.count_nonzero(magnitudes < low)
+        tied = np.count_nonzero(magnitudes < high) - below
+        median = low + (high - low) * (magnitudes.size / 2 - below) / tied
+    return median / _NORMAL_MAD
 
 
 def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, *, channel_axis: int | None = -1) -> float:
@@ -52,11 +75,14 @@ def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, *, c
     Donoho's estimate: the median absolute value of the finest diagonal Haar wavelet
     coefficients (``(a - b - c + d) / 2`` over each 2×2 block, which keep white
     noise's sigma and cancel smooth signal) over 0.6745, pooled over the channels.
-    ``mask`` (H×W, e.g. the field of view) keeps only the blocks wholly inside it:
-    the black surround of a fundus photo, clipped at 0 in every real file, would bias
-    the estimate low. ``channel_axis=None`` for a grey image. Vessel edges are rare
-    enough that the median ignores them; a noise-free photo reads about 0.5–2
-    (its JPEG grain and fine texture).
+    ``mask`` (H×W, e.g. the field of view) keeps only the blocks wholly inside it.
+    Noise clipped to [0, 1], as in every real file, is narrower near either bound, so
+    the estimate is then repeated (three rounds) without the blocks whose local mean
+    (over 6×6 pixels) lies within two sigma of 0 or 1: the black surround of a fundus
+    photo, its dark blue channel at high noise. On an 8-bit image the median is
+    interpolated within its tie of half a grey level. ``channel_axis=None`` for a grey
+    image. Vessel edges are rare enough that the median ignores them; a noise-free
+    photo reads about 0.5–2 (its JPEG grain and fine texture).
     """
     pixels = np.asarray(image, dtype=np.float32)
     pixels = pixels[..., None] if channel_axis is None else np.moveaxis(pixels, channel_axis, -1)
@@ -65,13 +91,22 @@ def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, *, c
         raise ValueError(f"an image of {pixels.shape[0]}×{pixels.shape[1]} pixels has no 2×2 block to estimate noise on")
     corners = [pixels[row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)]
     detail = (corners[0] - corners[1] - corners[2] + corners[3]) / 2
+    inside = np.ones(detail.shape[:2], dtype=bool)
     if mask is not None:
-        inside = np.asarray(mask, dtype=bool)
-        inside = np.logical_and.reduce([inside[row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)])
+        blocks = np.asarray(mask, dtype=bool)
+        inside = np.logical_and.reduce([blocks[row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)])
         if not inside.any():
             raise ValueError("the mask holds no whole 2×2 block to estimate noise on")
-        detail = detail[inside]
-    return float(np.median(np.abs(detail)) / _NORMAL_MAD * 255.0)
+    levels = pixels[:height, :width] * 255
+    step = 0.5 / 255 if np.all(np.abs(levels - np.round(levels)) < 1e-3) else 0.0  # an 8-bit file's details
+    sigma = _sigma_from_details(detail[inside], step)
+    local_mean = ndimage.uniform_filter(sum(corners) / 4, size=(3, 3, 1), mode="nearest")
+    for _ in range(_CLIP_ROUNDS):
+        unclipped = inside[..., None] & (np.abs(local_mean - 0.5) < 0.5 - _CLIP_MARGIN * sigma)
+        if unclipped.sum() < _MIN_BLOCKS:  # too little signal far from the bounds: keep what we have
+            break
+        sigma = _sigma_from_details(detail[unclipped], step)
+    return sigma * 255.0
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:

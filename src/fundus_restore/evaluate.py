@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_restore.degrade import KERNELS, PROTOCOLS, bicubic_upsample, degrade_for_protocol, downsample
+from fundus_restore.degrade import (
+    KERNELS, NOISE_ESTIMATE_VERSION, PROTOCOLS, bicubic_upsample, degrade_for_protocol, downsample,
+)
 from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import read_image, read_mask
 from fundus_restore.metrics import image_quality
@@ -200,6 +202,8 @@ def build_methods(
         else:
             run = partial(denoise, model=model, tile=tile, device=device, ensemble=ensemble)
         fingerprint = weights_fingerprint(model) + (" x8" if ensemble else "")
+        if getattr(model, "needs_noise_level", False):  # its output moves with the estimate it is told
+            fingerprint += f" noise estimate v{NOISE_ESTIMATE_VERSION}"
         methods.append(Method(label, lambda noisy, sigma, run=run: run(noisy), fingerprint=fingerprint))
     return methods
 

@@ -381,9 +381,9 @@ def noise_level_mismatch(
 def estimated_noise_level(image: np.ndarray) -> float:
     """The noise sigma of an H×W×C ``image`` on the [0, 1] scale, for a denoiser told the
     level: ``estimate_noise_sigma`` inside the field of view, or over the whole image
-    where none is found. Under unclipped noise it is within 0.4 (of 255) of the true sigma
-    5–50 on every DRIVE test and HEI-MED validation photo; clipped 8-bit noise reads low
-    at high sigma, 45–46 at 50 (``docs/results.md``, "Other noise levels")."""
+    where none is found. It is within 1.1 (of 255) of the true sigma 5–50 on every DRIVE
+    test and HEI-MED validation photo, noise clipped and quantised to 8 bits or not
+    (``docs/results.md``, "Other noise levels")."""
     from fundus_restore.degrade import estimate_noise_sigma
     from fundus_restore.fov import fov_mask
 
