@@ -1,4 +1,4 @@
-"""The ``fundus-restore`` command line: thin wrappers over the Python API."""
+"""The fundus-restore command line: thin wrappers over the Python API."""
 
 from __future__ import annotations
 
