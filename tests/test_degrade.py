@@ -184,6 +184,14 @@ def test_noise_estimate_reads_clipped_8bit_noise_on_a_retina(retina_crop: np.nda
         assert _pooled_haar_estimate(noisy) < 0.9 * sigma
 
 
+def test_noise_estimate_of_a_black_frame_keeps_the_plain_estimate() -> None:
+    # No block lies two sigma away from 0, so none is left to correct it with: the plain
+    # (low) estimate is returned rather than nothing.
+    noisy = degrade_for_protocol(np.zeros((64, 64, 3), np.float32), 25.0, "camera", seed=0)
+    assert estimate_noise_sigma(noisy) == pytest.approx(_pooled_haar_estimate(noisy), rel=0.05)
+    assert estimate_noise_sigma(noisy) < 15
+
+
 def _pooled_haar_estimate(image: np.ndarray) -> float:
     """Donoho's estimate over every block, blind to clipping: what the estimate improves on."""
     height, width = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
