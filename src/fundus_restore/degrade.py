@@ -55,6 +55,7 @@ _CLIP_MARGIN = 2.0
 _CLIP_ROUNDS = 3
 _MIN_BLOCKS = 256
 
+
 def _sigma_from_details(details: np.ndarray, step: float) -> float:
     """Median absolute detail over 0.6745. Details on a grid of ``step`` (half a grey level
     of an 8-bit file) tie in bins, and the plain median jumps a whole bin (0.4 of 255 at
