@@ -240,6 +240,32 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     assert result.exit_code == 0 and "warning:" in result.output and "a.png" in result.output
 
 
+@pytest.mark.parametrize("command", ["denoise", "upscale", "restore"])
+def test_a_grey_photograph_comes_back_grey(
+    command: str, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path
+):
+    photo = write_image(tmp_path / "in" / "red-free.png", np.random.default_rng(0).random((40, 50, 1)), bit_depth=16)
+    models = {
+        "denoise": ["-m", str(tiny_model_file)],
+        "upscale": ["-m", str(tiny_upscaler_file), "--check", "--check-threshold", "1.0"],
+        "restore": ["--denoise-model", str(tiny_model_file), "--upscale-model", str(tiny_upscaler_file)],
+    }[command]
+    result = runner.invoke(app, [command, str(photo), "-o", str(tmp_path / "out"), *models, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    grey = read_image(photo, rgb=False)
+    expected = grey if command == "upscale" else denoise(grey, tiny_model_file, device="cpu")
+    if command != "denoise":
+        expected = upscale(expected, tiny_upscaler_file, device="cpu")
+    written = read_image(tmp_path / "out" / "red-free.png", rgb=False)
+    assert written.shape == expected.shape and image_bit_depth(tmp_path / "out" / "red-free.png") == 16
+    assert np.abs(written - expected.clip(0, 1)).max() < 2 / 65535
+    # Denoising it through a colour model is worth a warning; the guard's map is in colour.
+    said = " ".join(result.output.split())
+    assert ("red-free.png: a grey photograph through a colour denoiser" in said) == (command != "upscale")
+    if command == "upscale":
+        assert read_image(tmp_path / "out" / "red-free.hallucination.png", rgb=False).shape == (80, 100, 3)
+
+
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_restore_is_upscale_of_denoise(
     photos: Path, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path, ensemble: bool

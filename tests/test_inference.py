@@ -208,6 +208,18 @@ def test_bad_images_are_refused(image: np.ndarray, message: str) -> None:
         denoise(image, random_dncnn(), device="cpu")
 
 
+@pytest.mark.parametrize("super_resolution", [False, True])
+def test_a_grey_image_through_a_colour_model_is_the_mean_of_its_three_outputs(
+    super_resolution: bool, odd_image: np.ndarray
+) -> None:
+    run, model = (upscale, random_srresnet(2)) if super_resolution else (denoise, random_dncnn())
+    grey = odd_image[:90, :130, 1:2]
+    restored = run(grey, model, device="cpu", tile=41)
+    colour = run(np.repeat(grey, 3, axis=2), model, device="cpu", tile=41)
+    assert restored.shape == (*colour.shape[:2], 1) and restored.dtype == np.float32
+    np.testing.assert_allclose(restored[..., 0], colour.mean(axis=2), atol=1e-6)
+
+
 def test_bad_settings_are_refused(odd_image: np.ndarray) -> None:
     with pytest.raises(ValueError, match="larger than twice the overlap"):
         denoise(odd_image, random_dncnn(), tile=10, overlap=5, device="cpu")

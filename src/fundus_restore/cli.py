@@ -142,14 +142,14 @@ def denoise(
     sigma: NoiseLevelOption = None,
     noise_check: NoiseCheckOption = True,
 ) -> None:
-    """Denoise photographs; writes one output per input with the same name and bit depth."""
+    """Denoise photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
     from fundus_restore.inference import load_denoiser
     from fundus_restore.io import read_image
 
     network = _loaded(lambda: _told(load_denoiser(model), sigma))
 
     def handle(_: int, path: Path) -> None:
-        image = read_image(path)
+        image = read_image(path, rgb=False)
         denoised = _denoised(path, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, denoised)
 
@@ -161,8 +161,14 @@ def _denoised(
 ) -> np.ndarray:
     """``image`` denoised by ``network`` after the noise check; a denoiser told the noise level
     gets ``sigma`` (0-255 scale) or the photo's estimate, made once for it and the check."""
-    from fundus_restore.inference import denoise, estimated_noise_level
+    from fundus_restore.inference import denoise, estimated_noise_level, input_channels
 
+    if image.shape[-1] == 1 and input_channels(network) == 3:
+        _report_error(
+            f"{path}: a grey photograph through a colour denoiser; the bundled ones remove less noise from grey "
+            "photographs than BM3D does (docs/results.md, 'Grey (red-free) photographs')",
+            "warning",
+        )
     estimated = None
     if sigma is None and getattr(network, "needs_noise_level", False):
         estimated = estimated_noise_level(image)
@@ -184,8 +190,8 @@ def _check_noise_level(path: Path, image: np.ndarray, network: nn.Module, sigma:
 
 
 def _hallucination_map(upscaled: np.ndarray, hallucinated: np.ndarray) -> np.ndarray:
-    """The upscaled image (clipped to [0, 1]) with the hallucinated centreline pixels in pure red."""
-    overlay = np.clip(upscaled, 0.0, 1.0)
+    """The upscaled image (clipped to [0, 1]; a grey one in colour) with the hallucinated centreline pixels in pure red."""
+    overlay = np.clip(np.broadcast_to(upscaled, (*upscaled.shape[:2], 3)), 0.0, 1.0)
     overlay[hallucinated] = (1.0, 0.0, 0.0)
     return overlay
 
@@ -231,14 +237,14 @@ def upscale(
     ] = 0.05,
     noise_check: NoiseCheckOption = True,
 ) -> None:
-    """Super-resolve photographs; writes one output per input with the same name and bit depth."""
+    """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
     from fundus_restore.inference import load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
 
     network = _loaded(lambda: load_upscaler(model, scale))
 
     def handle(_: int, path: Path) -> None:
-        image = read_image(path)
+        image = read_image(path, rgb=False)
         if noise_check:
             _check_noise_level(path, image, network)
         upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
@@ -274,7 +280,7 @@ def restore(
     denoiser = _loaded(lambda: _told(load_denoiser(denoise_model or upscaler.lr_denoiser), sigma))
 
     def handle(_: int, path: Path) -> None:
-        image = read_image(path)
+        image = read_image(path, rgb=False)
         denoised = _denoised(path, image, denoiser, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble))
 

@@ -242,11 +242,16 @@ def prepared_from_file(weights: Path, device: torch.device) -> nn.Module:
     return _prepare_file(weights.resolve(), weights.stat().st_mtime_ns, device)
 
 
+def _grey_through_colour(image: np.ndarray, channels: int | None) -> bool:
+    """Whether ``image`` is grey (one channel, e.g. a red-free photograph) and the model takes colour."""
+    return channels == 3 and image.shape[2] == 1
+
+
 def _checked_image(image: np.ndarray, channels: int | None) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"expected an H×W×C image, got an array of shape {image.shape}")
-    if channels is not None and image.shape[2] != channels:
+    if channels is not None and image.shape[2] != channels and not _grey_through_colour(image, channels):
         raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image of shape {image.shape}")
@@ -437,7 +442,11 @@ def _run_network(
     else:
         check_denoiser(network)
         scale = 1
-    pixels = _checked_image(image, input_channels(network))
+    channels = input_channels(network)
+    pixels = _checked_image(image, channels)
+    grey = _grey_through_colour(pixels, channels)
+    if grey:  # the grey level in each colour channel; the three outputs are averaged back to one
+        pixels = np.repeat(pixels, 3, axis=2)
     if sigma is None and getattr(network, "needs_noise_level", False):
         sigma = estimated_noise_level(pixels)
     dtype = resolve_precision(precision, torch_device)
@@ -461,7 +470,8 @@ def _run_network(
         device=torch_device,
         progress=progress,
     )
-    return result[0].permute(1, 2, 0).numpy()
+    output = result[0].permute(1, 2, 0).numpy()
+    return output.mean(axis=2, keepdims=True) if grey else output
 
 
 def denoise(
@@ -477,6 +487,11 @@ def denoise(
     progress: bool = False,
 ) -> np.ndarray:
     """Denoise a float32 H×W×C image on the [0, 1] scale; returns float32 H×W×C.
+
+    A grey image (C = 1, e.g. a red-free photograph) through a colour model runs as the
+    same level in all three channels, the three outputs averaged back to one; the
+    bundled colour denoisers remove less noise from it than BM3D does
+    (``scripts/grey_photos.py``).
 
     ``model`` is a bundled model name, a safetensors file, an ``nn.Module``, or None
     for the default bundled denoiser; models loaded by name are prepared once per
@@ -518,6 +533,7 @@ def upscale(
     progress: bool = False,
 ) -> np.ndarray:
     """Super-resolve a float32 H×W×C image on [0, 1]; returns float32 (s·H)×(s·W)×C.
+    A grey image through a colour model runs as in ``denoise``.
 
     ``s`` is the model's ``scale`` (2 or 4 for SRResNet). ``model`` is a bundled
     name, a safetensors file or an ``nn.Module``; None means the bundled default
