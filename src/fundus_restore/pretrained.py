@@ -22,8 +22,8 @@ from torch import nn
 from fundus_restore.models import create_model
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
-# Told the noise level (estimated per photo): level with or above the sigma-25 specialist
-# resunet-retina-green at 25, 1.4-7.2 dB above it at 10, 15 and 50 (docs/results.md).
+# Told the noise level (estimated per photo): above the sigma-25 specialist
+# resunet-retina-green at 25, 1.4-7.3 dB above it at 10, 15 and 50 (docs/results.md).
 DEFAULT_MODEL = "resunet-retina-green-blind"
 
 
