@@ -533,7 +533,6 @@ def upscale(
     progress: bool = False,
 ) -> np.ndarray:
     """Super-resolve a float32 H×W×C image on [0, 1]; returns float32 (s·H)×(s·W)×C.
-    A grey image through a colour model runs as in ``denoise``.
 
     ``s`` is the model's ``scale`` (2 or 4 for SRResNet). ``model`` is a bundled
     name, a safetensors file or an ``nn.Module``; None means the bundled default
@@ -541,7 +540,7 @@ def upscale(
     bundled. Tiling, overlap, device, precision, ensemble and progress work as in ``denoise``
     (``tile`` and ``overlap`` in input pixels; the default tile is
     ``DEFAULT_TILE // s``): the tiled result equals the whole-image one. The output
-    is not clipped.
+    is not clipped. A grey image through a colour model runs as in ``denoise``.
     """
     return _run_network(
         image,
