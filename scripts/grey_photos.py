@@ -27,6 +27,7 @@ from fundus_restore.evaluate import load_clean
 from fundus_restore.inference import DEFAULT_UPSCALE_MODEL, denoise, upscale
 from fundus_restore.io import list_images
 from fundus_restore.metrics import psnr
+from fundus_restore.pretrained import default_model_name
 
 SIGMA = 25.0
 SCALE = 4
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20, help="how many DRIVE test photographs")
     parser.add_argument("--model", action="append", help="denoisers (default: the bundled default)")
     args = parser.parse_args()
-    models = args.model or ["resunet-retina-green-blind"]
+    models = args.model or [default_model_name()]
 
     scores: dict[str, list[float]] = {}
     for index, path in enumerate(list_images([args.shared / "data/DRIVE/test/images"])[: args.count]):

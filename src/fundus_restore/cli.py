@@ -161,9 +161,9 @@ def _denoised(
 ) -> np.ndarray:
     """``image`` denoised by ``network`` after the noise check; a denoiser told the noise level
     gets ``sigma`` (0-255 scale) or the photo's estimate, made once for it and the check."""
-    from fundus_restore.inference import denoise, estimated_noise_level, input_channels
+    from fundus_restore.inference import denoise, estimated_noise_level, grey_through_colour, input_channels
 
-    if image.shape[-1] == 1 and input_channels(network) == 3:
+    if grey_through_colour(image, input_channels(network)):
         _report_error(
             f"{path}: a grey photograph through a colour denoiser; the bundled ones remove less noise from grey "
             "photographs than BM3D does (docs/results.md, 'Grey (red-free) photographs')",

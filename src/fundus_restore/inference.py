@@ -242,8 +242,9 @@ def prepared_from_file(weights: Path, device: torch.device) -> nn.Module:
     return _prepare_file(weights.resolve(), weights.stat().st_mtime_ns, device)
 
 
-def _grey_through_colour(image: np.ndarray, channels: int | None) -> bool:
-    """Whether ``image`` is grey (one channel, e.g. a red-free photograph) and the model takes colour."""
+def grey_through_colour(image: np.ndarray, channels: int | None) -> bool:
+    """Whether H×W×C ``image`` is grey (one channel, e.g. a red-free photograph) and a
+    model taking ``channels`` (``input_channels``) takes colour."""
     return channels == 3 and image.shape[2] == 1
 
 
@@ -251,7 +252,7 @@ def _checked_image(image: np.ndarray, channels: int | None) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"expected an H×W×C image, got an array of shape {image.shape}")
-    if channels is not None and image.shape[2] != channels and not _grey_through_colour(image, channels):
+    if channels is not None and image.shape[2] != channels and not grey_through_colour(image, channels):
         raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image of shape {image.shape}")
@@ -444,7 +445,7 @@ def _run_network(
         scale = 1
     channels = input_channels(network)
     pixels = _checked_image(image, channels)
-    grey = _grey_through_colour(pixels, channels)
+    grey = grey_through_colour(pixels, channels)
     if grey:  # the grey level in each colour channel; the three outputs are averaged back to one
         pixels = np.repeat(pixels, 3, axis=2)
     if sigma is None and getattr(network, "needs_noise_level", False):
