@@ -248,6 +248,20 @@ def test_validation_crops_are_fixed(photos: list[Path]) -> None:
     assert not np.array_equal(crops[0].noisy, crops[4].noisy)  # each image its own noise
 
 
+def test_chosen_channels_keep_those_of_the_same_patches(photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    colour = small_stream(photos).batch(0)
+    green = small_stream(photos, channels=(1,)).batch(0)
+    assert green.noisy.shape == green.clean.shape == (8, 1, 16, 16)
+    assert torch.equal(green.clean, colour.clean[:, 1:2])  # the same places, flips and turns
+    monkeypatch.setattr(data, "read_image", read_png)
+    crops = validation_crops(photos[:1], crop=24, channels=[1])
+    whole = validation_crops(photos[:1], crop=24)
+    assert all(c.clean.shape == (24, 24, 1) for c in crops)
+    assert all(np.array_equal(c.clean, w.clean[..., 1:2]) for c, w in zip(crops, whole, strict=True))
+    with pytest.raises(ValueError, match=r"photo\d\.png: has 3 channel\(s\), no channel 3 to keep"):
+        small_stream(photos, channels=(3,)).batch(0)
+
+
 def test_an_image_smaller_than_the_patch_is_named(photos: list[Path]) -> None:
     with pytest.raises(ValueError, match=r"photo\d\.png.*smaller than 64"):
         small_stream(photos, patch_size=64).batch(0)
@@ -273,6 +287,8 @@ def test_bad_settings_are_refused() -> None:
         PatchSettings(gain=(0.0, 1.2))
     with pytest.raises(ValueError, match="sampling"):
         PatchSettings(sampling="pixels")
+    with pytest.raises(ValueError, match="channels"):
+        PatchSettings(channels=())
 
 
 @pytest.mark.shared

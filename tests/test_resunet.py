@@ -108,11 +108,37 @@ def test_told_the_noise_level_it_starts_as_the_blind_network_and_then_uses_it(od
         told(x)
     with pytest.raises(ValueError, match="2 levels for 1 images"):
         told(x, torch.tensor([0.1, 0.2]))
-    for refused in ({"noise_map": False}, {"noise_map": True, "blocks": 2}):
+    for refused, model in (({"noise_map": True, "blocks": 2}, blind), ({"noise_map": False}, told)):
         with pytest.raises(ValueError, match="would change the function"):
-            blind.with_config(refused)
-    with pytest.raises(ValueError, match="would change the function"):
-        told.with_config({"noise_map": True})
+            model.with_config(refused)
+    assert told.with_config({"noise_map": True}).config == told.config  # asking for what it has changes nothing
+
+
+@pytest.mark.parametrize("noise_map", [False, True])
+def test_made_grey_it_is_the_mean_of_the_colour_networks_outputs_on_the_grey_level(
+    odd_image: np.ndarray, noise_map: bool
+) -> None:
+    colour = small_resunet()
+    if noise_map:
+        colour = colour.with_config({"noise_map": True}).eval()
+        with torch.no_grad():
+            colour.head.weight[:, 3:].normal_(0, 0.1)  # so that the level matters
+    grey = colour.with_config({"channels": 1}).eval()
+    assert grey.config == {**colour.config, "channels": 1} and grey.head.in_channels == 1 + noise_map
+    x = torch.from_numpy(odd_image[..., 1:2].transpose(2, 0, 1)[None].copy())
+    sigma = 0.1 if noise_map else None
+    with torch.no_grad():
+        expected = colour(x.repeat(1, 3, 1, 1), sigma).mean(dim=1, keepdim=True)
+        np.testing.assert_allclose(grey(x, sigma).numpy(), expected.numpy(), rtol=0, atol=1e-6)
+    # It is what denoise makes of a grey image through the colour network.
+    np.testing.assert_allclose(denoise(odd_image[..., 1:2], grey, device="cpu", sigma=sigma),
+                               denoise(odd_image[..., 1:2], colour, device="cpu", sigma=sigma), rtol=0, atol=1e-6)
+    # Only colour to grey keeps the function: not to two channels, nor back to colour.
+    for refused, model in (({"channels": 2}, colour), ({"channels": 3}, grey)):
+        with pytest.raises(ValueError, match="would change the function"):
+            model.with_config(refused)
+    both = small_resunet().with_config({"channels": 1, "noise_map": True})
+    assert both.head.in_channels == 2 and not both.head.weight[:, 1:].any()
 
 
 def test_told_the_noise_level_its_weights_round_trip_and_denoise_estimates_the_level(tmp_path) -> None:

@@ -420,6 +420,21 @@ def test_a_blind_residual_unet_learns_to_use_the_noise_level_it_is_told(photo_di
         assert (model(x, 5 / 255) - model(x, 50 / 255)).abs().max() > 1e-4
 
 
+def test_a_colour_residual_unet_trains_on_one_channel_as_a_grey_denoiser(photo_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    start = save_model(create_model("resunet", widths=[4, 8], blocks=1), tmp_path / "colour.safetensors")
+    grey = {"architecture": "resunet", "kwargs": {"channels": 1, "widths": [4, 8], "blocks": 1}, "init_weights": str(start)}
+    output = tmp_path / "grey"
+    config = tiny_config(photo_dir, output, steps=12, model=grey, **{"data.channels": [1], "loss.weights": [1]})
+    model = load_model(train_from_config(config))
+    assert model.config["channels"] == 1 and model.head.in_channels == model.tail.out_channels == 1
+    losses = [loss for _, loss in logged(output, "train/loss")]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert json.loads((output / "model.json").read_text())["recipe"]["channels"] == [1]
+    with pytest.raises(TrainingError, match=r"data.channels \[1\] keeps 1 channel\(s\): loss.weights needs as many"):
+        load_config(tiny_config(photo_dir, tmp_path / "x", **{"data.channels": [1]}))
+
+
 @pytest.mark.shared
 def test_initial_weights_from_the_official_matconvnet_file(dncnn_weights_dir: Path) -> None:
     model = build_model({"architecture": "dncnn", "kwargs": {}, "init_weights": str(dncnn_weights_dir / "GD_Color_Blind.mat")})

@@ -36,6 +36,10 @@ Design, and why:
   as one of a 2196×1958 HEI-MED photograph. ``sampling="area"`` draws photographs in
   proportion to their pixel count (from the file header), so that every pixel is
   equally likely, whatever the mix of cameras.
+* **Chosen channels** (``channels``, e.g. ``(1,)``): only those channels of each
+  photograph are kept, after its field of view is found on all of them. The green
+  channel alone trains a grey denoiser for red-free photographs, which are taken
+  through a green filter.
 * Patch centres are drawn inside the field of view, except a ``border_fraction``
   drawn anywhere in the FOV-cropped photograph, so the model also learns the
   border and the black surround.
@@ -95,6 +99,8 @@ class PatchSettings:
     # With scale > 1, the kernels that shrink the patches (``degrade.KERNELS``), one drawn
     # per patch: real low-resolution cameras follow no single one.
     lr_kernels: tuple[str, ...] = ("bicubic",)
+    # The photo channels kept, e.g. (1,): the green channel, for a grey (red-free) model. None: all.
+    channels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         low, high = self.sigma_range
@@ -115,6 +121,8 @@ class PatchSettings:
             raise ValueError(f"lr_kernels must be a non-empty list of {', '.join(KERNELS)}, got {list(self.lr_kernels)}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.channels is not None and (not self.channels or min(self.channels) < 0):
+            raise ValueError(f"channels must be null or a non-empty list of channel indices, got {list(self.channels)}")
         if self.targets == "vessels" and self.scale != 1:
             raise ValueError("vessel-map targets are for segmentation: the scale must be 1")
         if self.gain is not None and not (len(self.gain) == 2 and 0 < self.gain[0] <= self.gain[1]):
@@ -181,16 +189,24 @@ def split_images(
     return train, validation
 
 
-def load_fov_crop(path: Path, min_size: int = 1, vessels: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A photograph cropped to its field of view, with the FOV mask; with ``vessels``
-    its expert vessel map (0/1) is appended as a fourth channel."""
+def load_fov_crop(
+    path: Path, min_size: int = 1, vessels: bool = False, channels: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A photograph cropped to its field of view, with the FOV mask; only ``channels``
+    (None: all) are kept, and with ``vessels`` its expert vessel map (0/1) is appended
+    as one more channel."""
     if vessels:
         image, mask, expert = load_clean(path)
         if expert is None:
             raise ValueError(f"{path}: no expert vessel map beside it (DRIVE layout: ../1st_manual/NN_manual1.gif)")
-        image = np.dstack([image, expert.astype(np.float32)])
     else:
         image, mask = crop_to_fov(read_image(path))
+    if channels is not None:
+        if max(channels) >= image.shape[2]:
+            raise ValueError(f"{path}: has {image.shape[2]} channel(s), no channel {max(channels)} to keep")
+        image = image[..., list(channels)]
+    if vessels:
+        image = np.dstack([image, expert.astype(np.float32)])
     if min(image.shape[:2]) < min_size:
         raise ValueError(f"{path}: its field of view crop is {image.shape[1]}×{image.shape[0]}, smaller than {min_size}²")
     return image, mask
@@ -283,7 +299,7 @@ class PatchStream(IterableDataset):
             order = rng.choice(len(self.images), size=len(self.images), p=self._draw_weights)
         settings = self.settings
         return load_fov_crop(self.images[order[offset]], settings.patch_size + 2 * settings.margin,
-                             vessels=settings.targets == "vessels")
+                             vessels=settings.targets == "vessels", channels=settings.channels)
 
     def _corner(self, mask: np.ndarray, rng: np.random.Generator, size: int) -> tuple[int, int]:
         """Top-left corner of a ``size``² window whose centre lies in the FOV (but for a border fraction)."""
@@ -364,15 +380,17 @@ def validation_crops(
     seed: int = 0,
     scale: int = 1,
     targets: str = "clean",
+    channels: Sequence[int] | None = None,
 ) -> list[ValidationCrop]:
     """A ``crop``² at the centre and on the FOV rim (``REGIONS``) of each FOV-cropped
     photograph, under each protocol, with fixed-seed noise (image i gets seed
     ``seed + i``, as in ``evaluate``): validation scores are comparable from one
-    step, and one run, to the next. ``scale`` and ``targets`` make super-resolution
-    and segmentation crops, as ``PatchSettings`` does for training patches."""
+    step, and one run, to the next. ``scale``, ``targets`` and ``channels`` make
+    super-resolution, segmentation and grey crops, as ``PatchSettings`` does for
+    training patches."""
     crops = []
     for index, path in enumerate(images):
-        photograph = load_fov_crop(path, vessels=targets == "vessels")
+        photograph = load_fov_crop(path, vessels=targets == "vessels", channels=channels)
         for region, cut in zip(REGIONS, (centre_square, _rim_square), strict=True):
             clean, mask = cut(*photograph, crop)
             low = clean

@@ -120,6 +120,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # With scale > 1: the kernels that shrink the patches, one drawn per patch (degrade.KERNELS:
         # bicubic, bilinear, box, lanczos3), for upscalers that suit more than one camera.
         "lr_kernels": ["bicubic"],
+        # The photo channels to train on (null: all); [1], the green channel, for a grey
+        # denoiser of red-free photographs (with loss.weights [1] and model.kwargs.channels 1).
+        "channels": None,
     },
     # vessels: also thin-vessel recall, contrast retention and spurious rate of restorations
     # (the clean crop's segmentation as reference), e.g. for the vessel-loss search.
@@ -247,6 +250,11 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError(
             f"data.targets {data['targets']!r} trains with loss.name {expected_loss!r} "
             f"(targets: clean | vessels), got loss.name {merged['loss']['name']!r}"
+        )
+    if data["channels"] is not None and data["targets"] == "clean" and len(merged["loss"]["weights"]) != len(data["channels"]):
+        raise TrainingError(
+            f"data.channels {list(data['channels'])} keeps {len(data['channels'])} channel(s): "
+            f"loss.weights needs as many, got {list(merged['loss']['weights'])}"
         )
     if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
@@ -793,6 +801,7 @@ def _patch_settings(data: Mapping[str, Any]) -> PatchSettings:
         gain=None if data["gain"] is None else tuple(data["gain"]),
         sampling=data["sampling"],
         lr_kernels=tuple(data["lr_kernels"]),
+        channels=None if data["channels"] is None else tuple(data["channels"]),
     )
 
 
@@ -882,6 +891,7 @@ def _model_card(
             "scale": data["scale"],
             "lr_denoiser": data["lr_denoiser"],
             "lr_kernels": data["lr_kernels"],
+            "channels": data["channels"],
             "noise": {
                 "sigma": data["sigma"],
                 "clip_probability": data["clip_probability"],
@@ -980,7 +990,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         validation = config["validation"]
         crops = validation_crops(
             validation_images, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"],
-            targets=config["data"]["targets"],
+            targets=config["data"]["targets"], channels=config["data"]["channels"],
         )
 
     stream = _patch_stream(config, train_images, trainer.step, placement)

@@ -87,15 +87,32 @@ class ResUNet(nn.Module):
         return self.noise_map
 
     def with_config(self, changes: Mapping[str, Any]) -> "ResUNet":
-        """The same function under the config ``changes``, for training from these weights:
-        only adding the noise map keeps it (its input weights start at zero)."""
-        if dict(changes) != {"noise_map": True} or self.noise_map:
-            raise ValueError(f"config {dict(changes)} would change the function of {self.config}")
-        told = ResUNet(**{**self.config, "noise_map": True}).to(self.head.weight.device)
+        """The same function under the config ``changes``, for training from these weights.
+
+        Two changes keep it: adding the noise map (its input weights start at zero), and
+        colour to grey (``channels`` 3 to 1, for red-free photographs): the head's weights
+        summed over the colour channels and the tail's averaged give, for a grey image,
+        the mean of the colour network's three outputs on the grey level in all three
+        channels, which is what ``fundus_restore.denoise`` computes with it.
+        """
+        requested, changes = dict(changes), dict(changes)
+        channels = self.config["channels"]
+        to_grey = changes.pop("channels", channels) != channels  # only 3 to 1 keeps the function
+        add_noise_map = changes.pop("noise_map", self.noise_map) != self.noise_map
+        if changes or (to_grey and (channels, requested["channels"]) != (3, 1)) or (add_noise_map and self.noise_map):
+            raise ValueError(f"config {requested} would change the function of {self.config}")
+        changed = ResUNet(**{**self.config, "channels": 1 if to_grey else channels, "noise_map": self.noise_map or add_noise_map})
         state = self.state_dict()
-        state["head.weight"] = torch.cat([state["head.weight"], torch.zeros_like(state["head.weight"][:, :1])], dim=1)
-        told.load_state_dict(state)
-        return told.train(self.training)
+        head = state["head.weight"]
+        if to_grey:
+            head = torch.cat([head[:, :channels].sum(dim=1, keepdim=True), head[:, channels:]], dim=1)
+            state["tail.weight"] = state["tail.weight"].mean(dim=0, keepdim=True)
+            state["tail.bias"] = state["tail.bias"].mean(dim=0, keepdim=True)
+        if add_noise_map:
+            head = torch.cat([head, torch.zeros_like(head[:, :1])], dim=1)
+        state["head.weight"] = head
+        changed.load_state_dict(state)
+        return changed.to(self.head.weight.device).train(self.training)
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Denoise ``x`` (N×C×H×W). ``sigma`` (0–1 scale; a number, or one per image) is
