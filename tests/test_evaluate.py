@@ -122,6 +122,32 @@ def test_evaluate_command_writes_a_self_contained_html_report(clean_dir: Path, t
     assert {"comparison.png", "error_maps.png", "vessel_overlays.png"} <= {p.name for p in (report / "figures").iterdir()}
 
 
+def test_grey_scores_the_green_channel_and_a_grey_file_is_always_grey(clean_dir: Path, tmp_path: Path):
+    colour = sorted(clean_dir.iterdir())[0]
+    red_free = write_image(tmp_path / "grey" / "red-free.png", _fundus_like(64, 0)[..., 1:2])
+    methods = build_methods(["noisy", "cbm3d"])
+    as_grey = evaluate_images([colour], methods, protocols=("paper",), grey=True)
+    as_is = evaluate_images([red_free], methods, protocols=("paper",), grey=None)
+    for rows in (as_grey, as_is):
+        assert "psnr_fov" in rows[0] and "psnr_fov_g" not in rows[0]  # one channel, no R, G, B
+        assert rows[1]["psnr_fov"] > rows[0]["psnr_fov"] + 5  # grey BM3D denoises
+    # The same green channel, the same seeded noise: the same scores either way.
+    assert as_grey[0]["psnr_fov"] == pytest.approx(as_is[0]["psnr_fov"], abs=0.05)
+    # Grey scores are cached apart from the colour ones of the same photo.
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    colour_rows = evaluate_images([colour], methods[:1], protocols=("paper",), cache=cache)
+    assert "psnr_fov_g" in colour_rows[0]
+    assert "psnr_fov_g" not in evaluate_images([colour], methods[:1], protocols=("paper",), cache=cache, grey=True)[0]
+    # The command: one grey table and a report whose figures show one channel.
+    report = tmp_path / "report"
+    args = ["evaluate", "--clean", str(colour), "--report", str(report), "--methods", "noisy,nlmeans", "--grey"]
+    result = CliRunner().invoke(app, [*args, "--protocol", "camera"])
+    assert result.exit_code == 0, result.output
+    assert "| σ | noise | method | images | psnr | ssim | psnr_fov | ssim_fov | thin_recall" in (report / "results.md").read_text()
+    assert "grey: the green channel of colour photos" in (report / "report.html").read_text()
+    assert {"comparison.png", "error_maps.png", "vessel_overlays.png"} <= {p.name for p in (report / "figures").iterdir()}
+
+
 def test_score_cache_reuses_scores_and_recomputes_only_what_changed(clean_dir: Path, tmp_path: Path):
     calls: list[str] = []
 

@@ -191,7 +191,9 @@ def _check_noise_level(path: Path, image: np.ndarray, network: nn.Module, sigma:
 
 def _hallucination_map(upscaled: np.ndarray, hallucinated: np.ndarray) -> np.ndarray:
     """The upscaled image (clipped to [0, 1]; a grey one in colour) with the hallucinated centreline pixels in pure red."""
-    overlay = np.clip(np.broadcast_to(upscaled, (*upscaled.shape[:2], 3)), 0.0, 1.0)
+    from fundus_restore.report import colour_view
+
+    overlay = colour_view(upscaled)
     overlay[hallucinated] = (1.0, 0.0, 0.0)
     return overlay
 
@@ -464,6 +466,10 @@ def evaluate(
     lr_kernel: Annotated[
         str, typer.Option(help="With --scale: the kernel that shrinks the photos (bicubic, bilinear, box, lanczos3).")
     ] = "bicubic",
+    grey: Annotated[
+        bool, typer.Option(help="Score in one channel: the green channel of colour photos, as a red-free photo. "
+                                "Grey (red-free) files are always scored grey.")
+    ] = False,
 ) -> None:
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
@@ -502,7 +508,7 @@ def evaluate(
             rows = evaluate_images(
                 files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
                 on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
-                segmenter=segmenter, lr_kernel=lr_kernel,
+                segmenter=segmenter, lr_kernel=lr_kernel, grey=True if grey else None,
             )
         except ImageFileError as error:  # pixel data found corrupt past a sound header
             _report_error(str(error))
@@ -515,6 +521,7 @@ def evaluate(
         "methods": ", ".join(m.name for m in chosen),
         "images": f"{len(files)}: " + ", ".join(f.name for f in files),
         "crop": "whole field of view" if crop is None else f"central {crop}²",
+        "channels": "grey: the green channel of colour photos" if grey else "colour; grey files grey",
         "vessel segmenter": segmenter,
         "task": "denoising" if scale == 1 else f"super-resolution x{scale} (input: antialiased {lr_kernel} shrink, then noise)",
     }

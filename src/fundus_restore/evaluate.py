@@ -94,12 +94,13 @@ class ScoreCache:
 
     @staticmethod
     def key(image_digest: str, sigma: float, protocol: str, noise_seed: int, crop_size: int | None,
-            vessels: str | None, scale: int, method: Method, lr_kernel: str = "bicubic") -> str:
-        """``vessels``: the segmenter of the vessel measures, None without them."""
-        # The default kernel adds nothing, so that scores cached before kernels were selectable stay valid.
-        kernel = [] if lr_kernel == "bicubic" else [lr_kernel]
+            vessels: str | None, scale: int, method: Method, lr_kernel: str = "bicubic", grey: bool = False) -> str:
+        """``vessels``: the segmenter of the vessel measures, None without them; ``grey``: the
+        photo scored in one channel (``load_clean``)."""
+        # The defaults add nothing, so that scores cached before kernels and grey were selectable stay valid.
+        extra = ([] if lr_kernel == "bicubic" else [lr_kernel]) + (["grey"] if grey else [])
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels, scale,
-                           method.name, method.fingerprint, *kernel])
+                           method.name, method.fingerprint, *extra])
 
     def get(self, key: str, required: Iterable[str] = ()) -> dict[str, float] | None:
         """The scores under ``key``; None when absent or lacking a ``required`` measure (one added
@@ -119,8 +120,11 @@ def file_digest(path: Path) -> str:
 
 
 def _cbm3d(noisy: np.ndarray, sigma: float) -> np.ndarray:
+    """CBM3D on a colour image, BM3D on a grey one."""
     import bm3d
 
+    if noisy.shape[2] == 1:
+        return bm3d.bm3d(noisy[..., 0], sigma_psd=sigma / 255.0)[..., None].astype(np.float32)
     return bm3d.bm3d_rgb(noisy, sigma_psd=sigma / 255.0).astype(np.float32)
 
 
@@ -128,9 +132,10 @@ def _nlmeans(noisy: np.ndarray, sigma: float) -> np.ndarray:
     from skimage.restoration import denoise_nl_means
 
     # Settings recommended by scikit-image for a known noise level.
-    return denoise_nl_means(
+    restored = denoise_nl_means(
         noisy, h=0.8 * sigma / 255.0, sigma=sigma / 255.0, patch_size=5, patch_distance=6, fast_mode=True, channel_axis=-1
-    ).astype(np.float32)
+    )
+    return restored.reshape(noisy.shape).astype(np.float32)  # a grey image comes back H×W
 
 
 CLASSICAL_METHODS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
@@ -237,14 +242,28 @@ def expert_vessel_map(image_path: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_clean(path: Path, crop_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load_clean(
+    path: Path, crop_size: int | None = None, grey: bool | None = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A clean photo cropped to its field of view (and to the central ``crop_size``²),
-    with its FOV mask and, where one exists, its expert vessel map cropped alike."""
-    image = read_image(path)
+    with its FOV mask and, where one exists, its expert vessel map cropped alike.
+
+    The photo is H×W×3, or with ``grey`` H×W×1: the green channel of a colour photo
+    (red-free photographs are taken through a green filter) or a grey photo's one
+    channel. ``grey=None`` keeps each file's own: a grey file stays grey.
+    """
+    image = read_image(path, rgb=False)
+    if grey is None:
+        grey = image.shape[2] == 1
     expert_path = expert_vessel_map(path)
     layers = image if expert_path is None else np.dstack([image, read_mask(expert_path).astype(np.float32)])
     layers, mask = centre_square(*crop_to_fov(layers, fov_mask(image)), crop_size)
-    return layers[..., :3], mask, None if expert_path is None else layers[..., 3] > 0.5
+    photo = layers[..., : image.shape[2]]
+    if grey:
+        photo = photo[..., 1:2] if photo.shape[2] == 3 else photo
+    elif photo.shape[2] == 1:
+        photo = np.repeat(photo, 3, axis=2)
+    return photo, mask, None if expert_path is None else layers[..., -1] > 0.5
 
 
 @dataclass(frozen=True)
@@ -292,6 +311,7 @@ def evaluate_images(
     scale: int = 1,
     segmenter: str = "hessian",
     lr_kernel: str = "bicubic",
+    grey: bool | None = False,
 ) -> list[dict[str, float | str]]:
     """One row per (image, sigma, protocol, method) with every quality measure and,
     with ``vessels``, the vessel-preservation measures (against the expert map where
@@ -307,7 +327,8 @@ def evaluate_images(
     ``degrade.KERNELS``; antialiased bicubic by default), then noised (the example's
     ``noisy`` is then that input enlarged by bicubic, for display), and the vessel
     measures add ``INVENTED_VS_BICUBIC``, the ``upscale --check`` guard's rate (its own,
-    classical segmenter).
+    classical segmenter). ``grey`` scores the photos in one channel (``load_clean``: True
+    for the green channel of colour photos, None for grey files only).
     """
     check_settings(protocols, segmenter, lr_kernel)
     guard = vessels and scale > 1
@@ -315,7 +336,7 @@ def evaluate_images(
     shown_setting = example_setting(sigmas, protocols)
     for index, path in enumerate(paths):
         digest = file_digest(path) if cache is not None else ""
-        clean, mask, expert = load_clean(path, crop_size)
+        clean, mask, expert = load_clean(path, crop_size, grey)
         low = clean
         if scale > 1:
             low = downsample(clean, scale, lr_kernel)
@@ -335,7 +356,7 @@ def evaluate_images(
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
                     key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size,
-                                         segmenter if vessels else None, scale, method, lr_kernel)
+                                         segmenter if vessels else None, scale, method, lr_kernel, clean.shape[2] == 1)
                     quality = cache.get(key, (INVENTED_VS_BICUBIC,) if guard else ()) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)
@@ -367,8 +388,9 @@ def summarise(rows: Sequence[dict[str, float | str]]) -> list[dict[str, float | 
         groups[(row["sigma"], row["protocol"], row["method"])].append(row)
     summary = []
     for (sigma, protocol, method), members in groups.items():
-        measures = [k for k, v in members[0].items() if isinstance(v, float) and k != "sigma"]
-        means = {k: mean_of_finite([m[k] for m in members]) for k in measures}
+        # Over the measures of any member: a folder of colour and grey photos gives R, G, B for some.
+        measures = dict.fromkeys(k for m in members for k, v in m.items() if isinstance(v, float) and k != "sigma")
+        means = {k: mean_of_finite([m[k] for m in members if k in m]) for k in measures}
         summary.append({"sigma": sigma, "protocol": protocol, "method": method, "images": len(members), **means})
     return summary
 
@@ -395,7 +417,7 @@ def write_tables(rows: Sequence[dict[str, float | str]], report_dir: Path, title
 
 def summary_table(summary: Sequence[dict[str, float | str]]) -> tuple[list[str], list[list[str]]]:
     """(header, formatted rows) of the summary table, vessel columns included when measured."""
-    columns = SUMMARY_COLUMNS + tuple(c for c in VESSEL_COLUMNS if c in summary[0])
+    columns = tuple(c for c in SUMMARY_COLUMNS + VESSEL_COLUMNS if c in summary[0])  # a grey photo has no R, G, B
     header = ["σ", "noise", "method", "images", *columns]
     body = []
     for row in summary:
@@ -407,7 +429,7 @@ def summary_table(summary: Sequence[dict[str, float | str]]) -> tuple[list[str],
 
 def _write_csv(rows: Sequence[dict[str, float | str]], path: Path) -> Path:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     return path

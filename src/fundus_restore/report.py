@@ -60,6 +60,12 @@ def thin_vessel_window(image: np.ndarray, mask: np.ndarray | None = None, size: 
     return top, left
 
 
+def colour_view(image: np.ndarray) -> np.ndarray:
+    """A new H×W×3 float32 copy of ``image`` clipped to [0, 1] for display; a grey
+    (H×W×1) image in all three channels."""
+    return np.clip(np.broadcast_to(image, (*image.shape[:2], 3)), 0.0, 1.0).astype(np.float32)
+
+
 def comparison_figure(
     panels: Mapping[str, np.ndarray],
     path: str | Path,
@@ -67,7 +73,7 @@ def comparison_figure(
     zoom: tuple[int, int, int] | None = None,
     captions: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a row of images (title → H×W×3 array) with, under each, the zoomed window.
+    """Write a row of images (title → H×W×3 or grey H×W×1 array) with, under each, the zoomed window.
 
     ``zoom`` is (top, left, size); the window is outlined on the full views.
     ``captions`` adds a line (e.g. PSNR/SSIM) under a panel's title.
@@ -77,7 +83,7 @@ def comparison_figure(
         rows, len(panels), figsize=(4 * len(panels), 4 * rows), squeeze=False, layout="constrained"
     )
     for column, (title, image) in enumerate(panels.items()):
-        shown = np.clip(image, 0.0, 1.0)
+        shown = colour_view(image)
         reduced, step = reduced_view(shown)
         caption = (captions or {}).get(title)
         axes[0, column].imshow(reduced)
@@ -111,13 +117,17 @@ def _save(figure: plt.Figure, path: str | Path) -> Path:
 
 def error_maps_figure(clean: np.ndarray, restored: Mapping[str, np.ndarray], path: str | Path) -> Path:
     """The paper's Figure 3: per-channel absolute error |restored − clean|, one row per
-    channel (R, G, B), one column per method, on one colour scale shared by all panels
-    (up to the 99.5th percentile of all errors, so a few outliers don't wash it out)."""
+    channel (R, G, B; one row for a grey image), one column per method, on one colour
+    scale shared by all panels (up to the 99.5th percentile of all errors, so a few
+    outliers don't wash it out)."""
     errors = {name: np.abs(np.clip(image, 0.0, 1.0) - clean) for name, image in restored.items()}
     top = float(np.percentile(np.stack(list(errors.values())), 99.5)) or 1.0
-    figure, axes = plt.subplots(3, len(errors), figsize=(4 * len(errors) + 1, 12), squeeze=False, layout="constrained")
+    channels = ["R", "G", "B"] if clean.shape[2] == 3 else ["grey"]
+    figure, axes = plt.subplots(
+        len(channels), len(errors), figsize=(4 * len(errors) + 1, 4 * len(channels)), squeeze=False, layout="constrained"
+    )
     for column, (name, error) in enumerate(errors.items()):
-        for row, channel in enumerate("RGB"):
+        for row, channel in enumerate(channels):
             shown = axes[row, column].imshow(reduced_view(error[..., row])[0], cmap="inferno", vmin=0.0, vmax=top)
             axes[row, column].set_title(f"{name}: |error| {channel}", fontsize=11)
             axes[row, column].set_axis_off()
@@ -126,9 +136,9 @@ def error_maps_figure(clean: np.ndarray, restored: Mapping[str, np.ndarray], pat
 
 
 def vessel_overlay(image: np.ndarray, changes: VesselChanges) -> np.ndarray:
-    """``image`` (H×W×3) with kept thin, lost thin and spurious vessel centrelines painted
-    in ``OVERLAY_COLOURS``."""
-    overlay = np.clip(image[..., :3], 0.0, 1.0).astype(np.float32, copy=True)
+    """``image`` (H×W×3, or grey H×W×1) in colour with kept thin, lost thin and spurious
+    vessel centrelines painted in ``OVERLAY_COLOURS``."""
+    overlay = colour_view(image)
     maps = {"kept thin": changes.kept_thin, "lost thin": changes.lost_thin, "spurious": changes.spurious}
     for label, where in maps.items():
         overlay[where] = to_rgb(OVERLAY_COLOURS[label])
