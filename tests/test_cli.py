@@ -266,6 +266,46 @@ def test_a_grey_photograph_comes_back_grey(
         assert read_image(tmp_path / "out" / "red-free.hallucination.png", rgb=False).shape == (80, 100, 3)
 
 
+@pytest.mark.parametrize("command", ["denoise", "restore"])
+def test_without_a_model_grey_photos_get_the_grey_default(
+    command: str, tiny_upscaler_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import fundus_restore.pretrained as pretrained
+
+    torch.manual_seed(0)
+    colour = create_model("resunet", widths=[4, 8], blocks=1)
+    with torch.no_grad():
+        colour.tail.weight.normal_(0, 0.1)  # not the identity
+    grey = colour.with_config({"channels": 1})
+    with torch.no_grad():
+        grey.tail.weight.normal_(0, 0.1)  # no longer the colour model's mean either
+    bundled = tmp_path / "bundled"
+    for name, model in (("colour", colour), ("grey", grey)):
+        save_model(model, bundled / f"{name}.safetensors")
+        (bundled / f"{name}.json").write_text(json.dumps({"task": "denoise", "config": model.config}))
+    monkeypatch.setattr(pretrained, "BUNDLED_DIR", bundled)
+    monkeypatch.setattr(pretrained, "DEFAULT_MODEL", "colour")
+    monkeypatch.setattr(pretrained, "DEFAULT_GREY_MODEL", "grey")
+    rng = np.random.default_rng(0)
+    photos = {"colour.png": rng.random((40, 48, 3)), "red-free.png": rng.random((40, 48, 1))}
+    for name, image in photos.items():
+        write_image(tmp_path / "in" / name, image, bit_depth=16)
+    upscaler = ["--upscale-model", str(tiny_upscaler_file)] if command == "restore" else []
+    result = runner.invoke(app, [command, str(tmp_path / "in"), "-o", str(tmp_path / "out"), *upscaler, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "grey photograph through a colour denoiser" not in result.output
+    for name, model in (("colour.png", colour), ("red-free.png", grey)):
+        expected = denoise(read_image(tmp_path / "in" / name, rgb=False), model, device="cpu")
+        if command == "restore":
+            expected = upscale(expected, tiny_upscaler_file, device="cpu")
+        written = read_image(tmp_path / "out" / name, rgb=False)
+        assert written.shape == expected.shape
+        assert np.abs(written - expected.clip(0, 1)).max() < 2 / 65535
+    # The Python API chooses the same way.
+    red_free = read_image(tmp_path / "in" / "red-free.png", rgb=False)
+    np.testing.assert_array_equal(denoise(red_free, device="cpu"), denoise(red_free, grey, device="cpu"))
+
+
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_restore_is_upscale_of_denoise(
     photos: Path, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path, ensemble: bool

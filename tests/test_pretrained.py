@@ -93,12 +93,19 @@ def test_default_is_the_bundled_denoiser_with_the_best_validation(tmp_path: Path
     import fundus_restore.pretrained as pretrained
 
     model = create_model("dncnn", depth=3, width=4, batch_norm=False)
-    for name, psnr, task in (("weak", 30.0, "denoise"), ("strong", 38.0, "denoise"), ("sr", 45.0, "upscale")):
+    # A grey model's card scores grey crops, which are no measure of a colour denoiser.
+    for name, psnr, task, channels in (("weak", 30.0, "denoise", 3), ("strong", 38.0, "denoise", 3),
+                                       ("sr", 45.0, "upscale", 3), ("grey", 45.0, "denoise", 1)):
         save_model(model, tmp_path / f"{name}.safetensors")
-        card = {"task": task, "validation": {pretrained.RANKING_MEASURE: psnr}}
+        card = {"task": task, "config": {"channels": channels}, "validation": {pretrained.RANKING_MEASURE: psnr}}
         (tmp_path / f"{name}.json").write_text(json.dumps(card))
     monkeypatch.setattr(pretrained, "BUNDLED_DIR", tmp_path)
     assert pretrained.default_model_name() == "strong"
+    assert pretrained.best_bundled_denoiser(pretrained.list_models(), channels=1) == "grey"
+    # Grey photos get the grey default by its name; without it, the colour default takes them.
+    assert pretrained.default_model_name(channels=1) == "strong"
+    monkeypatch.setattr(pretrained, "DEFAULT_GREY_MODEL", "grey")
+    assert pretrained.default_model_name(channels=1) == "grey" and pretrained.default_model_name() == "strong"
 
 
 def test_the_card_beside_a_weights_file_gives_its_training_noise_range(tmp_path: Path):

@@ -143,17 +143,34 @@ def denoise(
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
-    from fundus_restore.inference import load_denoiser
     from fundus_restore.io import read_image
 
-    network = _loaded(lambda: _told(load_denoiser(model), sigma))
+    denoiser_for, name = _denoisers(model, sigma)
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path, rgb=False)
-        denoised = _denoised(path, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        denoised = _denoised(path, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, denoised)
 
-    _process_files(_expand(inputs), f"denoising with {getattr(network, 'name', model)}", handle)
+    _process_files(_expand(inputs), f"denoising with {name}", handle)
+
+
+def _denoisers(model: str | None, sigma: float | None) -> tuple[Callable[[np.ndarray], nn.Module], str]:
+    """The denoiser for each photo, and its name for the progress bar: ``model`` for every
+    photo, or without one the bundled default of the photo's channels (a grey photo gets
+    the grey one, loaded when the first comes). Unusable weights end the command (exit 2)."""
+    import functools
+
+    from fundus_restore.inference import load_denoiser
+    from fundus_restore.pretrained import default_model_name
+
+    colour = _loaded(lambda: _told(load_denoiser(model), sigma))
+    name = getattr(colour, "name", str(model))
+    grey_name = default_model_name(channels=1)
+    if model is not None or grey_name == name:
+        return (lambda image: colour), name
+    grey = functools.cache(lambda: _loaded(lambda: _told(load_denoiser(channels=1), sigma)))
+    return (lambda image: grey() if image.shape[2] == 1 else colour), f"{name} ({grey_name} for grey photos)"
 
 
 def _denoised(
@@ -162,11 +179,12 @@ def _denoised(
     """``image`` denoised by ``network`` after the noise check; a denoiser told the noise level
     gets ``sigma`` (0-255 scale) or the photo's estimate, made once for it and the check."""
     from fundus_restore.inference import denoise, estimated_noise_level, grey_through_colour, input_channels
+    from fundus_restore.pretrained import DEFAULT_GREY_MODEL
 
     if grey_through_colour(image, input_channels(network)):
         _report_error(
-            f"{path}: a grey photograph through a colour denoiser; the bundled ones remove less noise from grey "
-            "photographs than BM3D does (docs/results.md, 'Grey (red-free) photographs')",
+            f"{path}: a grey photograph through a colour denoiser, which removes less noise from it than the "
+            f"grey {DEFAULT_GREY_MODEL} (docs/results.md, 'Grey (red-free) photographs')",
             "warning",
         )
     estimated = None
@@ -275,15 +293,15 @@ def restore(
     noise_check: NoiseCheckOption = True,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
-    from fundus_restore.inference import load_denoiser, load_upscaler, upscale as upscale_image
+    from fundus_restore.inference import load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
 
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
-    denoiser = _loaded(lambda: _told(load_denoiser(denoise_model or upscaler.lr_denoiser), sigma))
+    denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma)
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path, rgb=False)
-        denoised = _denoised(path, image, denoiser, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        denoised = _denoised(path, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble))
 
     _process_files(_expand(inputs), "restoring", handle)

@@ -304,10 +304,11 @@ def check_denoiser(network: nn.Module) -> nn.Module:
     return network
 
 
-def load_denoiser(model: str | Path | None = None) -> nn.Module:
+def load_denoiser(model: str | Path | None = None, channels: int = 3) -> nn.Module:
     """A denoiser on the CPU: a bundled name, a safetensors file, or None for the bundled
-    default; anything else is refused here, before any image is read (``check_denoiser``)."""
-    return check_denoiser(load_model(model))
+    default of ``channels``-channel images (``default_model_name``); anything else is
+    refused here, before any image is read (``check_denoiser``)."""
+    return check_denoiser(load_model(default_model_name(channels) if model is None else model))
 
 
 def load_upscaler(model: str | Path | None = None, scale: int | None = None) -> nn.Module:
@@ -379,7 +380,7 @@ def noise_level_mismatch(
         noise_range = training_noise_range(card)
         return noise_range is not None and suits_noise_level(noise_range, sigma)
 
-    better = best_bundled_denoiser([other for other in list_models() if other != name], fits)
+    better = best_bundled_denoiser([other for other in list_models() if other != name], fits, channels=image.shape[-1])
     suggestion = f"the bundled {better} suits it" if better else "a denoiser trained on a range of sigma suits it better"
     return f"{found}, outside the {seen} {name} was trained on: {effect}; {suggestion}"
 
@@ -489,13 +490,12 @@ def denoise(
 ) -> np.ndarray:
     """Denoise a float32 H×W×C image on the [0, 1] scale; returns float32 H×W×C.
 
-    A grey image (C = 1, e.g. a red-free photograph) through a colour model runs as the
-    same level in all three channels, the three outputs averaged back to one; the
-    bundled colour denoisers remove less noise from it than BM3D does
-    (``scripts/grey_photos.py``).
-
     ``model`` is a bundled model name, a safetensors file, an ``nn.Module``, or None
-    for the default bundled denoiser; models loaded by name are prepared once per
+    for the default bundled denoiser of the image's channels (``default_model_name``:
+    a grey image, e.g. a red-free photograph, gets the grey one). A grey image through
+    a colour model runs as the same level in all three channels, the three outputs
+    averaged back to one; the bundled colour denoisers remove less noise from it than
+    BM3D does (``scripts/grey_photos.py``). Models loaded by name are prepared once per
     device and cached. ``tile`` (input pixels, default ``DEFAULT_TILE``) bounds the
     memory; ``overlap`` defaults to the model's receptive-field radius, which makes
     the tiled result equal the whole-image one. ``sigma`` (on the [0, 1] scale) is
@@ -510,7 +510,7 @@ def denoise(
     return _run_network(
         image,
         model,
-        default_name=default_model_name,
+        default_name=functools.partial(default_model_name, channels=np.shape(image)[-1]),
         super_resolution=False,
         sigma=sigma,
         tile=tile,

@@ -25,6 +25,8 @@ BUNDLED_DIR = Path(__file__).parent / "weights"
 # Told the noise level (estimated per photo): above the sigma-25 specialist
 # resunet-retina-green at 25, 1.4-7.3 dB above it at 10, 15 and 50 (docs/results.md).
 DEFAULT_MODEL = "resunet-retina-green-blind"
+# For grey (red-free) photographs: the default made grey and trained on green channels.
+DEFAULT_GREY_MODEL = "resunet-retina-grey-blind"
 
 
 class WeightsError(ValueError):
@@ -41,13 +43,18 @@ def list_models() -> list[str]:
 RANKING_MEASURE = "psnr_camera_centre"
 
 
-def default_model_name() -> str:
-    """The best bundled denoiser: the default of ``denoise`` and the demo.
+def default_model_name(channels: int = 3) -> str:
+    """The best bundled denoiser for images of ``channels`` channels: the default of
+    ``denoise`` and the demo.
 
-    ``DEFAULT_MODEL`` once it is bundled; until then the denoiser whose card reports
-    the highest ``RANKING_MEASURE`` (all bundled cards share one validation set).
+    For colour, ``DEFAULT_MODEL`` once it is bundled; until then the colour denoiser
+    whose card reports the highest ``RANKING_MEASURE`` (all bundled cards share one
+    validation set). For grey (one channel), ``DEFAULT_GREY_MODEL`` when it is
+    bundled, else the colour default, which takes a grey photo in all three channels.
     """
     names = list_models()
+    if channels == 1 and DEFAULT_GREY_MODEL in names:
+        return DEFAULT_GREY_MODEL
     if DEFAULT_MODEL in names:
         return DEFAULT_MODEL
     best = best_bundled_denoiser(names)
@@ -56,11 +63,17 @@ def default_model_name() -> str:
     return best
 
 
-def best_bundled_denoiser(names: list[str], accept: Callable[[dict[str, Any]], bool] = lambda card: True) -> str | None:
-    """The denoiser among bundled ``names`` whose card ``accept`` takes and reports the highest
-    ``RANKING_MEASURE``; None if there is none."""
+def best_bundled_denoiser(
+    names: list[str], accept: Callable[[dict[str, Any]], bool] = lambda card: True, channels: int = 3
+) -> str | None:
+    """The denoiser of ``channels``-channel images among bundled ``names`` whose card
+    ``accept`` takes and reports the highest ``RANKING_MEASURE``; None if there is none.
+    (A grey model's card scores grey crops: it ranks among grey models only.)"""
     cards = {n: model_card(n) for n in names}
-    denoisers = [n for n, card in cards.items() if card.get("task", "denoise") == "denoise" and accept(card)]
+    denoisers = [
+        n for n, card in cards.items()
+        if card.get("task", "denoise") == "denoise" and card.get("config", {}).get("channels", 3) == channels and accept(card)
+    ]
     if not denoisers:
         return None
     return max(denoisers, key=lambda n: cards[n].get("validation", {}).get(RANKING_MEASURE, float("-inf")))
