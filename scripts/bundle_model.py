@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from fundus_restore.data import validation_crops
 from fundus_restore.pretrained import BUNDLED_DIR, load_model, save_model
-from fundus_restore.train import Placement, Trainer, calibrate_on_training_data, card_validation, load_config, training_split
+from fundus_restore.train import (
+    Placement, Trainer, calibrate_on_training_data, card_validation, load_config, run_validation_crops, training_split,
+)
 
 
 def run_config(run: Path) -> dict[str, Any]:
@@ -42,11 +43,7 @@ def run_config(run: Path) -> dict[str, Any]:
 def rescored_validation(run: Path, model: torch.nn.Module, photos: list[Path]) -> dict[str, Any]:
     """``model`` scored on ``photos`` as the run's training validated, in the card's layout."""
     config = run_config(run)
-    validation = config["validation"]
-    crops = validation_crops(
-        photos, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"],
-        targets=config["data"]["targets"],
-    )
+    crops = run_validation_crops(config, photos)
     trainer = Trainer(config, Placement(rank=0, world_size=1, device=torch.device("cpu")))
     return card_validation(config, trainer.validate(crops, model))
 

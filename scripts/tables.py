@@ -2,6 +2,7 @@
 
     python scripts/tables.py [--shared ../shared] [--out out/table1] [--method NAME ...]
     python scripts/tables.py --scale 4 [--out out/table-sr]       # super-resolution
+    python scripts/tables.py --grey [--out out/table1-grey]       # red-free: the green channel
 
 Runs ``fundus-restore evaluate`` (seed 0, paper and camera noise, vessel measures;
 sigma 25 for denoising — the paper's Table 1 — and no noise for super-resolution,
@@ -10,6 +11,8 @@ where the input is the photo shrunk by antialiased bicubic) on
   * HEI-MED validation: the 10 photographs the training configs hold out
     (``validation.holdout: 10`` among HEI-MED, seed 0), central 1024² crops;
   * unseen: scikit-image's retina photograph (never trained on), central 1024².
+With ``--grey`` every set is scored on its photographs' green channel, as red-free
+photographs (``evaluate --grey``).
 Every score goes into one cache (``OUT/scores.jsonl``), so a rerun after adding a
 method or retraining one model computes only that. Each set's report (tables,
 report.html, figures) lands in ``OUT/<set>/``; ``OUT/tables.md`` joins the summaries.
@@ -51,8 +54,10 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="Super-resolution factor (1: denoising).")
     parser.add_argument("--segmenter", default="hessian", help="Vessel segmenter of the vessel columns.")
     parser.add_argument("--lr-kernel", default="bicubic", help="With --scale: the kernel that shrinks the photos.")
+    parser.add_argument("--grey", action="store_true", help="Score the green channel, as red-free photographs.")
     args = parser.parse_args()
-    args.out = args.out or Path("out/table1" if args.scale == 1 else "out/table-sr")
+    default_out = ("out/table1" if args.scale == 1 else "out/table-sr") + ("-grey" if args.grey else "")
+    args.out = args.out or Path(default_out)
     data, official = args.shared / "data", args.shared / "weights/dncnn/GD_Color_Blind.mat"
     sets = {
         "drive-test": ([data / "DRIVE/test/images"], None),
@@ -60,6 +65,7 @@ def main() -> None:
         "unseen": ([unseen_photo(args.out)], 1024),
     }
     title = "Denoising, sigma 25" if args.scale == 1 else f"Super-resolution x{args.scale}, {args.lr_kernel} shrink"
+    title += ", green channel (red-free)" if args.grey else ""
     joined = [f"# {title}, seed 0, vessel segmenter {args.segmenter}", ""]
     for name, (files, crop) in sets.items():
         command = [sys.executable, "-m", "fundus_restore", "evaluate", "--report", str(args.out / name),
@@ -69,6 +75,7 @@ def main() -> None:
         # Without --method, evaluate's defaults, leaving out a bundled model that is not there (yet).
         command += [option for method in args.method or [] for option in ("--method", method)]
         command += ["--crop", str(crop)] if crop else []
+        command += ["--grey"] if args.grey else []
         subprocess.run(command, check=True)
         table = (args.out / name / "results.md").read_text().splitlines()
         joined += [f"## {name} ({', '.join(Path(f).name for f in files)})", "", *table[2:], ""]

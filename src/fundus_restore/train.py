@@ -787,6 +787,14 @@ def training_split(config: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
         raise TrainingError(f"validation split: {error}") from None
 
 
+def run_validation_crops(config: Mapping[str, Any], images: list[Path]) -> list[ValidationCrop]:
+    """The fixed validation crops of ``images`` for a run of ``config``: its crop size, noise
+    level, scale, targets and channels."""
+    validation, data = config["validation"], config["data"]
+    return validation_crops(images, crop=validation["crop"], sigma=validation["sigma"], scale=data["scale"],
+                            targets=data["targets"], channels=data["channels"])
+
+
 def _patch_settings(data: Mapping[str, Any]) -> PatchSettings:
     """The patch stream's settings from the config's ``data`` section."""
     return PatchSettings(
@@ -987,11 +995,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
-        validation = config["validation"]
-        crops = validation_crops(
-            validation_images, crop=validation["crop"], sigma=validation["sigma"], scale=config["data"]["scale"],
-            targets=config["data"]["targets"], channels=config["data"]["channels"],
-        )
+        crops = run_validation_crops(config, validation_images)
 
     stream = _patch_stream(config, train_images, trainer.step, placement)
     workers = config["data"]["workers"]
