@@ -127,6 +127,14 @@ def test_the_models_the_issues_name_are_bundled_and_the_default_is_ours():
     assert default_model_name() == ISSUE_MODELS[-1]
 
 
+def test_grey_photos_have_their_own_bundled_default():
+    name = default_model_name(channels=1)
+    assert name == "resunet-retina-grey-blind" and name in list_models()
+    model = load_model(name)
+    assert model.config["channels"] == 1 and model.needs_noise_level
+    assert model_card(name)["recipe"]["channels"] == [1]  # trained on the green channel
+
+
 def card_gaps(card: dict) -> list[str]:
     """The fields issue 3 asks of a bundled model card that ``card`` lacks or leaves empty."""
     gaps = [key for key in ("task", "summary", "architecture", "config", "parameters") if key not in card]
@@ -171,10 +179,12 @@ def test_bundled_card_describes_its_weights(name: str):
         low, high = (10.0, 60.0) if key.startswith("psnr") else (0.0, 1.0)  # dB; SSIM, Dice and AUC are fractions
         assert low < validation[key] <= high, (key, validation[key])
 
-    # The task is what the model does: a denoiser keeps the photo's shape, an upscaler
-    # enlarges it by its scale, a segmenter gives one channel of vessel logits.
+    # The task is what the model does: a denoiser keeps the photo's shape (colour, or grey
+    # for a grey model), an upscaler enlarges it by its scale, a segmenter gives one
+    # channel of vessel logits.
+    channels = model.config.get("channels", 3)
     with torch.no_grad():
-        shape = model(torch.rand(1, 3, 32, 32), torch.tensor([25 / 255])).shape
+        shape = model(torch.rand(1, channels, 32, 32), torch.tensor([25 / 255])).shape
     scale = model.config.get("scale", 1)
-    expected = {"denoise": (1, 3, 32, 32), "upscale": (1, 3, 32 * scale, 32 * scale), "segment-vessels": (1, 1, 32, 32)}
+    expected = {"denoise": (1, channels, 32, 32), "upscale": (1, 3, 32 * scale, 32 * scale), "segment-vessels": (1, 1, 32, 32)}
     assert shape == expected[card["task"]] and (card["task"] == "upscale") == (scale > 1)

@@ -25,7 +25,8 @@ BUNDLED_DIR = Path(__file__).parent / "weights"
 # Told the noise level (estimated per photo): above the sigma-25 specialist
 # resunet-retina-green at 25, 1.4-7.3 dB above it at 10, 15 and 50 (docs/results.md).
 DEFAULT_MODEL = "resunet-retina-green-blind"
-# For grey (red-free) photographs: the default made grey and trained on green channels.
+# For grey (red-free) photographs: the default made grey and trained on green channels;
+# 0.7-1.2 dB above grey BM3D where the colour default falls 1.8-3.4 below it (docs/results.md).
 DEFAULT_GREY_MODEL = "resunet-retina-grey-blind"
 
 
