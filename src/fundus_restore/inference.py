@@ -494,8 +494,8 @@ def denoise(
     for the default bundled denoiser of the image's channels (``default_model_name``:
     a grey image, e.g. a red-free photograph, gets the grey one). A grey image through
     a colour model runs as the same level in all three channels, the three outputs
-    averaged back to one; the bundled colour denoisers remove less noise from it than
-    BM3D does (``scripts/grey_photos.py``). Models loaded by name are prepared once per
+    averaged back to one, which removes far less noise than the grey model does
+    (``python scripts/tables.py --grey``). Models loaded by name are prepared once per
     device and cached. ``tile`` (input pixels, default ``DEFAULT_TILE``) bounds the
     memory; ``overlap`` defaults to the model's receptive-field radius, which makes
     the tiled result equal the whole-image one. ``sigma`` (on the [0, 1] scale) is
