@@ -13,8 +13,8 @@ from fundus_restore import save_model
 from fundus_restore.cli import app
 from fundus_restore.degrade import NOISE_ESTIMATE_VERSION, bicubic_upsample, degrade_for_protocol
 from fundus_restore.evaluate import (
-    INVENTED_VS_BICUBIC, SUMMARY_COLUMNS, Method, ScoreCache, build_methods, evaluate_images, summarise,
-    weights_fingerprint, write_tables,
+    DEFAULT_GREY_METHODS, INVENTED_VS_BICUBIC, SUMMARY_COLUMNS, Method, ScoreCache, build_methods, evaluate_images,
+    summarise, weights_fingerprint, write_tables,
 )
 from fundus_restore.inference import denoise
 from fundus_restore.io import write_image
@@ -143,9 +143,16 @@ def test_grey_scores_the_green_channel_and_a_grey_file_is_always_grey(clean_dir:
     args = ["evaluate", "--clean", str(colour), "--report", str(report), "--methods", "noisy,nlmeans", "--grey"]
     result = CliRunner().invoke(app, [*args, "--protocol", "camera"])
     assert result.exit_code == 0, result.output
-    assert "| σ | noise | method | images | psnr | ssim | psnr_fov | ssim_fov | thin_recall" in (report / "results.md").read_text()
+    header = "| σ | noise | method | images | psnr | ssim | psnr_fov | ssim_fov | thin_recall"
+    assert header in (report / "results.md").read_text()
     assert "grey: the green channel of colour photos" in (report / "report.html").read_text()
     assert {"comparison.png", "error_maps.png", "vessel_overlays.png"} <= {p.name for p in (report / "figures").iterdir()}
+    # Without --method, BM3D and the colour and grey defaults.
+    result = CliRunner().invoke(app, ["evaluate", "--clean", str(colour), "--report", str(tmp_path / "defaults"), "--grey",
+                                      "--protocol", "camera", "--no-vessels", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "defaults" / "summary.csv").open() as handle:
+        assert [row["method"] for row in csv.DictReader(handle)] == list(DEFAULT_GREY_METHODS)
 
 
 def test_score_cache_reuses_scores_and_recomputes_only_what_changed(clean_dir: Path, tmp_path: Path):

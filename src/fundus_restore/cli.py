@@ -149,7 +149,8 @@ def denoise(
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path, rgb=False)
-        denoised = _denoised(path, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        network = denoiser_for(image)
+        denoised = _denoised(path, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, denoised)
 
     _process_files(_expand(inputs), f"denoising with {name}", handle)
@@ -301,7 +302,8 @@ def restore(
 
     def handle(_: int, path: Path) -> None:
         image = read_image(path, rgb=False)
-        denoised = _denoised(path, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        network = denoiser_for(image)
+        denoised = _denoised(path, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
         _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble))
 
     _process_files(_expand(inputs), "restoring", handle)
@@ -492,8 +494,8 @@ def evaluate(
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
     from fundus_restore.evaluate import (
-        DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, Example, ScoreCache, build_methods, check_settings, evaluate_images,
-        write_tables,
+        DEFAULT_GREY_METHODS, DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, Example, ScoreCache, build_methods,
+        check_settings, evaluate_images, write_tables,
     )
     from fundus_restore.io import ImageFileError, read_header
     from fundus_restore.report import write_html_report
@@ -503,7 +505,7 @@ def evaluate(
         _report_error(f"no image files in --clean {' '.join(map(str, clean))}")
         raise typer.Exit(1)
     sigma = sigma or [25.0 if scale == 1 else 0.0]
-    defaults = DEFAULT_METHODS if scale == 1 else DEFAULT_UPSCALE_METHODS
+    defaults = DEFAULT_UPSCALE_METHODS if scale > 1 else DEFAULT_GREY_METHODS if grey else DEFAULT_METHODS
     try:  # everything that can be refused is, before any method runs
         check_settings(protocol, segmenter, lr_kernel)
         for path in files:

@@ -36,6 +36,8 @@ from fundus_restore.vessels import SEGMENTERS, segment_vessels
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "dncnn-retina-green-range",
                    "resunet-retina-green", "resunet-retina-green-blind", "cbm3d")
 DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
+# Denoising with --grey: BM3D (as cbm3d), the colour default through grey, and the grey default.
+DEFAULT_GREY_METHODS = ("noisy", "cbm3d", "resunet-retina-green-blind", "resunet-retina-grey-blind")
 # A method name ending in this runs the network with the flip-and-turn ensemble (inference.dihedral_ensemble).
 ENSEMBLE_SUFFIX = "+x8"
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.

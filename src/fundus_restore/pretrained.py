@@ -26,7 +26,7 @@ BUNDLED_DIR = Path(__file__).parent / "weights"
 # resunet-retina-green at 25, 1.4-7.3 dB above it at 10, 15 and 50 (docs/results.md).
 DEFAULT_MODEL = "resunet-retina-green-blind"
 # For grey (red-free) photographs: the default made grey and trained on green channels;
-# 0.7-1.2 dB above grey BM3D where the colour default falls 1.8-3.4 below it (docs/results.md).
+# 0.7-1.2 dB above grey BM3D where the colour default falls 2.1-3.4 below it (docs/results.md).
 DEFAULT_GREY_MODEL = "resunet-retina-grey-blind"
 
 
@@ -73,7 +73,8 @@ def best_bundled_denoiser(
     cards = {n: model_card(n) for n in names}
     denoisers = [
         n for n, card in cards.items()
-        if card.get("task", "denoise") == "denoise" and card.get("config", {}).get("channels", 3) == channels and accept(card)
+        if card.get("task", "denoise") == "denoise" and card.get("config", {}).get("channels", 3) == channels
+        and accept(card)
     ]
     if not denoisers:
         return None

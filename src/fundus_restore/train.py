@@ -251,9 +251,10 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
             f"data.targets {data['targets']!r} trains with loss.name {expected_loss!r} "
             f"(targets: clean | vessels), got loss.name {merged['loss']['name']!r}"
         )
-    if data["channels"] is not None and data["targets"] == "clean" and len(merged["loss"]["weights"]) != len(data["channels"]):
+    kept = data["channels"]
+    if kept is not None and data["targets"] == "clean" and len(merged["loss"]["weights"]) != len(kept):
         raise TrainingError(
-            f"data.channels {list(data['channels'])} keeps {len(data['channels'])} channel(s): "
+            f"data.channels {list(kept)} keeps {len(kept)} channel(s): "
             f"loss.weights needs as many, got {list(merged['loss']['weights'])}"
         )
     if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):

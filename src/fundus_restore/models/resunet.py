@@ -101,7 +101,8 @@ class ResUNet(nn.Module):
         add_noise_map = changes.pop("noise_map", self.noise_map) != self.noise_map
         if changes or (to_grey and (channels, requested["channels"]) != (3, 1)) or (add_noise_map and self.noise_map):
             raise ValueError(f"config {requested} would change the function of {self.config}")
-        changed = ResUNet(**{**self.config, "channels": 1 if to_grey else channels, "noise_map": self.noise_map or add_noise_map})
+        config = {**self.config, "channels": 1 if to_grey else channels, "noise_map": self.noise_map or add_noise_map}
+        changed = ResUNet(**config)
         state = self.state_dict()
         head = state["head.weight"]
         if to_grey:
