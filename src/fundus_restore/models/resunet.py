@@ -95,14 +95,15 @@ class ResUNet(nn.Module):
         the mean of the colour network's three outputs on the grey level in all three
         channels, which is what ``fundus_restore.denoise`` computes with it.
         """
-        requested, changes = dict(changes), dict(changes)
+        requested = dict(changes)
+        target = {**self.config, "noise_map": self.noise_map, **requested}
         channels = self.config["channels"]
-        to_grey = changes.pop("channels", channels) != channels  # only 3 to 1 keeps the function
-        add_noise_map = changes.pop("noise_map", self.noise_map) != self.noise_map
-        if changes or (to_grey and (channels, requested["channels"]) != (3, 1)) or (add_noise_map and self.noise_map):
+        to_grey = target["channels"] != channels
+        add_noise_map = target["noise_map"] and not self.noise_map
+        if (set(requested) - {"channels", "noise_map"} or (self.noise_map and not target["noise_map"])
+                or (to_grey and (channels, target["channels"]) != (3, 1))):
             raise ValueError(f"config {requested} would change the function of {self.config}")
-        config = {**self.config, "channels": 1 if to_grey else channels, "noise_map": self.noise_map or add_noise_map}
-        changed = ResUNet(**config)
+        changed = ResUNet(**target)
         state = self.state_dict()
         head = state["head.weight"]
         if to_grey:
