@@ -11,9 +11,11 @@ from PIL import Image
 from fundus_restore.io import (
     SUPPORTED_SUFFIXES,
     ImageFileError,
+    ImageSource,
+    find_images,
     image_bit_depth,
-    read_header,
     list_images,
+    read_header,
     read_image,
     read_mask,
     write_image,
@@ -154,6 +156,17 @@ def test_list_images_expands_folders_and_keeps_files(tmp_path: Path) -> None:
     explicit = tmp_path / "elsewhere.jpg"
     assert list_images([tmp_path, explicit]) == [tmp_path / "a.TIF", tmp_path / "b.png", explicit]
     assert {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"} == set(SUPPORTED_SUFFIXES)
+
+
+def test_find_images_recursive_gives_each_photo_its_path_under_the_folder(tmp_path: Path) -> None:
+    for name in ["b.png", "eye 1/a.png", "eye 1/deeper/c.TIF", "eye 2/notes.txt", ".thumbs/d.png", "out/e.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = find_images([tmp_path], recursive=True, exclude=tmp_path / "out")
+    assert [str(source.relative) for source in found] == ["b.png", "eye 1/a.png", "eye 1/deeper/c.TIF"]
+    assert all(source.path == tmp_path / source.relative for source in found)
+    assert [str(source.relative) for source in find_images([tmp_path])] == ["b.png"]
+    assert find_images([tmp_path / "eye 1/a.png"]) == [ImageSource(tmp_path / "eye 1/a.png", Path("a.png"))]
 
 
 def test_list_images_reads_drives_layout(tmp_path: Path) -> None:

@@ -235,25 +235,60 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
     return path
 
 
-def list_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files named by ``paths``: each folder expands to its supported images
-    (sorted, not recursive, hidden files skipped); explicit files are kept as given.
+class ImageSource(NamedTuple):
+    """An image file and where it lies under the folder it was found in (for a file
+    named directly, just its name): the path its outputs mirror."""
 
-    A folder in DRIVE's layout (``training/`` or ``test/``, whose photographs lie in
+    path: Path
+    relative: Path
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES and not path.name.startswith(".")
+
+
+def _images_under(folder: Path, recursive: bool, exclude: Path | None) -> list[ImageSource]:
+    """The images in ``folder`` (and, if ``recursive``, in every non-hidden folder beneath it
+    but ``exclude``), sorted by their path under ``folder``."""
+    if not recursive:
+        return [ImageSource(child, Path(child.name)) for child in sorted(folder.iterdir()) if _is_image(child)]
+    excluded = None if exclude is None else exclude.resolve()
+    found: list[ImageSource] = []
+    for root, folders, files in os.walk(folder):
+        # Pruned in place, so a hidden or excluded folder is never walked.
+        folders[:] = [
+            name for name in folders if not name.startswith(".") and Path(root, name).resolve() != excluded
+        ]
+        found.extend(
+            ImageSource(Path(root, name), Path(root, name).relative_to(folder))
+            for name in files
+            if _is_image(Path(root, name))
+        )
+    return sorted(found, key=lambda source: source.relative.parts)
+
+
+def find_images(
+    paths: Iterable[str | Path], *, recursive: bool = False, exclude: Path | None = None
+) -> list[ImageSource]:
+    """Image files named by ``paths``, each with its path under the folder it came from.
+
+    Each folder expands to its supported images (sorted, hidden files skipped; with
+    ``recursive``, also those in its subfolders, hidden ones and ``exclude`` left out,
+    e.g. an output folder inside the input tree); explicit files are kept as given. A
+    folder in DRIVE's layout (``training/`` or ``test/``, whose photographs lie in
     ``images/`` beside ``mask/`` and ``1st_manual/``) expands to its ``images/``.
     """
-    found: list[Path] = []
+    found: list[ImageSource] = []
     for path in map(Path, paths):
         if (path / "images").is_dir():
             path = path / "images"
         if path.is_dir():
-            found.extend(
-                sorted(
-                    child
-                    for child in path.iterdir()
-                    if child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES and not child.name.startswith(".")
-                )
-            )
+            found.extend(_images_under(path, recursive, exclude))
         else:
-            found.append(path)
+            found.append(ImageSource(path, Path(path.name)))
     return found
+
+
+def list_images(paths: Iterable[str | Path], *, recursive: bool = False) -> list[Path]:
+    """The image files of :func:`find_images`, without their relative paths."""
+    return [source.path for source in find_images(paths, recursive=recursive)]
