@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from fundus_restore import denoise, load_model, save_model, upscale
@@ -93,6 +94,63 @@ def test_degrade_is_seeded_and_downsamples(photos: Path, tmp_path: Path):
     np.testing.assert_allclose(read_image(box / good.name), clean.reshape(20, 2, 25, 2, 3).mean(axis=(1, 3)), atol=0.501 / 255)
     refused = runner.invoke(app, ["degrade", str(good), "--kernel", "nearest", "-o", str(tmp_path / "x")])
     assert refused.exit_code == 2 and "unknown --kernel 'nearest'" in refused.output
+
+
+@pytest.mark.parametrize("command", ["degrade", "denoise"])
+def test_a_batch_that_would_overwrite_its_inputs_is_refused_before_any_file_is_touched(
+    command: str, photos: Path, tiny_model_file: Path
+):
+    before = {path.name: path.read_bytes() for path in photos.iterdir()}
+    model = ["--model", str(tiny_model_file)] if command == "denoise" else []
+    result = runner.invoke(app, [command, str(photos), "-o", str(photos), *model])
+    assert result.exit_code == 2
+    assert "would overwrite the input" in result.output and "(and 2 more)" in result.output
+    assert {path.name: path.read_bytes() for path in photos.iterdir()} == before
+
+
+def test_two_photos_with_one_output_name_are_refused(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    for name in ["left/x.png", "right/x.png", "right/y.png"]:
+        write_image(tmp_path / name, rng.random((16, 16, 3)))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "right/y.bmp")  # written as y.png
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["degrade", str(tmp_path / "left"), str(tmp_path / "right"), "-o", str(out)])
+    assert result.exit_code == 2
+    both = f"{tmp_path / 'left/x.png'} and {tmp_path / 'right/x.png'} would both be written to {out / 'x.png'}"
+    assert both in result.output
+    assert "(and 1 more)" in result.output  # y.bmp becomes y.png too
+    twice = runner.invoke(app, ["degrade", str(tmp_path / "left"), str(tmp_path / "left/x.png"), "-o", str(out)])
+    assert twice.exit_code == 2 and f"{tmp_path / 'left/x.png'} is given twice" in twice.output
+    assert not out.exists()
+
+
+def test_recursive_mirrors_the_tree_without_hidden_folders_or_the_output_folder(tmp_path: Path):
+    photos = tmp_path / "archive"
+    rng = np.random.default_rng(0)
+    for name in ["top.png", "patient 1/left.png", "patient 2/left.png", ".cache/thumb.png", "restored/old.png"]:
+        write_image(photos / name, rng.random((16, 16, 3)))
+    out = photos / "restored"  # inside the tree: never read back as input
+    result = runner.invoke(app, ["degrade", "-r", str(photos), "-o", str(out), "--sigma", "0"])
+    assert result.exit_code == 0, result.output
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*.png"))
+    assert written == ["old.png", "patient 1/left.png", "patient 2/left.png", "top.png"]
+    np.testing.assert_array_equal(read_image(out / "patient 2/left.png"), read_image(photos / "patient 2/left.png"))
+    # Without -r only the folder's own photos are taken.
+    flat = runner.invoke(app, ["degrade", str(photos), "-o", str(tmp_path / "flat"), "--sigma", "0"])
+    assert flat.exit_code == 0 and [path.name for path in (tmp_path / "flat").iterdir()] == ["top.png"]
+
+
+def test_skip_existing_resumes_a_batch_with_the_same_noise(photos: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    args = ["degrade", str(photos), "-o", str(out), "--sigma", "25", "--seed", "7"]
+    assert runner.invoke(app, args).exit_code == 1  # broken.png fails, the two others are written
+    second = (out / "b.tif").read_bytes()
+    (out / "b.tif").unlink()  # as if the run had stopped before it
+    write_image(out / "a (1).png", np.zeros((40, 50, 3)))  # an existing output is kept as it is
+    result = runner.invoke(app, [*args, "--skip-existing"])
+    assert "1 of 2 images written, 1 failed, 1 skipped (outputs exist)" in result.output
+    assert (out / "b.tif").read_bytes() == second  # its seed follows its place among all the inputs
+    assert read_image(out / "a (1).png").max() == 0
 
 
 def test_import_weights_round_trip(tmp_path: Path):
@@ -238,6 +296,10 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     # A threshold below any rate turns the printed rate into a warning naming the file.
     result = runner.invoke(app, [*args, "--check-threshold", "-1"])
     assert result.exit_code == 0 and "warning:" in result.output and "a.png" in result.output
+    # A photo is done when its map is written too: --skip-existing redoes it without one.
+    (out / "a.hallucination.png").unlink()
+    assert "1 of 1 images written" in runner.invoke(app, [*args, "--skip-existing"]).output
+    assert "0 of 0 images written, 1 skipped" in runner.invoke(app, [*args, "--skip-existing"]).output
 
 
 @pytest.mark.parametrize("command", ["denoise", "upscale", "restore"])

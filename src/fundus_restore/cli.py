@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, Optional
 
 import numpy as np
 import typer
@@ -57,6 +57,21 @@ NoiseLevelOption = Annotated[
     ),
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the noise; file i (sorted order) uses seed + i.")]
+RecursiveOption = Annotated[
+    bool,
+    typer.Option(
+        "--recursive", "-r",
+        help="Also take the images in the folders' subfolders (not hidden ones, not the output folder); "
+        "the outputs mirror the tree.",
+    ),
+]
+SkipExistingOption = Annotated[
+    bool,
+    typer.Option(
+        help="Leave out photos whose outputs exist already, to resume a stopped batch (outputs are written "
+        "whole or not at all)."
+    ),
+]
 
 
 def _progress() -> Progress:
@@ -70,42 +85,99 @@ def _progress() -> Progress:
     )
 
 
-def _process_files(files: list[Path], description: str, handle: Callable[[int, Path], None]) -> None:
-    """Run ``handle`` on every file with a progress bar; a bad file is reported and
-    skipped, the others still get their outputs, and the exit status says if any failed."""
-    from fundus_restore.io import ImageFileError
+class _Job(NamedTuple):
+    """One photo of a batch: its position among all the inputs (degrade's seed offset),
+    its file, and the files it gets, the output first."""
 
-    if not files:
+    index: int
+    source: Path
+    outputs: tuple[Path, ...]
+
+
+def _same_name(relative: Path) -> tuple[Path, ...]:
+    """The output of ``relative``: the same path; formats we cannot write become PNG."""
+    writable = relative.suffix.lower() in {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
+    return (relative if writable else relative.with_suffix(".png"),)
+
+
+def _conflicts(jobs: list[_Job]) -> list[str]:
+    """What writing ``jobs`` would destroy: an input overwritten, or one output written twice."""
+    inputs = {job.source.resolve(): job.source for job in jobs}
+    writers: dict[Path, Path] = {}
+    problems: list[str] = []
+    for job in jobs:
+        for output in job.outputs:
+            key = output.resolve()
+            if key in inputs:
+                problems.append(f"{output} would overwrite the input {inputs[key]}; choose another --out")
+            elif key in writers and writers[key].resolve() == job.source.resolve():
+                problems.append(f"{job.source} is given twice")
+            elif key in writers:
+                problems.append(f"{writers[key]} and {job.source} would both be written to {output}")
+            writers[key] = job.source
+    return problems
+
+
+def _run_batch(
+    inputs: list[Path],
+    out: Path,
+    description: str,
+    handle: Callable[[_Job], None],
+    *,
+    recursive: bool,
+    skip_existing: bool,
+    outputs: Callable[[Path], tuple[Path, ...]] = _same_name,
+) -> None:
+    """Run ``handle`` on every photo with a progress bar; ``outputs`` names the files each
+    photo gets under ``out`` from its path under its input folder.
+
+    A batch that would overwrite an input or write one output twice is refused before
+    any file is touched (exit 2). A bad file is reported and skipped, the others still get
+    their outputs, and the exit status says if any failed (exit 1)."""
+    from fundus_restore.io import ImageFileError, find_images
+
+    found = find_images(inputs, recursive=recursive, exclude=out)
+    if not found:
         _report_error("no image files found in the given inputs")
         raise typer.Exit(2)
+    jobs = [
+        _Job(index, source.path, tuple(out / name for name in outputs(source.relative)))
+        for index, source in enumerate(found)
+    ]
+    problems = _conflicts(jobs)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        _report_error(problems[0] + more)
+        raise typer.Exit(2)
+    if skip_existing:
+        jobs = [job for job in jobs if not all(output.is_file() for output in job.outputs)]
+    skipped = len(found) - len(jobs)
     failures: list[str] = []
     with _progress() as progress:
-        task = progress.add_task(description, total=len(files))
-        for index, path in enumerate(files):
+        task = progress.add_task(description, total=len(jobs))
+        for job in jobs:
             try:
-                handle(index, path)
+                handle(job)
             except (ImageFileError, ValueError, OSError) as error:
-                message = str(error) if str(path) in str(error) else f"{path}: {error}"
+                message = str(error) if str(job.source) in str(error) else f"{job.source}: {error}"
                 failures.append(message)
                 _report_error(message, "failed")
             progress.advance(task)
-    done = len(files) - len(failures)
-    console.print(f"{done} of {len(files)} images written" + (f", {len(failures)} failed" if failures else ""))
+    summary = f"{len(jobs) - len(failures)} of {len(jobs)} images written"
+    if failures:
+        summary += f", {len(failures)} failed"
+    if skipped:
+        summary += f", {skipped} skipped (outputs exist)"
+    console.print(summary)
     if failures:
         raise typer.Exit(1)
 
 
-def _output_path(out_dir: Path, path: Path) -> Path:
-    """Same file name in the output folder; formats we cannot write become PNG."""
-    suffix = path.suffix.lower()
-    return out_dir / (path.name if suffix in {".png", ".tif", ".tiff", ".jpg", ".jpeg"} else path.stem + ".png")
-
-
-def _write_output(out_dir: Path, path: Path, image: np.ndarray) -> None:
-    """Write the result for input ``path`` into ``out_dir`` with the input's bit depth."""
+def _write_output(source: Path, output: Path, image: np.ndarray) -> None:
+    """Write the result for input ``source`` to ``output`` with the input's bit depth."""
     from fundus_restore.io import image_bit_depth, write_image
 
-    write_image(_output_path(out_dir, path), image, bit_depth=image_bit_depth(path))
+    write_image(output, image, bit_depth=image_bit_depth(source))
 
 
 def _loaded(load: Callable[[], nn.Module]) -> nn.Module:
@@ -125,12 +197,6 @@ def _told(network: nn.Module, sigma: float | None) -> nn.Module:
     return network
 
 
-def _expand(inputs: Iterable[Path]) -> list[Path]:
-    from fundus_restore.io import list_images
-
-    return list_images(inputs)
-
-
 @app.command()
 def denoise(
     inputs: Inputs,
@@ -141,19 +207,21 @@ def denoise(
     ensemble: EnsembleOption = False,
     sigma: NoiseLevelOption = None,
     noise_check: NoiseCheckOption = True,
+    recursive: RecursiveOption = False,
+    skip_existing: SkipExistingOption = False,
 ) -> None:
     """Denoise photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
     from fundus_restore.io import read_image
 
     denoiser_for, name = _denoisers(model, sigma)
 
-    def handle(_: int, path: Path) -> None:
-        image = read_image(path, rgb=False)
+    def handle(job: _Job) -> None:
+        image = read_image(job.source, rgb=False)
         network = denoiser_for(image)
-        denoised = _denoised(path, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
-        _write_output(out, path, denoised)
+        denoised = _denoised(job.source, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        _write_output(job.source, job.outputs[0], denoised)
 
-    _process_files(_expand(inputs), f"denoising with {name}", handle)
+    _run_batch(inputs, out, f"denoising with {name}", handle, recursive=recursive, skip_existing=skip_existing)
 
 
 def _denoisers(model: str | None, sigma: float | None) -> tuple[Callable[[np.ndarray], nn.Module], str]:
@@ -217,8 +285,13 @@ def _hallucination_map(upscaled: np.ndarray, hallucinated: np.ndarray) -> np.nda
     return overlay
 
 
-def _check_hallucinations(path: Path, image: np.ndarray, upscaled: np.ndarray, out_dir: Path, threshold: float) -> None:
-    """The --check guard for one file: write NAME.hallucination.png, print the spurious
+def _hallucination_map_name(relative: Path) -> Path:
+    """Where ``upscale --check`` puts the map of an input: NAME.hallucination.png beside its output."""
+    return relative.with_name(f"{relative.stem}.hallucination.png")
+
+
+def _check_hallucinations(path: Path, image: np.ndarray, upscaled: np.ndarray, map_path: Path, threshold: float) -> None:
+    """The --check guard for one file: write its map to ``map_path``, print the spurious
     vessel rate against the bicubic upscale, and warn when it exceeds ``threshold``."""
     from fundus_restore.degrade import bicubic_upsample
     from fundus_restore.io import write_image
@@ -226,13 +299,13 @@ def _check_hallucinations(path: Path, image: np.ndarray, upscaled: np.ndarray, o
 
     reference = bicubic_upsample(image, upscaled.shape[0] // image.shape[0])
     hallucinated, rate = hallucinated_vessels(upscaled, reference)
-    write_image(out_dir / f"{path.stem}.hallucination.png", _hallucination_map(upscaled, hallucinated))
+    write_image(map_path, _hallucination_map(upscaled, hallucinated))
     console.print(f"{escape(str(path))}: spurious vessel rate {rate:.3f}")
     if rate > threshold:
         _report_error(
             f"{path}: {rate:.1%} of the upscaled vessel centreline is absent from the bicubic upscale "
             f"(threshold {threshold:.1%}): vessels the small image does not show, recovered or invented; "
-            f"check them in {path.stem}.hallucination.png",
+            f"check them in {map_path.name}",
             "warning",
         )
 
@@ -257,6 +330,8 @@ def upscale(
         float, typer.Option(help="With --check, warn when the spurious vessel rate exceeds this fraction.")
     ] = 0.05,
     noise_check: NoiseCheckOption = True,
+    recursive: RecursiveOption = False,
+    skip_existing: SkipExistingOption = False,
 ) -> None:
     """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
     from fundus_restore.inference import load_upscaler, upscale as upscale_image
@@ -264,16 +339,23 @@ def upscale(
 
     network = _loaded(lambda: load_upscaler(model, scale))
 
-    def handle(_: int, path: Path) -> None:
-        image = read_image(path, rgb=False)
-        if noise_check:
-            _check_noise_level(path, image, network)
-        upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
-        _write_output(out, path, upscaled)
-        if check:
-            _check_hallucinations(path, image, upscaled, out, check_threshold)
+    def outputs(relative: Path) -> tuple[Path, ...]:
+        (output,) = _same_name(relative)
+        return (output, _hallucination_map_name(relative)) if check else (output,)
 
-    _process_files(_expand(inputs), f"upscaling with {getattr(network, 'name', model)}", handle)
+    def handle(job: _Job) -> None:
+        image = read_image(job.source, rgb=False)
+        if noise_check:
+            _check_noise_level(job.source, image, network)
+        upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
+        _write_output(job.source, job.outputs[0], upscaled)
+        if check:
+            _check_hallucinations(job.source, image, upscaled, job.outputs[1], check_threshold)
+
+    _run_batch(
+        inputs, out, f"upscaling with {getattr(network, 'name', model)}", handle,
+        recursive=recursive, skip_existing=skip_existing, outputs=outputs,
+    )
 
 
 @app.command()
@@ -292,6 +374,8 @@ def restore(
     ensemble: EnsembleOption = False,
     sigma: NoiseLevelOption = None,
     noise_check: NoiseCheckOption = True,
+    recursive: RecursiveOption = False,
+    skip_existing: SkipExistingOption = False,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
     from fundus_restore.inference import load_upscaler, upscale as upscale_image
@@ -300,13 +384,14 @@ def restore(
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
     denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma)
 
-    def handle(_: int, path: Path) -> None:
-        image = read_image(path, rgb=False)
+    def handle(job: _Job) -> None:
+        image = read_image(job.source, rgb=False)
         network = denoiser_for(image)
-        denoised = _denoised(path, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
-        _write_output(out, path, upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble))
+        denoised = _denoised(job.source, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        upscaled = upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble)
+        _write_output(job.source, job.outputs[0], upscaled)
 
-    _process_files(_expand(inputs), "restoring", handle)
+    _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing)
 
 
 @app.command()
@@ -322,6 +407,8 @@ def degrade(
     clip: Annotated[
         bool, typer.Option(help="Clip and quantise to the input's bit depth (camera); --no-clip writes float32 TIFF.")
     ] = True,
+    recursive: RecursiveOption = False,
+    skip_existing: SkipExistingOption = False,
 ) -> None:
     """Make degraded copies: downsampling by --scale (bicubic by default), then seeded Gaussian noise.
 
@@ -335,18 +422,19 @@ def degrade(
         _report_error(f"unknown --kernel {kernel!r}; known: {', '.join(KERNELS)}")
         raise typer.Exit(2)
 
-    def handle(index: int, path: Path) -> None:
-        image = read_image(path)
+    def handle(job: _Job) -> None:
+        image = read_image(job.source)
         if scale > 1:
             image = downsample(image, scale, kernel)
         if sigma > 0:
-            image = add_gaussian_noise(image, sigma, seed=seed + index, clip=clip)
-        if clip:
-            write_image(_output_path(out, path), image, bit_depth=image_bit_depth(path))
-        else:
-            write_image(out / f"{path.stem}.tif", image, bit_depth=32)
+            # The seed follows the photo's place among all the inputs, so a resumed batch adds the same noise.
+            image = add_gaussian_noise(image, sigma, seed=seed + job.index, clip=clip)
+        write_image(job.outputs[0], image, bit_depth=image_bit_depth(job.source) if clip else 32)
 
-    _process_files(_expand(inputs), "degrading", handle)
+    def outputs(relative: Path) -> tuple[Path, ...]:
+        return _same_name(relative) if clip else (relative.with_suffix(".tif"),)
+
+    _run_batch(inputs, out, "degrading", handle, recursive=recursive, skip_existing=skip_existing, outputs=outputs)
 
 
 @app.command("import-weights")
@@ -497,10 +585,10 @@ def evaluate(
         DEFAULT_GREY_METHODS, DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, Example, ScoreCache, build_methods,
         check_settings, evaluate_images, write_tables,
     )
-    from fundus_restore.io import ImageFileError, read_header
+    from fundus_restore.io import ImageFileError, list_images, read_header
     from fundus_restore.report import write_html_report
 
-    files = _expand(clean)
+    files = list_images(clean)
     if not files:
         _report_error(f"no image files in --clean {' '.join(map(str, clean))}")
         raise typer.Exit(1)
