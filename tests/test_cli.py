@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -153,6 +154,30 @@ def test_skip_existing_resumes_a_batch_with_the_same_noise(photos: Path, tmp_pat
     assert read_image(out / "a (1).png").max() == 0
 
 
+def _log_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_log_records_each_photo_and_is_appended_to_by_a_resumed_batch(
+    photos: Path, tiny_model_file: Path, tmp_path: Path
+):
+    out, log = tmp_path / "out", tmp_path / "logs" / "run.csv"
+    args = ["denoise", str(photos), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu", "--log", str(log)]
+    assert runner.invoke(app, args).exit_code == 1
+    rows = _log_rows(log)
+    assert [(Path(row["input"]).name, row["status"]) for row in rows] == [
+        ("a (1).png", "written"), ("b.tif", "written"), ("broken.png", "failed")
+    ]
+    assert rows[0]["model"] == "tiny" and rows[0]["outputs"] == str(out / "a (1).png")
+    assert float(rows[0]["seconds"]) >= 0 and rows[0]["message"] == "" and rows[0]["noise_sigma"] == ""  # blind
+    assert rows[2]["message"].startswith(f"error: {photos / 'broken.png'}: ")
+    assert runner.invoke(app, [*args, "--skip-existing"]).exit_code == 1
+    rows = _log_rows(log)  # one header, the first run's rows, then the second's
+    assert [row["status"] for row in rows] == ["written", "written", "failed", "skipped", "skipped", "failed"]
+    assert rows[3]["seconds"] == ""
+
+
 def test_import_weights_round_trip(tmp_path: Path):
     mat = shared_path("weights", "dncnn", "GD_Color_Blind.mat")
     out = tmp_path / "cdncnn-b.safetensors"
@@ -296,6 +321,13 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     # A threshold below any rate turns the printed rate into a warning naming the file.
     result = runner.invoke(app, [*args, "--check-threshold", "-1"])
     assert result.exit_code == 0 and "warning:" in result.output and "a.png" in result.output
+    # The log keeps the rate and the warning of each photo.
+    log = tmp_path / "check.csv"
+    runner.invoke(app, [*args, "--check-threshold", "-1", "--log", str(log)])
+    (row,) = _log_rows(log)
+    assert row["outputs"] == f"{out / 'a.png'} {out / 'a.hallucination.png'}" and row["model"] == "sr"
+    assert float(row["spurious_rate"]) >= 0 and row["message"].startswith("warning: ")
+    assert "check them in a.hallucination.png" in row["message"]
     # A photo is done when its map is written too: --skip-existing redoes it without one.
     (out / "a.hallucination.png").unlink()
     assert "1 of 1 images written" in runner.invoke(app, [*args, "--skip-existing"]).output
@@ -421,7 +453,8 @@ def test_sigma_is_told_to_a_denoiser_that_takes_it_and_refused_for_a_blind_one(
     told_file = save_model(told, tmp_path / "told.safetensors")
     for sigma in ("5", "40"):
         args = ["denoise", str(photo), "-o", str(tmp_path / sigma), "--model", str(told_file), "--sigma", sigma]
-        assert runner.invoke(app, args).exit_code == 0
+        assert runner.invoke(app, [*args, "--log", str(tmp_path / "told.csv")]).exit_code == 0
+    assert [row["noise_sigma"] for row in _log_rows(tmp_path / "told.csv")] == ["5.00", "40.00"]
     image = read_image(photo)
     for sigma in (5, 40):
         expected = np.clip(denoise(image, load_model(told_file), sigma=sigma / 255, device="cpu"), 0, 1)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -72,6 +76,13 @@ SkipExistingOption = Annotated[
         "whole or not at all)."
     ),
 ]
+LogOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Append a CSV row per photo: time, input, outputs, status (written, failed, skipped), seconds, "
+        "model, the noise level it was told, the --check rate, warnings and errors."
+    ),
+]
 
 
 def _progress() -> Progress:
@@ -85,13 +96,60 @@ def _progress() -> Progress:
     )
 
 
-class _Job(NamedTuple):
+@dataclass
+class _Job:
     """One photo of a batch: its position among all the inputs (degrade's seed offset),
-    its file, and the files it gets, the output first."""
+    its file, the files it gets (the output first), and what the --log row records."""
 
     index: int
     source: Path
     outputs: tuple[Path, ...]
+    record: dict[str, str] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        """Print a warning about this photo, naming it, and keep it for the log."""
+        _report_error(f"{self.source}: {message}", "warning")
+        self.messages.append(f"warning: {message}")
+
+
+_LOG_COLUMNS = ("time", "input", "outputs", "status", "seconds", "model", "noise_sigma", "spurious_rate", "message")
+
+
+class _BatchLog:
+    """The --log CSV: one row per photo, appended and flushed as each ends, so a stopped
+    batch keeps the rows of what it did; the header is written into a new file only."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.writer = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists() or path.stat().st_size == 0
+            self.file = path.open("a", newline="", encoding="utf-8")
+            self.writer = csv.DictWriter(self.file, _LOG_COLUMNS)
+            if new:
+                self.writer.writeheader()
+
+    def write(self, job: _Job, status: str, seconds: float | None = None) -> None:
+        if self.writer is None:
+            return
+        self.writer.writerow({
+            **job.record,
+            "time": datetime.now().isoformat(timespec="seconds"),
+            "input": str(job.source),
+            "outputs": " ".join(map(str, job.outputs)),
+            "status": status,
+            "seconds": "" if seconds is None else f"{seconds:.2f}",
+            "message": " | ".join(job.messages),
+        })
+        self.file.flush()
+
+    def __enter__(self) -> _BatchLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.writer is not None:
+            self.file.close()
 
 
 def _same_name(relative: Path) -> tuple[Path, ...]:
@@ -127,9 +185,11 @@ def _run_batch(
     recursive: bool,
     skip_existing: bool,
     outputs: Callable[[Path], tuple[Path, ...]] = _same_name,
+    log: Path | None = None,
 ) -> None:
     """Run ``handle`` on every photo with a progress bar; ``outputs`` names the files each
-    photo gets under ``out`` from its path under its input folder.
+    photo gets under ``out`` from its path under its input folder; ``log`` is a CSV that
+    gets a row per photo.
 
     A batch that would overwrite an input or write one output twice is refused before
     any file is touched (exit 2). A bad file is reported and skipped, the others still get
@@ -149,20 +209,30 @@ def _run_batch(
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         _report_error(problems[0] + more)
         raise typer.Exit(2)
-    if skip_existing:
-        jobs = [job for job in jobs if not all(output.is_file() for output in job.outputs)]
-    skipped = len(found) - len(jobs)
     failures: list[str] = []
-    with _progress() as progress:
+    with _BatchLog(log) as batch_log, _progress() as progress:
+        if skip_existing:
+            remaining = []
+            for job in jobs:
+                if all(output.is_file() for output in job.outputs):
+                    batch_log.write(job, "skipped")
+                else:
+                    remaining.append(job)
+            jobs = remaining
         task = progress.add_task(description, total=len(jobs))
         for job in jobs:
+            start = time.perf_counter()
             try:
                 handle(job)
+                batch_log.write(job, "written", time.perf_counter() - start)
             except (ImageFileError, ValueError, OSError) as error:
                 message = str(error) if str(job.source) in str(error) else f"{job.source}: {error}"
                 failures.append(message)
                 _report_error(message, "failed")
+                job.messages.append(f"error: {message}")
+                batch_log.write(job, "failed", time.perf_counter() - start)
             progress.advance(task)
+    skipped = len(found) - len(jobs)
     summary = f"{len(jobs) - len(failures)} of {len(jobs)} images written"
     if failures:
         summary += f", {len(failures)} failed"
@@ -191,9 +261,10 @@ def _loaded(load: Callable[[], nn.Module]) -> nn.Module:
 
 def _told(network: nn.Module, sigma: float | None) -> nn.Module:
     """``network``, refused when a noise level is given to a blind one (it would be ignored)."""
+    from fundus_restore.pretrained import model_name
+
     if sigma is not None and not getattr(network, "needs_noise_level", False):
-        name = getattr(network, "name", type(network).__name__)
-        raise ValueError(f"{name} is blind: --sigma is for a denoiser told the noise level")
+        raise ValueError(f"{model_name(network)} is blind: --sigma is for a denoiser told the noise level")
     return network
 
 
@@ -209,6 +280,7 @@ def denoise(
     noise_check: NoiseCheckOption = True,
     recursive: RecursiveOption = False,
     skip_existing: SkipExistingOption = False,
+    log: LogOption = None,
 ) -> None:
     """Denoise photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
     from fundus_restore.io import read_image
@@ -217,11 +289,13 @@ def denoise(
 
     def handle(job: _Job) -> None:
         image = read_image(job.source, rgb=False)
-        network = denoiser_for(image)
-        denoised = _denoised(job.source, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        denoised = _denoised(job, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device,
+                             ensemble=ensemble)
         _write_output(job.source, job.outputs[0], denoised)
 
-    _run_batch(inputs, out, f"denoising with {name}", handle, recursive=recursive, skip_existing=skip_existing)
+    _run_batch(
+        inputs, out, f"denoising with {name}", handle, recursive=recursive, skip_existing=skip_existing, log=log
+    )
 
 
 def _denoisers(model: str | None, sigma: float | None) -> tuple[Callable[[np.ndarray], nn.Module], str]:
@@ -243,29 +317,33 @@ def _denoisers(model: str | None, sigma: float | None) -> tuple[Callable[[np.nda
 
 
 def _denoised(
-    path: Path, image: np.ndarray, network: nn.Module, sigma: float | None, noise_check: bool, **options: Any
+    job: _Job, image: np.ndarray, network: nn.Module, sigma: float | None, noise_check: bool, **options: Any
 ) -> np.ndarray:
-    """``image`` denoised by ``network`` after the noise check; a denoiser told the noise level
-    gets ``sigma`` (0-255 scale) or the photo's estimate, made once for it and the check."""
+    """``job``'s ``image`` denoised by ``network`` after the noise check; a denoiser told the
+    noise level gets ``sigma`` (0-255 scale) or the photo's estimate, made once for it and
+    the check. The job records the model and the level it was told."""
     from fundus_restore.inference import denoise, estimated_noise_level, grey_through_colour, input_channels
-    from fundus_restore.pretrained import DEFAULT_GREY_MODEL
+    from fundus_restore.pretrained import DEFAULT_GREY_MODEL, model_name
 
+    job.record["model"] = model_name(network)
     if grey_through_colour(image, input_channels(network)):
-        _report_error(
-            f"{path}: a grey photograph through a colour denoiser, which removes less noise from it than the "
-            f"grey {DEFAULT_GREY_MODEL} (docs/results.md, 'Grey (red-free) photographs')",
-            "warning",
+        job.warn(
+            f"a grey photograph through a colour denoiser, which removes less noise from it than the "
+            f"grey {DEFAULT_GREY_MODEL} (docs/results.md, 'Grey (red-free) photographs')"
         )
     estimated = None
     if sigma is None and getattr(network, "needs_noise_level", False):
         estimated = estimated_noise_level(image)
+    told = sigma if estimated is None else 255.0 * estimated
+    if told is not None:
+        job.record["noise_sigma"] = f"{told:.2f}"
     if noise_check:
-        _check_noise_level(path, image, network, None if estimated is None else 255.0 * estimated)
+        _check_noise_level(job, image, network, None if estimated is None else told)
     return denoise(image, network, sigma=estimated if sigma is None else sigma / 255.0, **options)
 
 
-def _check_noise_level(path: Path, image: np.ndarray, network: nn.Module, sigma: float | None = None) -> None:
-    """Warn, naming the file, when ``image``'s estimated noise level (``sigma``, 0-255, where
+def _check_noise_level(job: _Job, image: np.ndarray, network: nn.Module, sigma: float | None = None) -> None:
+    """Warn about ``job``'s photo when ``image``'s estimated noise level (``sigma``, 0-255, where
     already made) does not suit ``network``."""
     from fundus_restore.fov import fov_mask
     from fundus_restore.inference import noise_level_mismatch
@@ -273,7 +351,7 @@ def _check_noise_level(path: Path, image: np.ndarray, network: nn.Module, sigma:
     # The mask only when the model's card gives a range and no estimate is at hand.
     mismatch = noise_level_mismatch(image, network, fov_mask, sigma=sigma)
     if mismatch is not None:
-        _report_error(f"{path}: {mismatch}", "warning")
+        job.warn(mismatch)
 
 
 def _hallucination_map(upscaled: np.ndarray, hallucinated: np.ndarray) -> np.ndarray:
@@ -290,23 +368,25 @@ def _hallucination_map_name(relative: Path) -> Path:
     return relative.with_name(f"{relative.stem}.hallucination.png")
 
 
-def _check_hallucinations(path: Path, image: np.ndarray, upscaled: np.ndarray, map_path: Path, threshold: float) -> None:
-    """The --check guard for one file: write its map to ``map_path``, print the spurious
-    vessel rate against the bicubic upscale, and warn when it exceeds ``threshold``."""
+def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, threshold: float) -> None:
+    """The --check guard for one photo: write its map (the job's second output), print and
+    record the spurious vessel rate against the bicubic upscale, and warn when it exceeds
+    ``threshold``."""
     from fundus_restore.degrade import bicubic_upsample
     from fundus_restore.io import write_image
     from fundus_restore.vessel_metrics import hallucinated_vessels
 
     reference = bicubic_upsample(image, upscaled.shape[0] // image.shape[0])
     hallucinated, rate = hallucinated_vessels(upscaled, reference)
+    map_path = job.outputs[1]
     write_image(map_path, _hallucination_map(upscaled, hallucinated))
-    console.print(f"{escape(str(path))}: spurious vessel rate {rate:.3f}")
+    console.print(f"{escape(str(job.source))}: spurious vessel rate {rate:.3f}")
+    job.record["spurious_rate"] = f"{rate:.4f}"
     if rate > threshold:
-        _report_error(
-            f"{path}: {rate:.1%} of the upscaled vessel centreline is absent from the bicubic upscale "
+        job.warn(
+            f"{rate:.1%} of the upscaled vessel centreline is absent from the bicubic upscale "
             f"(threshold {threshold:.1%}): vessels the small image does not show, recovered or invented; "
-            f"check them in {map_path.name}",
-            "warning",
+            f"check them in {map_path.name}"
         )
 
 
@@ -332,10 +412,12 @@ def upscale(
     noise_check: NoiseCheckOption = True,
     recursive: RecursiveOption = False,
     skip_existing: SkipExistingOption = False,
+    log: LogOption = None,
 ) -> None:
     """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
     from fundus_restore.inference import load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
+    from fundus_restore.pretrained import model_name
 
     network = _loaded(lambda: load_upscaler(model, scale))
 
@@ -344,17 +426,18 @@ def upscale(
         return (output, _hallucination_map_name(relative)) if check else (output,)
 
     def handle(job: _Job) -> None:
+        job.record["model"] = model_name(network)
         image = read_image(job.source, rgb=False)
         if noise_check:
-            _check_noise_level(job.source, image, network)
+            _check_noise_level(job, image, network)
         upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
         _write_output(job.source, job.outputs[0], upscaled)
         if check:
-            _check_hallucinations(job.source, image, upscaled, job.outputs[1], check_threshold)
+            _check_hallucinations(job, image, upscaled, check_threshold)
 
     _run_batch(
-        inputs, out, f"upscaling with {getattr(network, 'name', model)}", handle,
-        recursive=recursive, skip_existing=skip_existing, outputs=outputs,
+        inputs, out, f"upscaling with {model_name(network)}", handle,
+        recursive=recursive, skip_existing=skip_existing, outputs=outputs, log=log,
     )
 
 
@@ -376,22 +459,25 @@ def restore(
     noise_check: NoiseCheckOption = True,
     recursive: RecursiveOption = False,
     skip_existing: SkipExistingOption = False,
+    log: LogOption = None,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
     from fundus_restore.inference import load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
+    from fundus_restore.pretrained import model_name
 
     upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
     denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma)
 
     def handle(job: _Job) -> None:
         image = read_image(job.source, rgb=False)
-        network = denoiser_for(image)
-        denoised = _denoised(job.source, image, network, sigma, noise_check, tile=tile, device=device, ensemble=ensemble)
+        denoised = _denoised(job, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device,
+                             ensemble=ensemble)
+        job.record["model"] += f" + {model_name(upscaler)}"
         upscaled = upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble)
         _write_output(job.source, job.outputs[0], upscaled)
 
-    _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing)
+    _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing, log=log)
 
 
 @app.command()

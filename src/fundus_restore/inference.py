@@ -41,8 +41,8 @@ from rich.progress import track
 from torch import nn
 
 from fundus_restore.pretrained import (
-    WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card, resolve_weights,
-    training_noise_range,
+    WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card, model_name,
+    resolve_weights, training_noise_range,
 )
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
@@ -274,7 +274,7 @@ def upscale_factor(model: nn.Module) -> int:
     """The integer factor by which a super-resolution ``model`` enlarges images (its config's ``scale``)."""
     scale = getattr(model, "config", {}).get("scale")
     if not isinstance(scale, int) or scale < 2:
-        name = getattr(model, "name", type(model).__name__)
+        name = model_name(model)
         raise ValueError(f"{name} is not a super-resolution model: no integer 'scale' ≥ 2 in its config")
     return scale
 
@@ -299,7 +299,7 @@ def check_denoiser(network: nn.Module) -> nn.Module:
     if task is None:
         task = "upscale" if getattr(network, "config", {}).get("scale", 1) > 1 else "denoise"
     if task != "denoise":
-        name = getattr(network, "name", type(network).__name__)
+        name = model_name(network)
         raise ValueError(f"{name} is not a denoiser: its task is {task!r}")
     return network
 
@@ -366,7 +366,7 @@ def noise_level_mismatch(
         sigma = estimate_noise_sigma(image, mask(image) if callable(mask) else mask)
     if suits_noise_level(trained, sigma):
         return None
-    name = getattr(model, "name", type(model).__name__)
+    name = model_name(model)
     found = f"noise sigma about {sigma:.1f} (estimated)"
     if getattr(model, "config", {}).get("scale", 1) > 1:
         return (

@@ -181,6 +181,11 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     return model.eval().to(device)
 
 
+def model_name(model: nn.Module) -> str:
+    """The name ``load_model`` gave ``model`` (the bundled name or the file's stem), else its class."""
+    return getattr(model, "name", type(model).__name__)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
