@@ -199,6 +199,14 @@ def _pooled_haar_estimate(image: np.ndarray) -> float:
     return float(np.median(np.abs(a - b - c + d) / 2) / 0.6745 * 255)
 
 
+def test_noise_estimate_of_a_tiny_8bit_image_is_finite() -> None:
+    # Two blocks whose details are 2 and 6 half-levels: the median, 4, lies between them
+    # with no detail in its bin, and is kept as it is (it was NaN).
+    image = np.zeros((2, 4), np.float32)
+    image[0, 0], image[0, 2] = 2 / 255, 6 / 255
+    assert estimate_noise_sigma(image, channel_axis=None) == pytest.approx(2 / 0.6745)
+
+
 def test_noise_estimate_refuses_what_has_no_2x2_block() -> None:
     with pytest.raises(ValueError, match="1×5 pixels"):
         estimate_noise_sigma(np.zeros((1, 5, 3), np.float32))

@@ -190,8 +190,8 @@ def _volume_tiff(path: Path) -> None:
     tifffile.imwrite(path, np.zeros((2, 4, 6, 6, 3), dtype=np.uint8), photometric="rgb")
 
 
-def _float_tiff(path: Path) -> None:
-    tifffile.imwrite(path, np.zeros((6, 6), dtype=np.float64))
+def _nan_tiff(path: Path) -> None:
+    tifffile.imwrite(path, np.full((6, 6), np.nan, dtype=np.float32))
 
 
 @pytest.mark.parametrize(
@@ -205,7 +205,8 @@ def _float_tiff(path: Path) -> None:
         ("text.tif", lambda p: p.write_text("not an image\n"), "truncated or corrupt"),
         ("five channels.tif", _five_channel_tiff, "not a grey or RGB image"),
         ("volume.tif", _volume_tiff, "not a grey or RGB image"),
-        ("float.tif", _float_tiff, "unsupported sample type float64"),
+        ("nan.tif", _nan_tiff, "NaN or infinite samples"),
+        ("int32.tif", lambda p: tifffile.imwrite(p, np.zeros((6, 6), np.int32)), "unsupported sample type int32"),
         ("image.webp", lambda p: p.write_bytes(b"RIFF"), "unsupported image type"),
         ("folder.png", lambda p: p.mkdir(), "not a regular file"),
     ],
@@ -254,6 +255,14 @@ def test_float_tiff_keeps_values_outside_the_unit_range(tmp_path: Path) -> None:
     assert image_bit_depth(path) == 32
     with pytest.raises(ImageFileError, match="only be written to TIFF"):
         write_image(tmp_path / "noisy.png", image, bit_depth=32)
+
+
+def test_a_float64_tiff_reads_as_float32_and_keeps_its_depth(tmp_path: Path) -> None:
+    image = np.random.default_rng(2).normal(0.5, 0.4, (9, 7, 3))  # numpy's default float, as tifffile writes it
+    tifffile.imwrite(tmp_path / "float64.tif", image, photometric="rgb")
+    read = read_image(tmp_path / "float64.tif")
+    assert read.dtype == np.float32 and image_bit_depth(tmp_path / "float64.tif") == 32
+    np.testing.assert_array_equal(read, image.astype(np.float32))
 
 
 def test_mask_with_a_dim_background_is_not_all_true(tmp_path: Path) -> None:

@@ -59,14 +59,16 @@ _MIN_BLOCKS = 256
 def _sigma_from_details(details: np.ndarray, step: float) -> float:
     """Median absolute detail over 0.6745. Details on a grid of ``step`` (half a grey level
     of an 8-bit file) tie in bins, and the plain median jumps a whole bin (0.4 of 255 at
-    σ 10): the median of grouped data is taken instead, interpolated within its bin."""
+    σ 10): the median of grouped data is taken instead, interpolated within its bin. (A
+    median that falls between two levels, as in a tiny image, has no bin: it is kept.)"""
     magnitudes = np.abs(details).ravel()
     median = float(np.median(magnitudes))
     if step > 0:
         low, high = max(median - step / 2, 0.0), median + step / 2
         below = np.count_nonzero(magnitudes < low)
         tied = np.count_nonzero(magnitudes < high) - below
-        median = low + (high - low) * (magnitudes.size / 2 - below) / tied
+        if tied:
+            median = low + (high - low) * (magnitudes.size / 2 - below) / tied
     return median / _NORMAL_MAD
 
 

@@ -108,9 +108,11 @@ def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32) / np.float32(65535)
     if array.dtype == np.bool_:
         return array.astype(np.float32)
-    if array.dtype == np.float32:
-        return array  # 32-bit float TIFF: values as written, e.g. unclipped noisy images
-    raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images, or 32-bit float TIFF)")
+    if np.issubdtype(array.dtype, np.floating):  # float TIFF: values as written, e.g. unclipped noisy images
+        if not np.isfinite(array).all():
+            raise _file_error(path, "NaN or infinite samples")
+        return array.astype(np.float32, copy=False)
+    raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images, or float TIFF)")
 
 
 def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
@@ -151,7 +153,8 @@ def read_header(path: str | Path) -> ImageHeader:
         if suffix in _TIFF_SUFFIXES:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 page = tif.pages[0]
-                bits = {np.dtype(np.uint16): 16, np.dtype(np.float32): 32}.get(page.dtype, 8)
+                # Any float TIFF (float64 too, as numpy writes by default) is read and written as float32.
+                bits = 32 if np.issubdtype(page.dtype, np.floating) else 16 if page.dtype == np.uint16 else 8
                 return ImageHeader(page.imagelength, page.imagewidth, bits)
         if suffix == ".png":
             # IHDR is always the first chunk: signature(8) length(4) "IHDR"(4) width(4) height(4) depth(1).
