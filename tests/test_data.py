@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from fundus_restore import data
 from fundus_restore.data import PatchSettings, PatchStream, split_images, validation_crops
 from fundus_restore.degrade import downsample
+from fundus_restore.io import ImageFileError
 
 
 def fundus_like(size: int, seed: int) -> np.ndarray:
@@ -262,9 +263,13 @@ def test_chosen_channels_keep_those_of_the_same_patches(photos: list[Path], monk
         small_stream(photos, channels=(3,)).batch(0)
 
 
-def test_an_image_smaller_than_the_patch_is_named(photos: list[Path]) -> None:
-    with pytest.raises(ValueError, match=r"photo\d\.png.*smaller than 64"):
-        small_stream(photos, patch_size=64).batch(0)
+def test_an_image_smaller_than_the_patch_is_named_before_any_batch(photos: list[Path]) -> None:
+    # From its header, when the stream is made: a run stops before it starts.
+    with pytest.raises(ImageFileError, match=r"photo0\.png: 48×48 pixels, smaller than the 64² a patch needs$"):
+        small_stream(photos, patch_size=64)
+    # A field of view smaller than the patch (44² in a 48² frame) is found when the photo is read.
+    with pytest.raises(ImageFileError, match=r"photo\d\.png: its field of view crop is 44×44, smaller than 46²"):
+        small_stream(photos, patch_size=46).batch(0)
 
 
 def test_gain_brightens_clean_patches_into_saturation_and_paper_noise_crosses_it(photos: list[Path]) -> None:

@@ -310,13 +310,15 @@ def test_super_resolution_can_be_scored_on_photos_shrunk_by_another_kernel(clean
         (["--clean", "{tmp}/gone.png"], "{tmp}/gone.png: no such file"),
         (["--clean", "{clean}", "--protocol", "studio"], "unknown noise protocol 'studio'; known: paper, camera"),
         (["--clean", "{clean}", "--segmenter", "frangi"], "unknown vessel segmenter 'frangi'; known: hessian, unet"),
+        (["--clean", "{tmp}/tiny.png"], "{tmp}/tiny.png: 8×8 pixels, smaller than the 11² SSIM's window needs"),
     ],
-    ids=["empty selection", "missing file", "unknown protocol", "unknown segmenter"],
+    ids=["empty selection", "missing file", "unknown protocol", "unknown segmenter", "too small for SSIM"],
 )
-def test_evaluate_command_refuses_bad_settings_up_front_in_one_line(
+def test_evaluate_command_refuses_bad_settings_and_photos_in_one_line(
     args: list[str], message: str, clean_dir: Path, tmp_path: Path
 ):
     (tmp_path / "empty").mkdir()
+    write_image(tmp_path / "tiny.png", np.full((8, 8, 3), 0.5, np.float32))
     filled = [arg.format(tmp=tmp_path, clean=clean_dir) for arg in args]
     result = CliRunner().invoke(app, ["evaluate", *filled, "--report", str(tmp_path / "report"), "--method", "noisy"])
     assert result.exit_code == 1

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fundus_restore.data import PatchBatch
+from fundus_restore.io import ImageFileError
 from fundus_restore.losses import ChannelWeightedMSE
 from fundus_restore.models import create_model
 from fundus_restore.pretrained import load_model, save_model
@@ -301,6 +302,18 @@ def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Pa
     with pytest.raises(TrainingError, match="model: .*'depthh'"):
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"model.kwargs": {"depthh": 3}}))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_photo_too_small_for_a_patch_is_named_in_one_line(photo_dir: Path, tmp_path: Path) -> None:
+    Image.fromarray(smooth_fundus(12, 9)).save(photo_dir / "tiny.png")
+    with pytest.raises(ImageFileError, match=r"^\S*tiny\.png: 12×12 pixels, smaller than the 16² a patch needs$"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.holdout": 0}))
+    (photo_dir / "tiny.png").unlink()
+    # A field of view (about 43² in these 48² frames) smaller than the patch is found by the
+    # DataLoader worker reading it: its message still comes as one line, not the worker's traceback.
+    config = tiny_config(photo_dir, tmp_path / "run", **{"data.patch_size": 46, "data.workers": 1})
+    with pytest.raises(ImageFileError, match=r"^\S*photo\d\.png: its field of view crop is \d+×\d+, smaller than 46²$"):
+        train_from_config(config)
 
 
 def test_checkpoint_loads_with_weights_only(photo_dir: Path, tmp_path: Path) -> None:

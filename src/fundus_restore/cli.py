@@ -668,10 +668,10 @@ def evaluate(
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
     from fundus_restore.evaluate import (
-        DEFAULT_GREY_METHODS, DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, Example, ScoreCache, build_methods,
-        check_settings, evaluate_images, write_tables,
+        DEFAULT_GREY_METHODS, DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, MIN_SCORED_SIZE, Example, ScoreCache,
+        build_methods, check_settings, evaluate_images, write_tables,
     )
-    from fundus_restore.io import ImageFileError, list_images, read_header
+    from fundus_restore.io import ImageFileError, list_images, read_header_of_size
     from fundus_restore.report import write_html_report
 
     files = list_images(clean)
@@ -682,8 +682,8 @@ def evaluate(
     defaults = DEFAULT_UPSCALE_METHODS if scale > 1 else DEFAULT_GREY_METHODS if grey else DEFAULT_METHODS
     try:  # everything that can be refused is, before any method runs
         check_settings(protocol, segmenter, lr_kernel)
-        for path in files:
-            read_header(path)  # a missing, empty or unreadable photo
+        for path in files:  # a missing, empty or unreadable photo, or one too small to score
+            read_header_of_size(path, MIN_SCORED_SIZE, "SSIM's window")
         names = [name for option in methods or [] for name in option.split(",") if name]
         chosen = build_methods(names or defaults, official_weights=official_weights, tile=tile, device=device,
                                skip_missing=methods is None, scale=scale)
@@ -691,22 +691,22 @@ def evaluate(
         _report_error(str(error))
         raise typer.Exit(1) from None
     steps = len(files) * len(sigma) * len(protocol) * len(chosen)
-    with _progress() as progress:
-        task = progress.add_task("evaluating", total=steps)
+    examples: list[Example] = []
+    try:  # the error is printed after the progress bar's last line
+        with _progress() as progress:
+            task = progress.add_task("evaluating", total=steps)
 
-        def advance(description: str) -> None:
-            progress.update(task, advance=1, description=description)
+            def advance(description: str) -> None:
+                progress.update(task, advance=1, description=description)
 
-        examples: list[Example] = []
-        try:
             rows = evaluate_images(
                 files, chosen, sigmas=sigma, protocols=protocol, seed=seed, crop_size=crop, vessels=vessels,
                 on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
                 segmenter=segmenter, lr_kernel=lr_kernel, grey=True if grey else None,
             )
-        except ImageFileError as error:  # pixel data found corrupt past a sound header
-            _report_error(str(error))
-            raise typer.Exit(1) from None
+    except ImageFileError as error:  # pixel data found corrupt past a sound header, or a field of view too small
+        _report_error(str(error))
+        raise typer.Exit(1) from None
     markdown, _ = write_tables(rows, report, title="Denoising" if scale == 1 else f"Super-resolution x{scale}")
     settings = {
         "sigmas": ", ".join(f"{s:g}" for s in sigma),

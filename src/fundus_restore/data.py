@@ -58,9 +58,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fundus_restore.degrade import KERNELS, PROTOCOLS, degrade_for_protocol, downsample, quantize
-from fundus_restore.evaluate import centre_square, load_clean
+from fundus_restore.evaluate import MIN_SCORED_SIZE, centre_square, check_fov_size, load_clean
 from fundus_restore.fov import crop_to_fov
-from fundus_restore.io import read_header, read_image
+from fundus_restore.io import ImageFileError, read_header_of_size, read_image
 
 # Tags that keep the generators of the image order, the batches and the split apart.
 _ORDER, _BATCH, _SPLIT = 0, 1, 2
@@ -136,6 +136,11 @@ class PatchSettings:
         return _BICUBIC_REACH * self.scale if self.scale > 1 else 0
 
     @property
+    def window(self) -> int:
+        """The side of the square a patch is cut from: the patch and its margin on each side."""
+        return self.patch_size + 2 * self.margin
+
+    @property
     def sigma_range(self) -> tuple[float, float]:
         if isinstance(self.sigma, (int, float)):
             return float(self.sigma), float(self.sigma)
@@ -198,17 +203,16 @@ def load_fov_crop(
     if vessels:
         image, mask, expert = load_clean(path)
         if expert is None:
-            raise ValueError(f"{path}: no expert vessel map beside it (DRIVE layout: ../1st_manual/NN_manual1.gif)")
+            raise ImageFileError(f"{path}: no expert vessel map beside it (DRIVE layout: ../1st_manual/NN_manual1.gif)")
     else:
         image, mask = crop_to_fov(read_image(path))
     if channels is not None:
         if max(channels) >= image.shape[2]:
-            raise ValueError(f"{path}: has {image.shape[2]} channel(s), no channel {max(channels)} to keep")
+            raise ImageFileError(f"{path}: has {image.shape[2]} channel(s), no channel {max(channels)} to keep")
         image = image[..., list(channels)]
     if vessels:
         image = np.dstack([image, expert.astype(np.float32)])
-    if min(image.shape[:2]) < min_size:
-        raise ValueError(f"{path}: its field of view crop is {image.shape[1]}×{image.shape[0]}, smaller than {min_size}²")
+    check_fov_size(path, image, min_size)
     return image, mask
 
 
@@ -253,9 +257,12 @@ class PatchStream(IterableDataset):
         self.world_size = world_size
         group_patches = settings.images_per_group * settings.patches_per_image
         self.batches_per_group = max(1, math.ceil(group_patches / batch_size))
+        # Every header is read now (not the pixels): a missing, unreadable or too small
+        # photograph stops the run before it starts, not hours into it.
+        headers = [read_header_of_size(path, settings.window, "a patch") for path in self.images]
         self._draw_weights: np.ndarray | None = None
         if settings.sampling == "area":
-            areas = np.array([header.height * header.width for header in map(read_header, self.images)], dtype=float)
+            areas = np.array([header.height * header.width for header in headers], dtype=float)
             self._draw_weights = areas / areas.sum()
         # Sequence position -> (FOV-cropped image, FOV mask); only the current group.
         self._group: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -298,8 +305,8 @@ class PatchStream(IterableDataset):
         else:
             order = rng.choice(len(self.images), size=len(self.images), p=self._draw_weights)
         settings = self.settings
-        return load_fov_crop(self.images[order[offset]], settings.patch_size + 2 * settings.margin,
-                             vessels=settings.targets == "vessels", channels=settings.channels)
+        return load_fov_crop(self.images[order[offset]], settings.window, vessels=settings.targets == "vessels",
+                             channels=settings.channels)
 
     def _corner(self, mask: np.ndarray, rng: np.random.Generator, size: int) -> tuple[int, int]:
         """Top-left corner of a ``size``² window whose centre lies in the FOV (but for a border fraction)."""
@@ -314,7 +321,7 @@ class PatchStream(IterableDataset):
     def _degrade(self, sources: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> PatchBatch:
         settings = self.settings
         size, margin, scale = settings.patch_size, settings.margin, settings.scale
-        window, low = size + 2 * margin, size // scale
+        window, low = settings.window, size // scale
         channels = sources[0][0].shape[2]
         clean = np.empty((len(sources), size, size, channels), dtype=np.float32)
         inputs = clean if scale == 1 else np.empty((len(sources), low, low, channels), dtype=np.float32)
@@ -390,7 +397,7 @@ def validation_crops(
     training patches."""
     crops = []
     for index, path in enumerate(images):
-        photograph = load_fov_crop(path, vessels=targets == "vessels", channels=channels)
+        photograph = load_fov_crop(path, MIN_SCORED_SIZE, vessels=targets == "vessels", channels=channels)
         for region, cut in zip(REGIONS, (centre_square, _rim_square), strict=True):
             clean, mask = cut(*photograph, crop)
             low = clean

@@ -28,8 +28,8 @@ from fundus_restore.degrade import (
     KERNELS, NOISE_ESTIMATE_VERSION, PROTOCOLS, bicubic_upsample, degrade_for_protocol, downsample,
 )
 from fundus_restore.fov import crop_to_fov, fov_mask
-from fundus_restore.io import read_image, read_mask
-from fundus_restore.metrics import image_quality
+from fundus_restore.io import ImageFileError, read_image, read_mask
+from fundus_restore.metrics import image_quality, ssim_window_size
 from fundus_restore.vessel_metrics import hallucinated_vessels, vessel_preservation
 from fundus_restore.vessels import SEGMENTERS, segment_vessels
 
@@ -244,6 +244,18 @@ def expert_vessel_map(image_path: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+# The smallest field-of-view crop that can be scored: SSIM's window must fit inside it.
+MIN_SCORED_SIZE = ssim_window_size()
+
+
+def check_fov_size(path: Path, image: np.ndarray, min_size: int) -> None:
+    """Refuse, naming the file, a field-of-view crop ``image`` smaller than ``min_size``²."""
+    if min(image.shape[:2]) < min_size:
+        raise ImageFileError(
+            f"{path}: its field of view crop is {image.shape[1]}×{image.shape[0]}, smaller than {min_size}²"
+        )
+
+
 def load_clean(
     path: Path, crop_size: int | None = None, grey: bool | None = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -265,6 +277,7 @@ def load_clean(
         photo = photo[..., 1:2] if photo.shape[2] == 3 else photo
     elif photo.shape[2] == 1:
         photo = np.repeat(photo, 3, axis=2)
+    check_fov_size(path, photo, MIN_SCORED_SIZE)
     return photo, mask, None if expert_path is None else layers[..., -1] > 0.5
 
 

@@ -15,7 +15,7 @@ import struct
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import imagecodecs
 import numpy as np
@@ -39,8 +39,8 @@ def _file_error(path: Path, problem: str) -> ImageFileError:
     return ImageFileError(f"{path}: {' '.join(problem.split())}")
 
 
-def _read_bytes(path: str | Path) -> tuple[Path, bytes]:
-    """The file's bytes after the checks every reader shares (exists, a file, supported, not empty)."""
+def _checked_path(path: str | Path) -> Path:
+    """``path`` after the checks every reader shares: a supported type, an existing regular file."""
     path = Path(path)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise _file_error(path, f"unsupported image type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
@@ -48,10 +48,20 @@ def _read_bytes(path: str | Path) -> tuple[Path, bytes]:
         raise _file_error(path, "no such file")
     if not path.is_file():
         raise _file_error(path, "not a regular file")
+    return path
+
+
+def _cannot_read(path: Path, exc: OSError) -> ImageFileError:
+    return _file_error(path, f"cannot read file ({exc.strerror or exc})")
+
+
+def _read_bytes(path: str | Path) -> tuple[Path, bytes]:
+    """The file's bytes after the shared checks, refusing an empty file."""
+    path = _checked_path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise _file_error(path, f"cannot read file ({exc.strerror or exc})") from exc
+        raise _cannot_read(path, exc) from exc
     if not data:
         raise _file_error(path, "empty file")
     return path, data
@@ -146,27 +156,51 @@ class ImageHeader(NamedTuple):
 
 
 def read_header(path: str | Path) -> ImageHeader:
-    """Size and bits per sample of an image file from its header, without decoding the pixels."""
-    path, data = _read_bytes(path)
-    suffix = path.suffix.lower()
+    """Size and bits per sample of an image file from its header, without decoding the pixels
+    or reading more of the file than the header (cheap enough to check a whole archive)."""
+    path = _checked_path(path)
     try:
-        if suffix in _TIFF_SUFFIXES:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                page = tif.pages[0]
-                # Any float TIFF (float64 too, as numpy writes by default) is read and written as float32.
-                bits = 32 if np.issubdtype(page.dtype, np.floating) else 16 if page.dtype == np.uint16 else 8
-                return ImageHeader(page.imagelength, page.imagewidth, bits)
-        if suffix == ".png":
-            # IHDR is always the first chunk: signature(8) length(4) "IHDR"(4) width(4) height(4) depth(1).
-            if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 25:
-                raise ValueError("not a PNG file")
-            width, height = struct.unpack(">II", data[16:24])
-            return ImageHeader(height, width, 16 if data[24] == 16 else 8)
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-            return ImageHeader(height, width, 8)  # JPEG, BMP and GIF hold 8-bit samples
-    except Exception as exc:  # header parsers raise many types for bad content
-        raise _file_error(path, f"cannot read image header ({exc})") from exc
+        file = path.open("rb")
+    except OSError as exc:
+        raise _cannot_read(path, exc) from exc
+    with file:
+        if not file.read(1):
+            raise _file_error(path, "empty file")
+        file.seek(0)
+        try:
+            return _parse_header(path.suffix.lower(), file)
+        except Exception as exc:  # header parsers raise many types for bad content
+            raise _file_error(path, f"cannot read image header ({exc})") from exc
+
+
+def _parse_header(suffix: str, file: BinaryIO) -> ImageHeader:
+    if suffix in _TIFF_SUFFIXES:
+        with tifffile.TiffFile(file) as tif:
+            page = tif.pages[0]
+            # Any float TIFF (float64 too, as numpy writes by default) is read and written as float32.
+            bits = 32 if np.issubdtype(page.dtype, np.floating) else 16 if page.dtype == np.uint16 else 8
+            return ImageHeader(page.imagelength, page.imagewidth, bits)
+    if suffix == ".png":
+        # IHDR is always the first chunk: signature(8) length(4) "IHDR"(4) width(4) height(4) depth(1).
+        data = file.read(25)
+        if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 25:
+            raise ValueError("not a PNG file")
+        width, height = struct.unpack(">II", data[16:24])
+        return ImageHeader(height, width, 16 if data[24] == 16 else 8)
+    with Image.open(file) as opened:
+        width, height = opened.size
+        return ImageHeader(height, width, 8)  # JPEG, BMP and GIF hold 8-bit samples
+
+
+def read_header_of_size(path: str | Path, min_size: int, needed_by: str) -> ImageHeader:
+    """``read_header(path)``, refusing an image smaller than ``min_size``² on either side
+    (``needed_by`` names what needs that size, for the message)."""
+    header = read_header(path)
+    if min(header.height, header.width) < min_size:
+        raise _file_error(
+            Path(path), f"{header.width}×{header.height} pixels, smaller than the {min_size}² {needed_by} needs"
+        )
+    return header
 
 
 def image_bit_depth(path: str | Path) -> int:

@@ -70,7 +70,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from fundus_restore.data import PatchBatch, PatchSettings, PatchStream, ValidationCrop, split_images, validation_crops
-from fundus_restore.io import list_images
+from fundus_restore.io import ImageFileError, list_images
 from fundus_restore.losses import ChannelWeightedMSE, VesselSegmentationLoss
 from fundus_restore.metrics import image_quality
 from fundus_restore.evaluate import mean_of_finite
@@ -952,6 +952,16 @@ def card_validation(config: Mapping[str, Any], scores: Mapping[str, float]) -> d
     }
 
 
+def _next_batch(batches: Iterator[PatchBatch]) -> PatchBatch:
+    """The next batch. A bad photograph found by a DataLoader worker keeps its one-line
+    message: torch re-raises it with the worker's traceback as the message."""
+    try:
+        return next(batches)
+    except ImageFileError as error:
+        original = str(error).strip().splitlines()[-1]
+        raise ImageFileError(original.removeprefix(f"{ImageFileError.__module__}.ImageFileError: ")) from None
+
+
 def train_from_config(
     config: str | Path | Mapping[str, Any], *, resume: bool = False, overrides: Mapping[str, Any] | None = None
 ) -> Path:
@@ -1013,7 +1023,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         deadline = None if config["time_limit_minutes"] is None else time.monotonic() + 60 * config["time_limit_minutes"]
         while trainer.step < config["steps"]:
             started = time.perf_counter()
-            batch = next(batches)
+            batch = _next_batch(batches)
             losses = trainer.train_step(batch.noisy, batch.clean, batch.sigma)
             loss = losses["loss"]
             elapsed = time.perf_counter() - started
