@@ -302,6 +302,19 @@ def test_denoising_commands_refuse_a_model_that_is_no_denoiser(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["denoise", "upscale", "restore"])
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [(["--tile", "7"], "tile 7 is too small for "), (["--device", "tpu"], "unknown device 'tpu'")],
+)
+def test_a_tile_or_device_a_model_cannot_run_with_stops_the_batch_before_any_file(
+    command: str, option: list[str], problem: str, photos: Path, tmp_path: Path
+):
+    result = runner.invoke(app, [command, str(photos), "-o", str(tmp_path / "out"), *option])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {problem}") and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_with_an_unknown_model_says_so_in_one_line(tmp_path: Path):
     result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-m", "no-such-model"])
     assert result.exit_code == 2 and "no-such-model" in result.output and "Traceback" not in result.output

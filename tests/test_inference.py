@@ -18,10 +18,13 @@ from fundus_restore.inference import (
     _prepare_file,
     _tile_spans,
     apply_tiled,
+    check_run_settings,
     default_overlap,
     denoise,
     noise_level_mismatch,
     prepare_model,
+    resolve_device,
+    smallest_tile,
     upscale,
 )
 from fundus_restore.metrics import psnr
@@ -87,6 +90,29 @@ def test_too_small_overlap_leaves_seams(odd_image: np.ndarray) -> None:
     model = random_dncnn()
     restored = denoise(odd_image, model, tile=50, overlap=0, device="cpu")
     assert np.abs(restored - whole_image(model, odd_image)).max() > 1e-3
+
+
+@pytest.mark.parametrize("architecture", ["dncnn", "resunet"])
+def test_the_smallest_tile_runs_exactly_and_one_less_is_refused_up_front(
+    odd_image: np.ndarray, architecture: str
+) -> None:
+    torch.manual_seed(0)
+    kwargs = {"depth": 5, "width": 8} if architecture == "dncnn" else {"widths": [4, 8], "blocks": 1}
+    model = create_model(architecture, **kwargs).eval()
+    smallest = smallest_tile(model)
+    assert smallest < min(odd_image.shape[:2])  # so the image is really cut into tiles
+    whole = denoise(odd_image, model, device="cpu")
+    assert np.abs(denoise(odd_image, model, tile=smallest, device="cpu") - whole).max() < 1e-4
+    assert check_run_settings(model, tile=smallest, device="cpu") is model
+    with pytest.raises(ValueError, match=f"tile {smallest - 1} is too small for .*: at least {smallest} pixels"):
+        check_run_settings(model, tile=smallest - 1, device="cpu")
+    with pytest.raises(ValueError, match="must be larger than twice the overlap"):  # what it spares a batch
+        denoise(odd_image, model, tile=smallest - 1, device="cpu")
+
+
+def test_an_unknown_device_is_named_in_one_line() -> None:
+    with pytest.raises(ValueError, match="^unknown device 'tpu': auto, cpu or cuda"):
+        resolve_device("tpu")
 
 
 @pytest.mark.parametrize("length", [1, 7, 100, 203, 1696])

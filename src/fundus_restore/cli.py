@@ -285,7 +285,7 @@ def denoise(
     """Denoise photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
     from fundus_restore.io import read_image
 
-    denoiser_for, name = _denoisers(model, sigma)
+    denoiser_for, name = _denoisers(model, sigma, tile, device)
 
     def handle(job: _Job) -> None:
         image = read_image(job.source, rgb=False)
@@ -298,21 +298,27 @@ def denoise(
     )
 
 
-def _denoisers(model: str | None, sigma: float | None) -> tuple[Callable[[np.ndarray], nn.Module], str]:
+def _denoisers(
+    model: str | None, sigma: float | None, tile: int | None, device: str
+) -> tuple[Callable[[np.ndarray], nn.Module], str]:
     """The denoiser for each photo, and its name for the progress bar: ``model`` for every
     photo, or without one the bundled default of the photo's channels (a grey photo gets
-    the grey one, loaded when the first comes). Unusable weights end the command (exit 2)."""
+    the grey one, loaded when the first comes). Unusable weights, or a ``tile`` or
+    ``device`` the denoiser cannot run with, end the command (exit 2)."""
     import functools
 
-    from fundus_restore.inference import load_denoiser
+    from fundus_restore.inference import check_run_settings, load_denoiser
     from fundus_restore.pretrained import default_model_name
 
-    colour = _loaded(lambda: _told(load_denoiser(model), sigma))
+    def usable(load: Callable[[], nn.Module]) -> nn.Module:
+        return _loaded(lambda: check_run_settings(_told(load(), sigma), tile=tile, device=device))
+
+    colour = usable(lambda: load_denoiser(model))
     name = getattr(colour, "name", str(model))
     grey_name = default_model_name(channels=1)
     if model is not None or grey_name == name:
         return (lambda image: colour), name
-    grey = functools.cache(lambda: _loaded(lambda: _told(load_denoiser(channels=1), sigma)))
+    grey = functools.cache(lambda: usable(lambda: load_denoiser(channels=1)))
     return (lambda image: grey() if image.shape[2] == 1 else colour), f"{name} ({grey_name} for grey photos)"
 
 
@@ -415,11 +421,11 @@ def upscale(
     log: LogOption = None,
 ) -> None:
     """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
-    from fundus_restore.inference import load_upscaler, upscale as upscale_image
+    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
 
-    network = _loaded(lambda: load_upscaler(model, scale))
+    network = _loaded(lambda: check_run_settings(load_upscaler(model, scale), tile=tile, device=device))
 
     def outputs(relative: Path) -> tuple[Path, ...]:
         (output,) = _same_name(relative)
@@ -462,12 +468,12 @@ def restore(
     log: LogOption = None,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
-    from fundus_restore.inference import load_upscaler, upscale as upscale_image
+    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
 
-    upscaler = _loaded(lambda: load_upscaler(upscale_model, scale))
-    denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma)
+    upscaler = _loaded(lambda: check_run_settings(load_upscaler(upscale_model, scale), tile=tile, device=device))
+    denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma, tile, device)
 
     def handle(job: _Job) -> None:
         image = read_image(job.source, rgb=False)
@@ -738,7 +744,7 @@ def demo(
 
     from fundus_restore.degrade import add_gaussian_noise
     from fundus_restore.fov import fov_mask
-    from fundus_restore.inference import denoise as denoise_image, load_denoiser
+    from fundus_restore.inference import check_run_settings, denoise as denoise_image, load_denoiser
     from fundus_restore.io import write_image
     from fundus_restore.metrics import image_quality
     from fundus_restore.report import comparison_figure, thin_vessel_window
@@ -746,7 +752,7 @@ def demo(
     clean = skimage_data.retina().astype(np.float32) / 255.0
     mask = fov_mask(clean)
     noisy = add_gaussian_noise(clean, sigma, seed=seed)
-    network = _loaded(lambda: load_denoiser(model))
+    network = _loaded(lambda: check_run_settings(load_denoiser(model), tile=tile, device=device))
     name = getattr(network, "name", str(model))
     console.print(f"denoising the {clean.shape[1]}×{clean.shape[0]} retina photo (sigma {sigma:g}) with {name} …")
     restored = denoise_image(noisy, network, tile=tile, device=device)

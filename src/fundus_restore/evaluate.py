@@ -165,7 +165,7 @@ def build_methods(
     note rather than failing the whole evaluation. A file is labelled by its stem, or by
     its path without the suffix where two files share a stem (``runs/a/model``).
     """
-    from fundus_restore.inference import denoise, upscale, upscale_factor
+    from fundus_restore.inference import check_run_settings, denoise, upscale, upscale_factor
     from fundus_restore.pretrained import WeightsError, load_model
 
     if len(set(names)) < len(names):
@@ -201,6 +201,7 @@ def build_methods(
         if label != name and stems[label] > 1:
             label = str(Path(name).with_suffix(""))  # runs/a/model.safetensors and runs/b/model.safetensors
         label += ENSEMBLE_SUFFIX if ensemble else ""
+        check_run_settings(model, tile=tile, device=device)
         if scale > 1:
             if model.config.get("scale") != scale:
                 raise ValueError(f"{label} does not upscale by {scale} (its config: {model.config})")

@@ -183,6 +183,24 @@ def default_overlap(model: nn.Module) -> int:
     return radius
 
 
+def smallest_tile(model: nn.Module) -> int:
+    """The smallest ``tile`` (input pixels) ``model`` can run at with its default overlap:
+    a tile must hold the overlap on both sides, and a strided network's grid."""
+    return 2 * default_overlap(model) + 2 * (getattr(model, "tile_alignment", 1) - 1) + 1
+
+
+def check_run_settings(model: nn.Module, *, tile: int | None, device: str | torch.device) -> nn.Module:
+    """``model``, after refusing a ``device`` that is not here or a ``tile`` it cannot run
+    at: a batch then stops before its first photo instead of failing on every one."""
+    resolve_device(device)
+    if tile is not None and tile < smallest_tile(model):
+        raise ValueError(
+            f"tile {tile} is too small for {model_name(model)}: at least {smallest_tile(model)} pixels "
+            f"(its overlap of {default_overlap(model)} on both sides)"
+        )
+    return model
+
+
 def input_channels(model: nn.Module) -> int | None:
     """Number of image channels ``model`` takes, from its config or its first convolution."""
     config = getattr(model, "config", {})
@@ -196,7 +214,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` is the current GPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch lists its every device type: say what this toolkit runs on
+        raise ValueError(f"unknown device {str(device)!r}: auto, cpu or cuda (cuda:N for one GPU)") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
