@@ -297,6 +297,14 @@ def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Pa
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"data.train": [str(photo_dir), str(missing)]}))
     with pytest.raises(TrainingError, match="validation.among: no such file or folder"):
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.among": [str(missing)]}))
+    for key, value, problem in [
+        ("optimizer.lr", -1, "optimizer.lr must be a positive number, got -1"),
+        ("loss.weights", [1, 2], r"RGB photos have 3 channels: loss.weights needs as many, got \[1, 2\]"),
+        ("data.workers", -1, r"data.workers must be a whole number \(0: read in the training process\), got -1"),
+        ("device", "tpu", r"device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
+    ]:
+        with pytest.raises(TrainingError, match=problem):
+            train_from_config(tiny_config(photo_dir, tmp_path / "run", **{key: value}))
     with pytest.raises(TrainingError, match="model: unknown architecture 'dncn'"):
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"model.architecture": "dncn"}))
     with pytest.raises(TrainingError, match="model: .*'depthh'"):

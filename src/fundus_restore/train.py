@@ -144,6 +144,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 FREE_FORM = {"model.kwargs"}
 DECAYS = ("none", "step", "exponential", "cosine")
 PRECISIONS = ("auto", "bfloat16", "off")
+DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -226,6 +227,9 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     for key in ("among", "files"):
         if merged["validation"][key] is not None:
             merged["validation"][key] = _as_list(merged["validation"][key])
+    lr = merged["optimizer"]["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise TrainingError(f"optimizer.lr must be a positive number, got {lr!r}")
     schedule = merged["schedule"]
     if schedule["decay"] not in DECAYS:
         raise TrainingError(f"schedule.decay must be one of {', '.join(DECAYS)}, got {schedule['decay']!r}")
@@ -233,6 +237,8 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError(f"schedule.lr_min must lie in (0, optimizer.lr] for {schedule['decay']} decay")
     if merged["mixed_precision"] not in PRECISIONS:
         raise TrainingError(f"mixed_precision must be one of {PRECISIONS}, got {merged['mixed_precision']!r}")
+    if merged["device"] not in DEVICES:
+        raise TrainingError(f"device must be one of {DEVICES}, got {merged['device']!r}")
     for key in ("steps", "batch_size", "log_every", "validate_every", "checkpoint_every"):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
@@ -245,6 +251,8 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             raise TrainingError(f"{key} must be a positive {unit} or null, got {value!r}")
     data = merged["data"]
+    if not isinstance(data["workers"], int) or data["workers"] < 0:
+        raise TrainingError(f"data.workers must be a whole number (0: read in the training process), got {data['workers']!r}")
     expected_loss = "vessel_segmentation" if data["targets"] == "vessels" else "channel_weighted_mse"
     if data["targets"] not in ("clean", "vessels") or merged["loss"]["name"] != expected_loss:
         raise TrainingError(
@@ -252,11 +260,10 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
             f"(targets: clean | vessels), got loss.name {merged['loss']['name']!r}"
         )
     kept = data["channels"]
-    if kept is not None and data["targets"] == "clean" and len(merged["loss"]["weights"]) != len(kept):
-        raise TrainingError(
-            f"data.channels {list(kept)} keeps {len(kept)} channel(s): "
-            f"loss.weights needs as many, got {list(merged['loss']['weights'])}"
-        )
+    channels = 3 if kept is None else len(kept)  # photos are read as RGB, grey ones too
+    if data["targets"] == "clean" and len(merged["loss"]["weights"]) != channels:
+        source = "RGB photos have 3 channels" if kept is None else f"data.channels {list(kept)} keeps {channels} channel(s)"
+        raise TrainingError(f"{source}: loss.weights needs as many, got {list(merged['loss']['weights'])}")
     if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
     if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
