@@ -95,6 +95,10 @@ def test_degrade_is_seeded_and_downsamples(photos: Path, tmp_path: Path):
     np.testing.assert_allclose(read_image(box / good.name), clean.reshape(20, 2, 25, 2, 3).mean(axis=(1, 3)), atol=0.501 / 255)
     refused = runner.invoke(app, ["degrade", str(good), "--kernel", "nearest", "-o", str(tmp_path / "x")])
     assert refused.exit_code == 2 and "unknown --kernel 'nearest'" in refused.output
+    for option, value in [("--sigma", "-1"), ("--scale", "0"), ("--seed", "-1")]:  # refused by the parser
+        refused = runner.invoke(app, ["degrade", str(good), option, value, "-o", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and "Invalid value" in refused.output and option in refused.output
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("command", ["degrade", "denoise"])

@@ -311,8 +311,12 @@ def test_super_resolution_can_be_scored_on_photos_shrunk_by_another_kernel(clean
         (["--clean", "{clean}", "--protocol", "studio"], "unknown noise protocol 'studio'; known: paper, camera"),
         (["--clean", "{clean}", "--segmenter", "frangi"], "unknown vessel segmenter 'frangi'; known: hessian, unet"),
         (["--clean", "{tmp}/tiny.png"], "{tmp}/tiny.png: 8×8 pixels, smaller than the 11² SSIM's window needs"),
+        (["--clean", "{clean}", "--sigma", "25", "--sigma", "-5"], "a noise sigma must be at least 0, got 25, -5"),
+        (["--clean", "{clean}", "--crop", "5"], "crop 5 is smaller than the 11² SSIM's window needs"),
+        (["--clean", "{clean}", "--scale", "0"], "the scale must be a positive integer, got 0"),
     ],
-    ids=["empty selection", "missing file", "unknown protocol", "unknown segmenter", "too small for SSIM"],
+    ids=["empty selection", "missing file", "unknown protocol", "unknown segmenter", "too small for SSIM",
+         "negative sigma", "crop too small", "scale 0"],
 )
 def test_evaluate_command_refuses_bad_settings_and_photos_in_one_line(
     args: list[str], message: str, clean_dir: Path, tmp_path: Path

@@ -51,7 +51,7 @@ NoiseCheckOption = Annotated[
         "the range the model was trained on (about 1 s per 2k photo)."
     ),
 ]
-SigmaOption = Annotated[float, typer.Option(help="Noise standard deviation on the 0-255 scale.")]
+SigmaOption = Annotated[float, typer.Option(min=0, help="Noise standard deviation on the 0-255 scale.")]
 NoiseLevelOption = Annotated[
     Optional[float],
     typer.Option(
@@ -60,7 +60,7 @@ NoiseLevelOption = Annotated[
         "default: estimated per photo.",
     ),
 ]
-SeedOption = Annotated[int, typer.Option(help="Seed of the noise; file i (sorted order) uses seed + i.")]
+SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the noise; file i (sorted order) uses seed + i.")]
 RecursiveOption = Annotated[
     bool,
     typer.Option(
@@ -492,7 +492,7 @@ def degrade(
     out: OutDir,
     sigma: SigmaOption = 25.0,
     seed: SeedOption = 0,
-    scale: Annotated[int, typer.Option(help="Downsampling factor applied before the noise (1 = none).")] = 1,
+    scale: Annotated[int, typer.Option(min=1, help="Downsampling factor applied before the noise (1 = none).")] = 1,
     kernel: Annotated[
         str, typer.Option(help="Antialiased downsampling kernel: bicubic, bilinear, box or lanczos3 (MATLAB's imresize).")
     ] = "bicubic",
@@ -687,7 +687,7 @@ def evaluate(
     sigma = sigma or [25.0 if scale == 1 else 0.0]
     defaults = DEFAULT_UPSCALE_METHODS if scale > 1 else DEFAULT_GREY_METHODS if grey else DEFAULT_METHODS
     try:  # everything that can be refused is, before any method runs
-        check_settings(protocol, segmenter, lr_kernel)
+        check_settings(protocol, segmenter, lr_kernel, sigmas=sigma, crop_size=crop, scale=scale)
         for path in files:  # a missing, empty or unreadable photo, or one too small to score
             read_header_of_size(path, MIN_SCORED_SIZE, "SSIM's window")
         names = [name for option in methods or [] for name in option.split(",") if name]

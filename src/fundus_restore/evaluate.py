@@ -303,13 +303,28 @@ def example_setting(sigmas: Sequence[float], protocols: Sequence[str]) -> tuple[
     return sigmas[0], "camera" if "camera" in protocols else protocols[0]
 
 
-def check_settings(protocols: Iterable[str], segmenter: str, lr_kernel: str = "bicubic") -> None:
-    """Refuse an unknown noise protocol, vessel segmenter or shrinking kernel before anything is run."""
+def check_settings(
+    protocols: Iterable[str],
+    segmenter: str,
+    lr_kernel: str = "bicubic",
+    *,
+    sigmas: Iterable[float] = (),
+    crop_size: int | None = None,
+    scale: int = 1,
+) -> None:
+    """Refuse an unknown noise protocol, vessel segmenter or shrinking kernel, a negative
+    noise level, a crop too small to score or a scale below 1, before anything is run."""
     checks = [("noise protocol", protocol, PROTOCOLS) for protocol in protocols]
     checks += [("vessel segmenter", segmenter, SEGMENTERS), ("kernel", lr_kernel, tuple(KERNELS))]
     for kind, value, known in checks:
         if value not in known:
             raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(known)}")
+    if any(sigma < 0 for sigma in sigmas):
+        raise ValueError(f"a noise sigma must be at least 0, got {', '.join(f'{s:g}' for s in sigmas)}")
+    if crop_size is not None and crop_size < MIN_SCORED_SIZE:
+        raise ValueError(f"crop {crop_size} is smaller than the {MIN_SCORED_SIZE}² SSIM's window needs")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"the scale must be a positive integer, got {scale!r}")
 
 
 def evaluate_images(
@@ -346,7 +361,7 @@ def evaluate_images(
     classical segmenter). ``grey`` scores the photos in one channel (``load_clean``: True
     for the green channel of colour photos, None for grey files only).
     """
-    check_settings(protocols, segmenter, lr_kernel)
+    check_settings(protocols, segmenter, lr_kernel, sigmas=sigmas, crop_size=crop_size, scale=scale)
     guard = vessels and scale > 1
     rows: list[dict[str, float | str]] = []
     shown_setting = example_setting(sigmas, protocols)
