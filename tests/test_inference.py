@@ -109,6 +109,24 @@ def test_the_smallest_tile_runs_exactly_and_one_less_is_refused_up_front(archite
         denoise(image, model, tile=smallest - 1, device="cpu")
 
 
+@pytest.mark.parametrize("run", [denoise, upscale])
+def test_channel_axis_takes_channels_first_and_grey_images_as_scikit_image_does(run: Any) -> None:
+    model = random_dncnn() if run is denoise else random_srresnet(2)
+    image = np.random.default_rng(3).random((21, 17, 3), dtype=np.float32)
+    last = run(image, model, device="cpu")
+    first = run(np.ascontiguousarray(np.moveaxis(image, -1, 0)), model, device="cpu", channel_axis=0)
+    np.testing.assert_array_equal(first, np.moveaxis(last, -1, 0))
+    grey = image[..., 1]
+    flat = run(grey, model, device="cpu", channel_axis=None)
+    np.testing.assert_array_equal(flat, run(grey[..., None], model, device="cpu")[..., 0])
+    with pytest.raises(ValueError, match="channel_axis=None is for an H×W grey image"):
+        run(image, model, device="cpu", channel_axis=None)
+    with pytest.raises(ValueError, match=r"or H×W with channel_axis=None\), got an array of shape \(21, 17\)"):
+        run(grey, model, device="cpu")
+    with pytest.raises(ValueError, match=r"got 17 channels \(channels first\? pass channel_axis=0\)"):
+        run(np.moveaxis(image, -1, 0), model, device="cpu")
+
+
 def test_an_unknown_device_is_named_in_one_line() -> None:
     with pytest.raises(ValueError, match="^unknown device 'tpu': auto, cpu or cuda"):
         resolve_device("tpu")

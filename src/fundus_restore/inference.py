@@ -269,12 +269,30 @@ def grey_through_colour(image: np.ndarray, channels: int | None) -> bool:
     return channels == 3 and image.shape[2] == 1
 
 
+def _channels_last(image: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """``image`` as H×W×C: with ``channel_axis=None`` an H×W grey image gains a channel
+    axis; otherwise its channel axis moves last (a view, not a copy)."""
+    array = np.asarray(image)
+    if channel_axis is None:
+        if array.ndim != 2:
+            raise ValueError(f"channel_axis=None is for an H×W grey image, got an array of shape {array.shape}")
+        return array[..., None]
+    if array.ndim != 3:
+        raise ValueError(
+            f"expected an H×W×C image (or H×W with channel_axis=None), got an array of shape {array.shape}"
+        )
+    return np.moveaxis(array, channel_axis, -1)
+
+
+def _channel_axis_back(output: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """The H×W×C ``output`` with its channels where the input had them (none for a grey H×W input)."""
+    return output[..., 0] if channel_axis is None else np.moveaxis(output, -1, channel_axis)
+
+
 def _checked_image(image: np.ndarray, channels: int | None) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise ValueError(f"expected an H×W×C image, got an array of shape {image.shape}")
     if channels is not None and image.shape[2] != channels and not grey_through_colour(image, channels):
-        raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels")
+        hint = " (channels first? pass channel_axis=0)" if image.shape[0] in (1, channels) else ""
+        raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels{hint}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image of shape {image.shape}")
     if not np.issubdtype(image.dtype, np.floating):
@@ -508,6 +526,7 @@ def denoise(
     precision: Precision = "auto",
     ensemble: bool = False,
     progress: bool = False,
+    channel_axis: int | None = -1,
 ) -> np.ndarray:
     """Denoise a float32 H×W×C image on the [0, 1] scale; returns float32 H×W×C.
 
@@ -526,12 +545,15 @@ def denoise(
     CUDA. Values outside [0, 1] are neither rejected nor clipped, in the input or in
     the output. ``ensemble`` averages the outputs for the 8 flips and quarter turns of
     the input (``dihedral_ensemble``): 8 times slower, a little more accurate.
-    ``progress`` shows a progress bar over the tiles.
+    ``progress`` shows a progress bar over the tiles. ``channel_axis`` is where the
+    channels lie, as in scikit-image (0 for C×H×W); None takes an H×W grey image and
+    returns H×W.
     """
-    return _run_network(
-        image,
+    pixels = _channels_last(image, channel_axis)
+    output = _run_network(
+        pixels,
         model,
-        default_name=functools.partial(default_model_name, channels=np.shape(image)[-1]),
+        default_name=functools.partial(default_model_name, channels=pixels.shape[-1]),
         super_resolution=False,
         sigma=sigma,
         tile=tile,
@@ -541,6 +563,7 @@ def denoise(
         ensemble=ensemble,
         progress=progress,
     )
+    return _channel_axis_back(output, channel_axis)
 
 
 def upscale(
@@ -553,6 +576,7 @@ def upscale(
     precision: Precision = "auto",
     ensemble: bool = False,
     progress: bool = False,
+    channel_axis: int | None = -1,
 ) -> np.ndarray:
     """Super-resolve a float32 H×W×C image on [0, 1]; returns float32 (s·H)×(s·W)×C.
 
@@ -562,10 +586,11 @@ def upscale(
     bundled. Tiling, overlap, device, precision, ensemble and progress work as in ``denoise``
     (``tile`` and ``overlap`` in input pixels; the default tile is
     ``DEFAULT_TILE // s``): the tiled result equals the whole-image one. The output
-    is not clipped. A grey image through a colour model runs as in ``denoise``.
+    is not clipped. A grey image through a colour model runs as in ``denoise``, and
+    ``channel_axis`` works as there.
     """
-    return _run_network(
-        image,
+    output = _run_network(
+        _channels_last(image, channel_axis),
         model,
         default_name=default_upscale_model_name,
         super_resolution=True,
@@ -576,3 +601,4 @@ def upscale(
         ensemble=ensemble,
         progress=progress,
     )
+    return _channel_axis_back(output, channel_axis)
