@@ -180,6 +180,9 @@ def test_log_records_each_photo_and_is_appended_to_by_a_resumed_batch(
     rows = _log_rows(log)  # one header, the first run's rows, then the second's
     assert [row["status"] for row in rows] == ["written", "written", "failed", "skipped", "skipped", "failed"]
     assert rows[3]["seconds"] == ""
+    (tmp_path / "folder.csv").mkdir()
+    refused = runner.invoke(app, [*args[:-1], str(tmp_path / "folder.csv")])
+    assert refused.exit_code == 2 and refused.output.startswith(f"error: {tmp_path / 'folder.csv'}: cannot write the log")
 
 
 def test_import_weights_round_trip(tmp_path: Path):

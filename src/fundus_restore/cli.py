@@ -123,11 +123,14 @@ class _BatchLog:
     def __init__(self, path: Path | None) -> None:
         self.writer = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            new = not path.exists() or path.stat().st_size == 0
-            self.file = path.open("a", newline="", encoding="utf-8")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = path.open("a", newline="", encoding="utf-8")
+            except OSError as error:  # before any photo: the batch does not start without its log
+                _report_error(f"{path}: cannot write the log ({error.strerror or error})")
+                raise typer.Exit(2) from None
             self.writer = csv.DictWriter(self.file, _LOG_COLUMNS)
-            if new:
+            if self.file.tell() == 0:  # a new or empty file (append mode starts at its end)
                 self.writer.writeheader()
 
     def write(self, job: _Job, status: str, seconds: float | None = None) -> None:
