@@ -167,7 +167,8 @@ def test_log_records_each_photo_and_is_appended_to_by_a_resumed_batch(
     photos: Path, tiny_model_file: Path, tmp_path: Path
 ):
     out, log = tmp_path / "out", tmp_path / "logs" / "run.csv"
-    args = ["denoise", str(photos), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu", "--log", str(log)]
+    args = ["denoise", str(photos), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu"]
+    args += ["--log", str(log)]
     assert runner.invoke(app, args).exit_code == 1
     rows = _log_rows(log)
     assert [(Path(row["input"]).name, row["status"]) for row in rows] == [
@@ -182,7 +183,8 @@ def test_log_records_each_photo_and_is_appended_to_by_a_resumed_batch(
     assert rows[3]["seconds"] == ""
     (tmp_path / "folder.csv").mkdir()
     refused = runner.invoke(app, [*args[:-1], str(tmp_path / "folder.csv")])
-    assert refused.exit_code == 2 and refused.output.startswith(f"error: {tmp_path / 'folder.csv'}: cannot write the log")
+    assert refused.exit_code == 2
+    assert refused.output.startswith(f"error: {tmp_path / 'folder.csv'}: cannot write the log")
 
 
 def test_import_weights_round_trip(tmp_path: Path):

@@ -299,7 +299,7 @@ def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Pa
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.among": [str(missing)]}))
     for key, value, problem in [
         ("optimizer.lr", -1, "optimizer.lr must be a positive number, got -1"),
-        ("loss.weights", [1, 2], r"RGB photos have 3 channels: loss.weights needs as many, got \[1, 2\]"),
+        ("loss.weights", [1, 2], r"RGB photos have 3 channel\(s\): loss.weights needs as many, got \[1, 2\]"),
         ("data.workers", -1, r"data.workers must be a whole number \(0: read in the training process\), got -1"),
         ("device", "tpu", r"device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
     ]:
@@ -320,7 +320,8 @@ def test_a_photo_too_small_for_a_patch_is_named_in_one_line(photo_dir: Path, tmp
     # A field of view (about 43² in these 48² frames) smaller than the patch is found by the
     # DataLoader worker reading it: its message still comes as one line, not the worker's traceback.
     config = tiny_config(photo_dir, tmp_path / "run", **{"data.patch_size": 46, "data.workers": 1})
-    with pytest.raises(ImageFileError, match=r"^\S*photo\d\.png: its field of view crop is \d+×\d+, smaller than 46²$"):
+    one_line = r"^\S*photo\d\.png: its field of view crop is \d+×\d+, smaller than 46²$"
+    with pytest.raises(ImageFileError, match=one_line):
         train_from_config(config)
 
 

@@ -313,8 +313,7 @@ def upscale_factor(model: nn.Module) -> int:
     """The integer factor by which a super-resolution ``model`` enlarges images (its config's ``scale``)."""
     scale = getattr(model, "config", {}).get("scale")
     if not isinstance(scale, int) or scale < 2:
-        name = model_name(model)
-        raise ValueError(f"{name} is not a super-resolution model: no integer 'scale' ≥ 2 in its config")
+        raise ValueError(f"{model_name(model)} is not a super-resolution model: no integer 'scale' ≥ 2 in its config")
     return scale
 
 
@@ -338,8 +337,7 @@ def check_denoiser(network: nn.Module) -> nn.Module:
     if task is None:
         task = "upscale" if getattr(network, "config", {}).get("scale", 1) > 1 else "denoise"
     if task != "denoise":
-        name = model_name(network)
-        raise ValueError(f"{name} is not a denoiser: its task is {task!r}")
+        raise ValueError(f"{model_name(network)} is not a denoiser: its task is {task!r}")
     return network
 
 

@@ -326,6 +326,6 @@ def find_images(
     return found
 
 
-def list_images(paths: Iterable[str | Path], *, recursive: bool = False) -> list[Path]:
-    """The image files of :func:`find_images`, without their relative paths."""
-    return [source.path for source in find_images(paths, recursive=recursive)]
+def list_images(paths: Iterable[str | Path]) -> list[Path]:
+    """The image files of :func:`find_images` (not recursive), without their relative paths."""
+    return [source.path for source in find_images(paths)]

@@ -252,7 +252,9 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
             raise TrainingError(f"{key} must be a positive {unit} or null, got {value!r}")
     data = merged["data"]
     if not isinstance(data["workers"], int) or data["workers"] < 0:
-        raise TrainingError(f"data.workers must be a whole number (0: read in the training process), got {data['workers']!r}")
+        raise TrainingError(
+            f"data.workers must be a whole number (0: read in the training process), got {data['workers']!r}"
+        )
     expected_loss = "vessel_segmentation" if data["targets"] == "vessels" else "channel_weighted_mse"
     if data["targets"] not in ("clean", "vessels") or merged["loss"]["name"] != expected_loss:
         raise TrainingError(
@@ -262,8 +264,9 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     kept = data["channels"]
     channels = 3 if kept is None else len(kept)  # photos are read as RGB, grey ones too
     if data["targets"] == "clean" and len(merged["loss"]["weights"]) != channels:
-        source = "RGB photos have 3 channels" if kept is None else f"data.channels {list(kept)} keeps {channels} channel(s)"
-        raise TrainingError(f"{source}: loss.weights needs as many, got {list(merged['loss']['weights'])}")
+        kept_by = "RGB photos have" if kept is None else f"data.channels {list(kept)} keeps"
+        weights = list(merged["loss"]["weights"])
+        raise TrainingError(f"{kept_by} {channels} channel(s): loss.weights needs as many, got {weights}")
     if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
     if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
