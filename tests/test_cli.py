@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fundus_restore import denoise, load_model, save_model, upscale
 from fundus_restore.cli import app
 from fundus_restore.degrade import add_gaussian_noise
-from fundus_restore.io import image_bit_depth, read_image, write_image
+from fundus_restore.io import image_bit_depth, read_description, read_image, write_image
 from fundus_restore.models import create_model
 
 from conftest import shared_path
@@ -53,6 +53,18 @@ def test_denoise_batch_goes_on_past_a_bad_file_and_fails_at_the_end(photos: Path
     expected = load_model(tiny_model_file)(torch.from_numpy(read_image(photos / "b.tif")).permute(2, 0, 1)[None])
     expected = expected[0].permute(1, 2, 0).detach().numpy().clip(0, 1)
     assert np.abs(read_image(out / "b.tif") - expected).max() < 2 / 65535
+
+
+def test_outputs_say_in_their_metadata_how_they_were_made(photos: Path, tiny_model_file: Path, tmp_path: Path):
+    from fundus_restore import __version__
+
+    runner.invoke(app, ["denoise", str(photos), "-o", str(tmp_path / "out"), "-m", str(tiny_model_file)])
+    assert read_description(tmp_path / "out" / "b.tif") == f"denoised by fundus-restore {__version__} (model tiny)"
+    runner.invoke(app, ["degrade", str(photos), "-o", str(tmp_path / "noisy"), "--seed", "4", "--scale", "2"])
+    assert read_description(tmp_path / "noisy" / "b.tif") == (  # the second photo: seed 4 + 1
+        f"degraded (shrunk x2 by bicubic; Gaussian noise of seed 5, clipped) by fundus-restore {__version__} "
+        "(noise sigma 25)"
+    )
 
 
 def test_denoise_warns_when_the_noise_level_is_not_the_models(tiny_model_file: Path, tmp_path: Path):

@@ -15,6 +15,7 @@ from fundus_restore.io import (
     find_images,
     image_bit_depth,
     list_images,
+    read_description,
     read_header,
     read_image,
     read_mask,
@@ -263,6 +264,22 @@ def test_a_float64_tiff_reads_as_float32_and_keeps_its_depth(tmp_path: Path) -> 
     read = read_image(tmp_path / "float64.tif")
     assert read.dtype == np.float32 and image_bit_depth(tmp_path / "float64.tif") == 32
     np.testing.assert_array_equal(read, image.astype(np.float32))
+
+
+@pytest.mark.parametrize(("name", "bit_depth"), [("a.png", 8), ("a.png", 16), ("a.tif", 8), ("a.tif", 32), ("a.jpg", 8)])
+def test_a_description_is_stored_in_each_format_and_leaves_the_pixels_alone(
+    tmp_path: Path, name: str, bit_depth: int
+) -> None:
+    image = _levels((12, 10, 3), 8).astype(np.float32)
+    plain = read_image(write_image(tmp_path / "plain" / name, image, bit_depth=bit_depth))
+    text = "denoised by fundus-restore 0.1.0 (model m, noise sigma 15.00)"
+    described = write_image(tmp_path / "described" / name, image, bit_depth=bit_depth, description=text)
+    assert read_description(described) == text and read_description(tmp_path / "plain" / name) is None
+    np.testing.assert_array_equal(read_image(described), plain)
+    if bit_depth != 32:  # Pillow decodes the file too (checking the PNG chunks' CRCs); float TIFF it cannot
+        assert np.asarray(Image.open(described)).shape[:2] == (12, 10)
+    with pytest.raises(ValueError, match="printable ASCII"):
+        write_image(tmp_path / name, image, description="σ 15")
 
 
 def test_mask_with_a_dim_background_is_not_all_true(tmp_path: Path) -> None:

@@ -246,11 +246,23 @@ def _run_batch(
         raise typer.Exit(1)
 
 
-def _write_output(source: Path, output: Path, image: np.ndarray) -> None:
-    """Write the result for input ``source`` to ``output`` with the input's bit depth."""
+def _provenance(action: str, job: _Job) -> str:
+    """What an output's own metadata says of it: that fundus-restore made it, how, and with
+    the model and noise level the log records, so a restored photograph is never taken
+    for an original."""
+    from fundus_restore import __version__
+
+    details = [f"{key.replace('_', ' ')} {job.record[key]}" for key in ("model", "noise_sigma") if key in job.record]
+    described = f"{action} by fundus-restore {__version__}" + (f" ({', '.join(details)})" if details else "")
+    return described.encode("ascii", "replace").decode()  # a model file's name may not be ASCII
+
+
+def _write_output(job: _Job, image: np.ndarray, action: str, *, bit_depth: int | None = None) -> None:
+    """Write ``job``'s output with the input's bit depth (or ``bit_depth``) and its provenance."""
     from fundus_restore.io import image_bit_depth, write_image
 
-    write_image(output, image, bit_depth=image_bit_depth(source))
+    bits = image_bit_depth(job.source) if bit_depth is None else bit_depth
+    write_image(job.outputs[0], image, bit_depth=bits, description=_provenance(action, job))
 
 
 def _loaded(load: Callable[[], nn.Module]) -> nn.Module:
@@ -294,7 +306,7 @@ def denoise(
         image = read_image(job.source, rgb=False)
         denoised = _denoised(job, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device,
                              ensemble=ensemble)
-        _write_output(job.source, job.outputs[0], denoised)
+        _write_output(job, denoised, "denoised")
 
     _run_batch(
         inputs, out, f"denoising with {name}", handle, recursive=recursive, skip_existing=skip_existing, log=log
@@ -424,7 +436,7 @@ def upscale(
     log: LogOption = None,
 ) -> None:
     """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
-    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image
+    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image, upscale_factor
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
 
@@ -440,7 +452,7 @@ def upscale(
         if noise_check:
             _check_noise_level(job, image, network)
         upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
-        _write_output(job.source, job.outputs[0], upscaled)
+        _write_output(job, upscaled, f"upscaled x{upscale_factor(network)}")
         if check:
             _check_hallucinations(job, image, upscaled, check_threshold)
 
@@ -471,7 +483,7 @@ def restore(
     log: LogOption = None,
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files)."""
-    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image
+    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image, upscale_factor
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
 
@@ -484,7 +496,7 @@ def restore(
                              ensemble=ensemble)
         job.record["model"] += f" + {model_name(upscaler)}"
         upscaled = upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble)
-        _write_output(job.source, job.outputs[0], upscaled)
+        _write_output(job, upscaled, f"denoised and upscaled x{upscale_factor(upscaler)}")
 
     _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing, log=log)
 
@@ -511,7 +523,7 @@ def degrade(
     as a camera's files are; --no-clip keeps the paper's unclipped noise in 32-bit
     float TIFF files (NAME.tif)."""
     from fundus_restore.degrade import KERNELS, add_gaussian_noise, downsample
-    from fundus_restore.io import image_bit_depth, read_image, write_image
+    from fundus_restore.io import read_image
 
     if kernel not in KERNELS:
         _report_error(f"unknown --kernel {kernel!r}; known: {', '.join(KERNELS)}")
@@ -519,12 +531,16 @@ def degrade(
 
     def handle(job: _Job) -> None:
         image = read_image(job.source)
+        steps = []  # for the output's provenance
         if scale > 1:
             image = downsample(image, scale, kernel)
+            steps.append(f"shrunk x{scale} by {kernel}")
         if sigma > 0:
             # The seed follows the photo's place among all the inputs, so a resumed batch adds the same noise.
             image = add_gaussian_noise(image, sigma, seed=seed + job.index, clip=clip)
-        write_image(job.outputs[0], image, bit_depth=image_bit_depth(job.source) if clip else 32)
+            job.record["noise_sigma"] = f"{sigma:g}"
+            steps.append(f"Gaussian noise of seed {seed + job.index}, {'clipped' if clip else 'not clipped'}")
+        _write_output(job, image, f"degraded ({'; '.join(steps) or 'unchanged'})", bit_depth=None if clip else 32)
 
     def outputs(relative: Path) -> tuple[Path, ...]:
         return _same_name(relative) if clip else (relative.with_suffix(".tif"),)

@@ -13,6 +13,7 @@ import io
 import os
 import struct
 import uuid
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -208,34 +209,73 @@ def image_bit_depth(path: str | Path) -> int:
     return read_header(path).bit_depth
 
 
-def _encode(path: Path, samples: np.ndarray) -> bytes:
-    """File bytes of H×W or H×W×3 uint8/uint16 samples, in the format the suffix names."""
+# The PNG text keyword of a description (one of the PNG specification's own keywords).
+_PNG_DESCRIPTION = b"Description"
+_PNG_IHDR_END = 8 + 4 + 4 + 13 + 4  # signature, IHDR's length, type, 13 bytes of data and CRC
+
+
+def _png_with_text(png: bytes, keyword: bytes, text: str) -> bytes:
+    """``png`` with a tEXt chunk after its header (imagecodecs writes none)."""
+    data = keyword + b"\0" + text.encode("latin-1")
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return png[:_PNG_IHDR_END] + chunk + png[_PNG_IHDR_END:]
+
+
+def _encode(path: Path, samples: np.ndarray, description: str | None) -> bytes:
+    """File bytes of H×W or H×W×3 uint8/uint16 samples, in the format the suffix names,
+    with ``description`` (ASCII) in the format's own place for it."""
     suffix = path.suffix.lower()
     if suffix == ".png":
-        return imagecodecs.png_encode(samples)
+        png = imagecodecs.png_encode(samples)
+        return png if description is None else _png_with_text(png, _PNG_DESCRIPTION, description)
     if suffix in _TIFF_SUFFIXES:
         buffer = io.BytesIO()
         photometric = "rgb" if samples.ndim == 3 else "minisblack"
-        tifffile.imwrite(buffer, samples, photometric=photometric, compression="zlib")
+        tifffile.imwrite(buffer, samples, photometric=photometric, compression="zlib", description=description)
         return buffer.getvalue()
     if suffix in (".jpg", ".jpeg"):
         if samples.dtype != np.uint8:
             raise _file_error(path, "JPEG holds 8-bit samples only; write 16-bit images as PNG or TIFF")
         buffer = io.BytesIO()
-        Image.fromarray(samples).save(buffer, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+        comment = {} if description is None else {"comment": description}
+        Image.fromarray(samples).save(buffer, format="JPEG", quality=_JPEG_QUALITY, subsampling=0, **comment)
         return buffer.getvalue()
     raise _file_error(path, f"cannot write {suffix!r} files (write .png, .tif/.tiff or .jpg/.jpeg)")
 
 
-def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> Path:
+def read_description(path: str | Path) -> str | None:
+    """The description ``write_image`` stored in an image file (PNG text, TIFF
+    ImageDescription, JPEG comment), or None when it holds none."""
+    path, data = _read_bytes(path)
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                description = tif.pages[0].description
+                # tifffile's own shape record is no description of ours.
+                return None if not description or description.startswith('{"shape"') else description
+        with Image.open(io.BytesIO(data)) as opened:
+            found = opened.info.get(_PNG_DESCRIPTION.decode()) or opened.info.get("comment")
+    except Exception as exc:  # decoders raise many types for bad content
+        raise _file_error(path, f"cannot read image header ({exc})") from exc
+    return found.decode("latin-1") if isinstance(found, bytes) else found
+
+
+def write_image(
+    path: str | Path, image: np.ndarray, *, bit_depth: int = 8, description: str | None = None
+) -> Path:
     """Write a [0, 1] image (H×W, H×W×1 or H×W×3) as an 8- or 16-bit PNG/TIFF, or 8-bit JPEG.
 
     Values are clipped to [0, 1] and rounded, except with ``bit_depth=32`` (TIFF
     only), which stores float32 samples as they are: the one way to keep a noisy
-    image unclipped (the paper's protocol) in a file. Parent folders are created, and
-    the file appears atomically: a failed write never leaves a partial file behind.
+    image unclipped (the paper's protocol) in a file. ``description`` (printable ASCII,
+    e.g. how the image was made) is stored where each format keeps one: PNG text,
+    TIFF ImageDescription, JPEG comment (``read_description`` reads it back). Parent
+    folders are created, and the file appears atomically: a failed write never leaves
+    a partial file behind.
     """
     path = Path(path)
+    if description is not None and not (description.isascii() and description.isprintable()):
+        raise ValueError(f"a description must be printable ASCII (for every format), got {description!r}")
     if bit_depth not in (8, 16, 32):
         raise _file_error(path, f"bit depth must be 8, 16 or 32 (float TIFF), not {bit_depth}")
     if bit_depth == 32 and path.suffix.lower() not in _TIFF_SUFFIXES:
@@ -259,7 +299,7 @@ def write_image(path: str | Path, image: np.ndarray, *, bit_depth: int = 8) -> P
         top = 2**bit_depth - 1
         samples = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
     # The encoders take C-ordered samples only; a resized or transposed view is not.
-    data = _encode(path, np.ascontiguousarray(samples))
+    data = _encode(path, np.ascontiguousarray(samples), description)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
