@@ -3,6 +3,8 @@
     python scripts/tables.py [--shared ../shared] [--out out/table1] [--method NAME ...]
     python scripts/tables.py --scale 4 [--out out/table-sr]       # super-resolution
     python scripts/tables.py --grey [--out out/table1-grey]       # red-free: the green channel
+    python scripts/tables.py --scale 4 --sigma 25 --out out/table-restore \
+        --method "bicubic" --method "resunet-retina-green-blind>srresnet-x4-retina"   # noisy small photos
 
 Runs ``fundus-restore evaluate`` (seed 0, paper and camera noise, vessel measures;
 sigma 25 for denoising — the paper's Table 1 — and no noise for super-resolution,
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--segmenter", default="hessian", help="Vessel segmenter of the vessel columns.")
     parser.add_argument("--lr-kernel", default="bicubic", help="With --scale: the kernel that shrinks the photos.")
     parser.add_argument("--grey", action="store_true", help="Score the green channel, as red-free photographs.")
+    parser.add_argument("--sigma", type=float, help="Noise level (default: 25 for denoising, none with --scale).")
     args = parser.parse_args()
     default_out = ("out/table1" if args.scale == 1 else "out/table-sr") + ("-grey" if args.grey else "")
     args.out = args.out or Path(default_out)
@@ -65,6 +68,7 @@ def main() -> None:
         "unseen": ([unseen_photo(args.out)], 1024),
     }
     title = "Denoising, sigma 25" if args.scale == 1 else f"Super-resolution x{args.scale}, {args.lr_kernel} shrink"
+    title += f", noise sigma {args.sigma:g}" if args.sigma else ""
     title += ", green channel (red-free)" if args.grey else ""
     joined = [f"# {title}, seed 0, vessel segmenter {args.segmenter}", ""]
     for name, (files, crop) in sets.items():
@@ -76,6 +80,7 @@ def main() -> None:
         command += [option for method in args.method or [] for option in ("--method", method)]
         command += ["--crop", str(crop)] if crop else []
         command += ["--grey"] if args.grey else []
+        command += ["--sigma", str(args.sigma)] if args.sigma is not None else []
         subprocess.run(command, check=True)
         table = (args.out / name / "results.md").read_text().splitlines()
         joined += [f"## {name} ({', '.join(Path(f).name for f in files)})", "", *table[2:], ""]

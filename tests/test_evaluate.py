@@ -13,8 +13,8 @@ from fundus_restore import save_model
 from fundus_restore.cli import app
 from fundus_restore.degrade import NOISE_ESTIMATE_VERSION, bicubic_upsample, degrade_for_protocol
 from fundus_restore.evaluate import (
-    DEFAULT_GREY_METHODS, INVENTED_VS_BICUBIC, SUMMARY_COLUMNS, Method, ScoreCache, build_methods, evaluate_images,
-    summarise, weights_fingerprint, write_tables,
+    CLASSICAL_METHODS, DEFAULT_GREY_METHODS, INVENTED_VS_BICUBIC, SUMMARY_COLUMNS, Method, ScoreCache, build_methods,
+    evaluate_images, summarise, weights_fingerprint, write_tables,
 )
 from fundus_restore.inference import denoise
 from fundus_restore.io import write_image
@@ -239,6 +239,26 @@ def test_super_resolution_evaluation_upscales_the_shrunk_photo(clean_dir: Path, 
     assert example.clean.shape[0] % 2 == example.clean.shape[1] % 2 == 0  # cropped to a multiple of the scale
     with pytest.raises(ValueError, match="does not upscale by 4"):
         build_methods([str(upscaler)], scale=4)
+
+
+def test_a_pipeline_denoises_the_noisy_small_photo_then_upscales_it(clean_dir: Path, tmp_path: Path):
+    bicubic, pipeline = build_methods(["bicubic", "nlmeans>bicubic"], scale=2)
+    assert pipeline.name == "nlmeans>bicubic" and pipeline.fingerprint.endswith(">bicubic x2")
+    low = np.random.default_rng(0).random((24, 20, 3), dtype=np.float32)
+    expected = bicubic_upsample(CLASSICAL_METHODS["nlmeans"](low, 25.0), 2)
+    np.testing.assert_array_equal(pipeline.restore(low, 25.0), expected)
+    rows = evaluate_images(sorted(clean_dir.iterdir()), [bicubic, pipeline], sigmas=(25,), protocols=("paper",),
+                           scale=2, vessels=False)
+    psnr = {name: np.mean([r["psnr_fov"] for r in rows if r["method"] == name]) for name in ("bicubic", pipeline.name)}
+    assert psnr[pipeline.name] > psnr["bicubic"] + 3  # bicubic alone enlarges the noise
+    with pytest.raises(ValueError, match="a pipeline is DENOISER>UPSCALER, with a scale above 1"):
+        build_methods(["nlmeans>bicubic"])
+    with pytest.raises(ValueError, match="a pipeline is DENOISER>UPSCALER"):
+        build_methods(["noisy>nlmeans>bicubic"], scale=2)
+    torch.manual_seed(0)
+    upscaler = save_model(create_model("srresnet", scale=2, blocks=1, width=8), tmp_path / "sr.safetensors")
+    with pytest.raises(ValueError, match="sr is not a denoiser"):
+        build_methods([f"{upscaler}>bicubic"], scale=2)
 
 
 def test_evaluate_command_with_scale_writes_a_super_resolution_table(clean_dir: Path, tmp_path: Path):

@@ -657,7 +657,8 @@ def evaluate(
     methods: Annotated[
         Optional[list[str]],
         typer.Option("--method", "--methods", help="Method(s) to compare; repeat, or separate by commas. Default: the "
-                     "paper's table (with --scale: bicubic and the bundled SR models)."),
+                     "paper's table (with --scale: bicubic and the bundled SR models; DENOISER>UPSCALER denoises "
+                     "the noisy small photo, then upscales it, as restore does)."),
     ] = None,
     protocol: Annotated[list[str], typer.Option(help="paper (float, unclipped) and/or camera (clipped, 8-bit).")] = list(
         ("paper", "camera")

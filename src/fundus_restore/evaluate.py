@@ -40,6 +40,8 @@ DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
 DEFAULT_GREY_METHODS = ("noisy", "cbm3d", "resunet-retina-green-blind", "resunet-retina-grey-blind")
 # A method name ending in this runs the network with the flip-and-turn ensemble (inference.dihedral_ensemble).
 ENSEMBLE_SUFFIX = "+x8"
+# A method name "DENOISER>UPSCALER" (with a scale) denoises the noisy small image, then upscales it.
+PIPELINE_SEPARATOR = ">"
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.
 SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b",
                    "ssim_fov_r", "ssim_fov_g", "ssim_fov_b")
@@ -158,62 +160,98 @@ def build_methods(
 ) -> list[Method]:
     """Methods by name: classical ones, bundled model names, ``.safetensors`` paths, and
     ``cdncnn-b`` for the official CDnCNN-B when ``official_weights`` (.mat or .safetensors) is given.
-    With ``scale`` > 1 they are upscalers: ``bicubic`` and super-resolution models of that scale.
+    With ``scale`` > 1 they are upscalers: ``bicubic`` and super-resolution models of that scale,
+    or ``DENOISER>UPSCALER`` pipelines (``PIPELINE_SEPARATOR``), which denoise the noisy small
+    image and upscale the result, as ``fundus-restore restore`` does.
     A network's name followed by ``+x8`` runs it with the 8-fold flip-and-turn ensemble.
 
     With ``skip_missing`` a default method whose weights are absent is left out with a
     note rather than failing the whole evaluation. A file is labelled by its stem, or by
     its path without the suffix where two files share a stem (``runs/a/model``).
     """
-    from fundus_restore.inference import check_run_settings, denoise, upscale, upscale_factor
-    from fundus_restore.pretrained import WeightsError, load_model
-
     if len(set(names)) < len(names):
         raise ValueError(f"a method is asked for twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    stages = {name: name.split(PIPELINE_SEPARATOR) for name in names}
     # Stems of the distinct models asked for: a file whose stem is shared is labelled by its path.
-    stems = Counter(Path(name).stem for name in {requested.removesuffix(ENSEMBLE_SUFFIX) for requested in names})
+    models = {stage.removesuffix(ENSEMBLE_SUFFIX) for parts in stages.values() for stage in parts}
+    stems = Counter(Path(name).stem for name in models)
+    build = partial(_build_method, official_weights=official_weights, tile=tile, device=device,
+                    skip_missing=skip_missing, stems=stems)
     methods = []
-    for requested in names:
-        ensemble = requested.endswith(ENSEMBLE_SUFFIX)
-        name = requested.removesuffix(ENSEMBLE_SUFFIX)
-        if ensemble and (name in CLASSICAL_METHODS or name == "bicubic"):
-            raise ValueError(f"{requested}: {ENSEMBLE_SUFFIX} (the flip-and-turn ensemble) is for networks")
-        if scale > 1 and name == "bicubic":
-            methods.append(Method(name, lambda low, sigma: bicubic_upsample(low, scale), fingerprint=f"bicubic x{scale}"))
-            continue
-        if name in CLASSICAL_METHODS:
-            version = _package_version(name)
-            methods.append(Method(name, CLASSICAL_METHODS[name], fingerprint=f"{name} {version}"))
-            continue
-        try:
-            if name == "cdncnn-b":
-                if official_weights is None:
-                    raise WeightsError("cdncnn-b: pass --official-weights GD_Color_Blind.mat (never bundled)")
-                model = _load_official(official_weights)
-            else:
-                model = load_model(name)
-        except WeightsError as error:
-            if not skip_missing:
-                raise
-            print(f"skipping {name}: {error}")
-            continue
-        label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
-        if label != name and stems[label] > 1:
-            label = str(Path(name).with_suffix(""))  # runs/a/model.safetensors and runs/b/model.safetensors
-        label += ENSEMBLE_SUFFIX if ensemble else ""
-        check_run_settings(model, tile=tile, device=device)
-        if scale > 1:
-            if model.config.get("scale") != scale:
-                raise ValueError(f"{label} does not upscale by {scale} (its config: {model.config})")
-            upscale_factor(model)
-            run = partial(upscale, model=model, tile=tile, device=device, ensemble=ensemble)
+    for requested, parts in stages.items():
+        if len(parts) == 1:
+            method = build(requested, scale=scale)
+        elif len(parts) == 2 and scale > 1:
+            denoiser, upscaler = build(parts[0], scale=1), build(parts[1], scale=scale)
+            method = None if denoiser is None or upscaler is None else _pipeline(denoiser, upscaler)
         else:
-            run = partial(denoise, model=model, tile=tile, device=device, ensemble=ensemble)
-        fingerprint = weights_fingerprint(model) + (" x8" if ensemble else "")
-        if getattr(model, "needs_noise_level", False):  # its output moves with the estimate it is told
-            fingerprint += f" noise estimate v{NOISE_ESTIMATE_VERSION}"
-        methods.append(Method(label, lambda noisy, sigma, run=run: run(noisy), fingerprint=fingerprint))
+            raise ValueError(f"{requested}: a pipeline is DENOISER{PIPELINE_SEPARATOR}UPSCALER, with a scale above 1")
+        if method is not None:
+            methods.append(method)
     return methods
+
+
+def _pipeline(denoiser: Method, upscaler: Method) -> Method:
+    """``denoiser`` then ``upscaler``: the noisy small image denoised, then enlarged."""
+    return Method(
+        f"{denoiser.name}{PIPELINE_SEPARATOR}{upscaler.name}",
+        lambda noisy, sigma: upscaler.restore(denoiser.restore(noisy, sigma), 0.0),
+        fingerprint=f"{denoiser.fingerprint}{PIPELINE_SEPARATOR}{upscaler.fingerprint}",
+    )
+
+
+def _build_method(
+    requested: str,
+    *,
+    scale: int,
+    official_weights: Path | None,
+    tile: int | None,
+    device: str,
+    skip_missing: bool,
+    stems: Counter[str],
+) -> Method | None:
+    """One method of ``build_methods`` (a denoiser at ``scale`` 1, else an upscaler), or
+    None for a missing model left out under ``skip_missing``."""
+    from fundus_restore.inference import check_denoiser, check_run_settings, denoise, upscale, upscale_factor
+    from fundus_restore.pretrained import WeightsError, load_model
+
+    ensemble = requested.endswith(ENSEMBLE_SUFFIX)
+    name = requested.removesuffix(ENSEMBLE_SUFFIX)
+    if ensemble and (name in CLASSICAL_METHODS or name == "bicubic"):
+        raise ValueError(f"{requested}: {ENSEMBLE_SUFFIX} (the flip-and-turn ensemble) is for networks")
+    if scale > 1 and name == "bicubic":
+        return Method(name, lambda low, sigma: bicubic_upsample(low, scale), fingerprint=f"bicubic x{scale}")
+    if name in CLASSICAL_METHODS:
+        version = _package_version(name)
+        return Method(name, CLASSICAL_METHODS[name], fingerprint=f"{name} {version}")
+    try:
+        if name == "cdncnn-b":
+            if official_weights is None:
+                raise WeightsError("cdncnn-b: pass --official-weights GD_Color_Blind.mat (never bundled)")
+            model = _load_official(official_weights)
+        else:
+            model = load_model(name)
+    except WeightsError as error:
+        if not skip_missing:
+            raise
+        print(f"skipping {name}: {error}")
+        return None
+    label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
+    if label != name and stems[label] > 1:
+        label = str(Path(name).with_suffix(""))  # runs/a/model.safetensors and runs/b/model.safetensors
+    label += ENSEMBLE_SUFFIX if ensemble else ""
+    check_run_settings(model, tile=tile, device=device)
+    if scale > 1:
+        if model.config.get("scale") != scale:
+            raise ValueError(f"{label} does not upscale by {scale} (its config: {model.config})")
+        upscale_factor(model)
+        run = partial(upscale, model=model, tile=tile, device=device, ensemble=ensemble)
+    else:
+        run = partial(denoise, model=check_denoiser(model), tile=tile, device=device, ensemble=ensemble)
+    fingerprint = weights_fingerprint(model) + (" x8" if ensemble else "")
+    if getattr(model, "needs_noise_level", False):  # its output moves with the estimate it is told
+        fingerprint += f" noise estimate v{NOISE_ESTIMATE_VERSION}"
+    return Method(label, lambda noisy, sigma: run(noisy), fingerprint=fingerprint)
 
 
 def _package_version(method_name: str) -> str:
