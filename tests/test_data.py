@@ -272,6 +272,30 @@ def test_an_image_smaller_than_the_patch_is_named_before_any_batch(photos: list[
         small_stream(photos, patch_size=46).batch(0)
 
 
+def test_shrink_cuts_patches_from_smaller_photographs(tmp_path: Path) -> None:
+    # Columns alternating 0.3 / 0.7 inside a disc: a 2x antialiased shrink averages them away.
+    size = 192
+    rows, cols = np.mgrid[:size, :size]
+    inside = (rows - size / 2) ** 2 + (cols - size / 2) ** 2 < (0.48 * size) ** 2
+    stripes = np.where(cols % 2 == 0, 0.3, 0.7)[..., None].repeat(3, axis=2)
+    Image.fromarray((np.where(inside[..., None], stripes, 0.0) * 255).round().astype(np.uint8)).save(tmp_path / "s.png")
+    settings = {"sigma": 0.0, "clip_probability": 0.0, "border_fraction": 0.0, "patch_size": 32}
+    full = small_stream([tmp_path / "s.png"], **settings).batch(0).clean.numpy()
+    shrunk = small_stream([tmp_path / "s.png"], shrink=(2,), **settings).batch(0).clean.numpy()
+
+    def stripes_left(patches: np.ndarray) -> float:  # either way round: patches are flipped and turned
+        return float(np.abs(np.diff(patches, axis=-1)).mean() + np.abs(np.diff(patches, axis=-2)).mean())
+
+    assert stripes_left(full) > 0.3  # the stripes, a pixel wide
+    assert stripes_left(shrunk) < 0.03 and abs(shrunk.mean() - 0.5) < 0.02
+    # A factor that would leave the photo smaller than a patch keeps it as it is.
+    np.testing.assert_array_equal(small_stream([tmp_path / "s.png"], shrink=(8,), **settings).batch(0).clean, full)
+    with pytest.raises(ValueError, match="shrink must be a non-empty list of whole factors"):
+        PatchSettings(shrink=(0,))
+    with pytest.raises(ValueError, match="shrink changes the photo, not its vessel map"):
+        PatchSettings(shrink=(1, 2), targets="vessels")
+
+
 def test_gain_brightens_clean_patches_into_saturation_and_paper_noise_crosses_it(photos: list[Path]) -> None:
     plain = small_stream(photos, clip_probability=0.0).batch(0).clean.numpy()
     brightened = small_stream(photos, clip_probability=0.0, gain=(2.0, 2.0)).batch(0)

@@ -63,7 +63,7 @@ from fundus_restore.fov import crop_to_fov
 from fundus_restore.io import ImageFileError, read_header_of_size, read_image
 
 # Tags that keep the generators of the image order, the batches and the split apart.
-_ORDER, _BATCH, _SPLIT = 0, 1, 2
+_ORDER, _BATCH, _SPLIT, _SHRINK = 0, 1, 2, 3
 # Tries to draw a patch centre inside the field of view before taking any place:
 # the FOV covers most of its crop, so this rarely runs out.
 _CENTRE_TRIES = 20
@@ -101,6 +101,10 @@ class PatchSettings:
     lr_kernels: tuple[str, ...] = ("bicubic",)
     # The photo channels kept, e.g. (1,): the green channel, for a grey (red-free) model. None: all.
     channels: tuple[int, ...] | None = None
+    # Factors by which whole photographs are shrunk (antialiased bicubic) before patches are
+    # cut, one drawn per photo read: a denoiser then also sees a small camera's photographs,
+    # whose vessels are a pixel wide. (1,): photographs as they are.
+    shrink: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
         low, high = self.sigma_range
@@ -129,6 +133,10 @@ class PatchSettings:
             raise ValueError(f"gain must be null or a range [low, high] with 0 < low <= high, got {self.gain}")
         if self.gain is not None and self.targets == "vessels":
             raise ValueError("gain changes the photo, not its vessel map: not for vessel-map targets")
+        if not self.shrink or any(not isinstance(f, int) or f < 1 for f in self.shrink):
+            raise ValueError(f"shrink must be a non-empty list of whole factors >= 1, got {list(self.shrink)}")
+        if self.shrink != (1,) and self.targets == "vessels":
+            raise ValueError("shrink changes the photo, not its vessel map: not for vessel-map targets")
 
     @property
     def margin(self) -> int:
@@ -214,6 +222,18 @@ def load_fov_crop(
         image = np.dstack([image, expert.astype(np.float32)])
     check_fov_size(path, image, min_size)
     return image, mask
+
+
+def _shrunk(image: np.ndarray, mask: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """A photograph and its FOV mask ``factor`` times smaller: the image by antialiased
+    bicubic, the mask keeping the pixels whose every source pixel lies inside the FOV."""
+    if factor == 1:
+        return image, mask
+    # Cropped to a multiple of the factor first; clipped, as a small camera's file is.
+    small = np.clip(downsample(image, factor), 0.0, 1.0)
+    height, width = small.shape[:2]
+    blocks = mask[: height * factor, : width * factor].reshape(height, factor, width, factor)
+    return small, blocks.all(axis=(1, 3))
 
 
 def _augment(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -305,8 +325,12 @@ class PatchStream(IterableDataset):
         else:
             order = rng.choice(len(self.images), size=len(self.images), p=self._draw_weights)
         settings = self.settings
-        return load_fov_crop(self.images[order[offset]], settings.window, vessels=settings.targets == "vessels",
-                             channels=settings.channels)
+        image, mask = load_fov_crop(self.images[order[offset]], settings.window, vessels=settings.targets == "vessels",
+                                    channels=settings.channels)
+        factor = int(np.random.default_rng((self.seed, _SHRINK, position)).choice(settings.shrink))
+        if min(image.shape[:2]) // factor < settings.window:  # too small to shrink that far: as it is
+            return image, mask
+        return _shrunk(image, mask, factor)
 
     def _corner(self, mask: np.ndarray, rng: np.random.Generator, size: int) -> tuple[int, int]:
         """Top-left corner of a ``size``² window whose centre lies in the FOV (but for a border fraction)."""

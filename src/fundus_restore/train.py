@@ -123,6 +123,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # The photo channels to train on (null: all); [1], the green channel, for a grey
         # denoiser of red-free photographs (with loss.weights [1] and model.kwargs.channels 1).
         "channels": None,
+        # Factors by which whole photographs are shrunk before patches are cut, one drawn per
+        # photo read ([1, 2, 4]: also a small camera's photographs). [1]: as they are.
+        "shrink": [1],
     },
     # vessels: also thin-vessel recall, contrast retention and spurious rate of restorations
     # (the clean crop's segmentation as reference), e.g. for the vessel-loss search.
@@ -821,6 +824,7 @@ def _patch_settings(data: Mapping[str, Any]) -> PatchSettings:
         sampling=data["sampling"],
         lr_kernels=tuple(data["lr_kernels"]),
         channels=None if data["channels"] is None else tuple(data["channels"]),
+        shrink=tuple(data["shrink"]),
     )
 
 
