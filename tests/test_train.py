@@ -457,6 +457,14 @@ def test_a_colour_residual_unet_trains_on_one_channel_as_a_grey_denoiser(photo_d
         load_config(tiny_config(photo_dir, tmp_path / "x", **{"data.channels": [1]}))
 
 
+def test_a_run_on_shrunk_photos_records_the_factors_in_its_card(photo_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "shrink"
+    train_from_config(tiny_config(photo_dir, output, steps=4, **{"data.shrink": [1, 2]}))
+    assert json.loads((output / "model.json").read_text())["recipe"]["shrink"] == [1, 2]
+    with pytest.raises(TrainingError, match="data: shrink must be a non-empty list of whole factors"):
+        load_config(tiny_config(photo_dir, tmp_path / "x", **{"data.shrink": [0]}))
+
+
 @pytest.mark.shared
 def test_initial_weights_from_the_official_matconvnet_file(dncnn_weights_dir: Path) -> None:
     model = build_model({"architecture": "dncnn", "kwargs": {}, "init_weights": str(dncnn_weights_dir / "GD_Color_Blind.mat")})

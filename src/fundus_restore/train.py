@@ -915,6 +915,7 @@ def _model_card(
             "lr_denoiser": data["lr_denoiser"],
             "lr_kernels": data["lr_kernels"],
             "channels": data["channels"],
+            "shrink": data["shrink"],
             "noise": {
                 "sigma": data["sigma"],
                 "clip_probability": data["clip_probability"],
