@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -175,14 +175,18 @@ def build_methods(
     # Stems of the distinct models asked for: a file whose stem is shared is labelled by its path.
     models = {stage.removesuffix(ENSEMBLE_SUFFIX) for parts in stages.values() for stage in parts}
     stems = Counter(Path(name).stem for name in models)
-    build = partial(_build_method, official_weights=official_weights, tile=tile, device=device,
-                    skip_missing=skip_missing, stems=stems)
+    shared_stems = frozenset(stem for stem, count in stems.items() if count > 1)
+    # Each model is loaded once, and a pipeline's denoiser runs once per noisy image,
+    # however many pipelines share them.
+    build = functools.cache(partial(_build_method, official_weights=official_weights, tile=tile, device=device,
+                                    skip_missing=skip_missing, shared_stems=shared_stems))
+    first_stage = functools.cache(lambda name: _reusing_last_output(build(name, scale=1)))
     methods = []
     for requested, parts in stages.items():
         if len(parts) == 1:
             method = build(requested, scale=scale)
         elif len(parts) == 2 and scale > 1:
-            denoiser, upscaler = build(parts[0], scale=1), build(parts[1], scale=scale)
+            denoiser, upscaler = first_stage(parts[0]), build(parts[1], scale=scale)
             method = None if denoiser is None or upscaler is None else _pipeline(denoiser, upscaler)
         else:
             raise ValueError(f"{requested}: a pipeline is DENOISER{PIPELINE_SEPARATOR}UPSCALER, with a scale above 1")
@@ -200,6 +204,23 @@ def _pipeline(denoiser: Method, upscaler: Method) -> Method:
     )
 
 
+def _reusing_last_output(method: Method | None) -> Method | None:
+    """``method``, giving back its last output when called again on the same array object
+    and sigma: ``evaluate_images`` hands every method the very same noisy array, so pipelines
+    sharing a denoiser denoise it once. (The input is held, so its identity cannot pass
+    to another array.)"""
+    if method is None:
+        return None
+    last: list = []
+
+    def restore(noisy: np.ndarray, sigma: float) -> np.ndarray:
+        if not (last and last[0] is noisy and last[1] == sigma):
+            last[:] = [noisy, sigma, method.restore(noisy, sigma)]
+        return last[2]
+
+    return replace(method, restore=restore)
+
+
 def _build_method(
     requested: str,
     *,
@@ -208,7 +229,7 @@ def _build_method(
     tile: int | None,
     device: str,
     skip_missing: bool,
-    stems: Counter[str],
+    shared_stems: frozenset[str],
 ) -> Method | None:
     """One method of ``build_methods`` (a denoiser at ``scale`` 1, else an upscaler), or
     None for a missing model left out under ``skip_missing``."""
@@ -237,7 +258,7 @@ def _build_method(
         print(f"skipping {name}: {error}")
         return None
     label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
-    if label != name and stems[label] > 1:
+    if label != name and label in shared_stems:
         label = str(Path(name).with_suffix(""))  # runs/a/model.safetensors and runs/b/model.safetensors
     label += ENSEMBLE_SUFFIX if ensemble else ""
     check_run_settings(model, tile=tile, device=device)
