@@ -9,8 +9,9 @@ One square crop of a HEI-MED photograph (or scikit-image's retina, resized, when
   1696² image is one tile), and tiles of 1024 and 512 (memory for recomputed overlap);
 * ``fundus_restore.denoise`` with each ``--model`` (a bundled name or a weights file),
   default settings, to compare architectures (the residual U-Net against DnCNN);
-* CBM3D (``bm3d.bm3d_rgb``) on a centred crop (``--bm3d-size``), its time scaled per
-  megapixel to the full image, since it runs about a minute per megapixel.
+* CBM3D (``denoise`` with ``cbm3d``, told the true sigma) on a centred crop
+  (``--bm3d-size``), its time scaled per megapixel to the full image, since it runs
+  about a minute per megapixel.
 
 All in one process, in interleaved rounds (best time per method); the peak resident
 memory of each run is read from VmHWM after resetting it through /proc/self/clear_refs.
@@ -171,14 +172,12 @@ def main() -> None:
         method.note = f"max |difference| to the plain forward {np.abs(method.restored - plain.restored).max():.1e}"
     methods = networks + others
     if not args.skip_bm3d:
-        import bm3d
-
         side = min(args.bm3d_size, args.size)
         top = (args.size - side) // 2
         window = (slice(top, top + side), slice(top, top + side))
         crop = Method(
             f"CBM3D ({side}×{side} crop)",
-            lambda: bm3d.bm3d_rgb(noisy[window], sigma_psd=SIGMA / 255).astype(np.float32),
+            partial(fundus_restore.denoise, noisy[window], "cbm3d", sigma=SIGMA / 255),
             clean[window],
             note=f"timed once on the crop; s/MP and speed-up are per megapixel; PSNR is on the crop "
             f"(plain DnCNN on the same crop: {psnr(clean[window], plain.restored[window]):.3f} dB)",

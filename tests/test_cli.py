@@ -461,6 +461,35 @@ def test_restore_feeds_an_upscaler_the_denoiser_its_card_was_trained_behind(
     assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
 
 
+def test_denoise_and_restore_run_cbm3d_told_each_photos_noise_level(tiny_upscaler_file: Path, tmp_path: Path):
+    from skimage import data
+
+    from fundus_restore.inference import estimated_noise_level
+    from fundus_restore.models.cbm3d import cbm3d
+
+    clean = data.retina()[460:524, 520:584].astype(np.float32) / 255
+    folder = tmp_path / "in"
+    write_image(folder / "noisy.png", np.clip(add_gaussian_noise(clean, 20, seed=0), 0, 1), bit_depth=8)
+    write_image(folder / "tiny.png", clean[:8, :8], bit_depth=8)  # under BM3D's 9×9
+    log = tmp_path / "run.csv"
+    result = runner.invoke(app, ["denoise", str(folder), "-o", str(tmp_path / "out"), "-m", "cbm3d", "--log", str(log)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "1 of 2 images written, 1 failed" in said
+    assert "tiny.png: CBM3D needs at least 9×9 pixels, got 8×8" in said and "Traceback" not in said
+    noisy = read_image(folder / "noisy.png")
+    expected = cbm3d(noisy, estimated_noise_level(noisy)).clip(0, 1)
+    assert np.abs(read_image(tmp_path / "out" / "noisy.png") - expected).max() <= 1.01 / 255
+    row = next(row for row in _log_rows(log) if row["status"] == "written")
+    assert row["model"] == "cbm3d" and abs(float(row["noise_sigma"]) - 20) < 2
+    # restore: the same denoiser, then the upscaler.
+    result = runner.invoke(app, ["restore", str(folder / "noisy.png"), "-o", str(tmp_path / "restored"),
+                                 "--denoise-model", "cbm3d", "--upscale-model", str(tiny_upscaler_file), "--sigma", "20"])
+    assert result.exit_code == 0
+    assert "model cbm3d + sr, noise sigma 20.00" in read_description(tmp_path / "restored" / "noisy.png")
+    assert read_image(tmp_path / "restored" / "noisy.png").shape == (128, 128, 3)
+    assert "cbm3d\tclassical denoiser" in runner.invoke(app, ["list-models"]).output
+
+
 def test_train_with_a_missing_vgg_weights_file_says_so_in_one_line(photos: Path, tmp_path: Path):
     config = tmp_path / "srgan.yaml"
     config.write_text(

@@ -30,8 +30,9 @@ def _report_error(message: str, label: str = "error") -> None:
 
 Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders of images.")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for the outputs (created if needed).")]
+_DENOISE_MODEL_HELP = "Denoiser: bundled name, .safetensors file or cbm3d (classical, far slower than the networks)"
 ModelOption = Annotated[
-    Optional[str], typer.Option("--model", "-m", help="Bundled model name or a .safetensors file (default: best bundled).")
+    Optional[str], typer.Option("--model", "-m", help=f"{_DENOISE_MODEL_HELP} (default: best bundled).")
 ]
 _UPSCALE_MODEL_HELP = "Super-resolution model: bundled name or .safetensors file (default: the bundled one)."
 UpscaleModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help=_UPSCALE_MODEL_HELP)]
@@ -56,7 +57,7 @@ NoiseLevelOption = Annotated[
     Optional[float],
     typer.Option(
         "--sigma", min=0,
-        help="Noise sigma (0-255 scale) to tell a denoiser that takes it (resunet-retina-green-blind); "
+        help="Noise sigma (0-255 scale) to tell a denoiser that takes it (resunet-retina-green-blind, cbm3d); "
         "default: estimated per photo.",
     ),
 ]
@@ -468,8 +469,8 @@ def restore(
     out: OutDir,
     denoise_model: Annotated[
         Optional[str],
-        typer.Option(help="Denoiser: bundled name or .safetensors file (default: the one the upscaler was trained "
-                     "behind, if its card names one, else the best bundled)."),
+        typer.Option(help=f"{_DENOISE_MODEL_HELP} (default: the one the upscaler was trained behind, if its card "
+                     "names one, else the best bundled)."),
     ] = None,
     upscale_model: Annotated[Optional[str], typer.Option(help=_UPSCALE_MODEL_HELP)] = None,
     scale: ScaleOption = None,
@@ -567,12 +568,14 @@ def import_weights(
 
 @app.command("list-models")
 def list_models() -> None:
-    """List the bundled pretrained models with a line from each model card."""
-    from fundus_restore.pretrained import list_models as bundled, model_card
+    """List the bundled pretrained models with a line from each model card, and the classical denoisers."""
+    from fundus_restore.pretrained import WEIGHTLESS_MODELS, list_models as bundled, model_card
 
     for name in bundled():
         card = model_card(name)
         print(f"{name}\t{card.get('summary', card.get('architecture', ''))}")
+    for name in WEIGHTLESS_MODELS:
+        print(f"{name}\tclassical denoiser (no weights), told each photo's estimated noise level")
 
 
 def parse_override(item: str) -> tuple[str, object]:

@@ -41,8 +41,8 @@ from rich.progress import track
 from torch import nn
 
 from fundus_restore.pretrained import (
-    WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card, model_name,
-    resolve_weights, training_noise_range,
+    WEIGHTLESS_MODELS, WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card,
+    model_name, resolve_weights, training_noise_range,
 )
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
@@ -306,6 +306,8 @@ def _prepared(model: str | Path | nn.Module | None, default_name: Callable[[], s
     """``model`` prepared for ``device``; a name or file is loaded once and cached, None means ``default_name()``."""
     if isinstance(model, nn.Module):
         return prepare_model(model, device)
+    if model in WEIGHTLESS_MODELS:
+        return prepare_model(load_model(model), device)
     return prepared_from_file(resolve_weights(default_name() if model is None else model), device)
 
 

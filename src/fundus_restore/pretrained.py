@@ -30,6 +30,10 @@ DEFAULT_MODEL = "resunet-retina-green-blind"
 DEFAULT_GREY_MODEL = "resunet-retina-grey-blind"
 
 
+# Classical denoisers, built by name: they have no weights to load.
+WEIGHTLESS_MODELS = ("cbm3d",)
+
+
 class WeightsError(ValueError):
     """A weights file that cannot be used; the message names the file and the problem."""
 
@@ -148,11 +152,13 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
 
     ``name_or_path`` is a bundled model name (see ``list_models``), a path to a
     safetensors file written by ``save_model`` / ``fundus-restore import-weights``,
-    or ``None`` for the default bundled denoiser. ``task``, ``noise_range`` and
-    ``lr_denoiser`` are set from the card beside the file: its task, the (low, high)
-    training noise sigma it records, and the denoiser an upscaler was trained behind;
-    None where it has none.
+    a classical denoiser (``WEIGHTLESS_MODELS``), or ``None`` for the default bundled
+    denoiser. ``task``, ``noise_range`` and ``lr_denoiser`` are set from the card beside
+    the file: its task, the (low, high) training noise sigma it records, and the
+    denoiser an upscaler was trained behind; None where it has none.
     """
+    if name_or_path in WEIGHTLESS_MODELS:
+        return _described(create_model(str(name_or_path)), str(name_or_path), {"task": "denoise"}, device)
     path = resolve_weights(default_model_name() if name_or_path is None else name_or_path)
     metadata = read_metadata(path)
     if "architecture" not in metadata:
@@ -171,8 +177,12 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     except RuntimeError as error:
         first_line = str(error).splitlines()[0]
         raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r}: {first_line}") from None
-    card = card_beside(path)
-    model.name = path.stem  # shown in reports and progress bars
+    return _described(model, path.stem, card_beside(path), device)
+
+
+def _described(model: nn.Module, name: str, card: dict[str, Any], device: str | torch.device) -> nn.Module:
+    """``model`` named ``name`` and described by its ``card``, in eval mode on ``device``."""
+    model.name = name  # shown in reports and progress bars
     model.task = card.get("task")  # denoise, upscale or segment-vessels; None without a card
     # An upscaler trained on a denoiser's outputs (data.lr_denoiser) is best fed by that denoiser.
     model.lr_denoiser = card.get("recipe", {}).get("lr_denoiser")

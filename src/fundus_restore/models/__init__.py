@@ -50,6 +50,7 @@ def list_architectures() -> list[str]:
 
 # Importing the modules registers their architectures.
 from fundus_restore.models import autoencoder  # noqa: E402,F401
+from fundus_restore.models import cbm3d  # noqa: E402,F401
 from fundus_restore.models import dncnn  # noqa: E402,F401
 from fundus_restore.models import srresnet  # noqa: E402,F401
 from fundus_restore.models import discriminator  # noqa: E402,F401
