@@ -661,7 +661,8 @@ def evaluate(
         Optional[list[str]],
         typer.Option("--method", "--methods", help="Method(s) to compare; repeat, or separate by commas. Default: the "
                      "paper's table (with --scale: bicubic and the bundled SR models; DENOISER>UPSCALER denoises "
-                     "the noisy small photo, then upscales it, as restore does)."),
+                     "the noisy small photo, then upscales it, as restore does). cbm3d and nlmeans are told the "
+                     "true sigma, a network told the level gets the photo's estimate."),
     ] = None,
     protocol: Annotated[list[str], typer.Option(help="paper (float, unclipped) and/or camera (clipped, 8-bit).")] = list(
         ("paper", "camera")

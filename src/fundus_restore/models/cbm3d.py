@@ -6,11 +6,12 @@ networks (``load_model("cbm3d")``; it has no weights).
 package) and ``CBM3D`` the module that runs it on every image of a batch; ``evaluate``
 calls the function with the true noise level, the module is told the photo's estimate.
 
-Tiling bounds BM3D's memory too, which grows with the pixels it is given
-(``benchmarks/bench_denoise.py`` reports its peak). A pixel's estimate depends on
-the pixels within ``RECEPTIVE_FIELD_RADIUS``, and tiles start on the grid of reference
-blocks, but the tiled result is not bitwise the whole-image one: CBM3D scales its colour
-transform by each tile's range and the ``bm3d`` package sums in parallel in no fixed order.
+Tiling bounds CBM3D's memory too, which grows with the pixels it is given (907 MiB for a
+1024² crop: ``python benchmarks/bench_denoise.py --size 1024 --bm3d-size 1024``). A
+pixel's estimate depends on the pixels within ``RECEPTIVE_FIELD_RADIUS``, and tiles start
+on the grid of reference blocks, but the tiled result is not bitwise the whole-image one:
+CBM3D scales its colour transform by each tile's range, and the ``bm3d`` package sums in
+parallel in no fixed order.
 """
 
 from __future__ import annotations
