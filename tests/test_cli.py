@@ -461,6 +461,21 @@ def test_restore_feeds_an_upscaler_the_denoiser_its_card_was_trained_behind(
     assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
 
 
+def test_restore_denoises_colour_photos_with_the_small_photo_default_and_grey_ones_with_the_grey(
+    tiny_upscaler_file: Path, tmp_path: Path
+):
+    folder, log = tmp_path / "in", tmp_path / "run.csv"
+    rng = np.random.default_rng(0)
+    write_image(folder / "colour.png", rng.random((40, 50, 3)), bit_depth=8)
+    write_image(folder / "red-free.png", rng.random((40, 50, 1)), bit_depth=8)
+    args = ["restore", str(folder), "-o", str(tmp_path / "out"), "--upscale-model", str(tiny_upscaler_file),
+            "--log", str(log), "--no-noise-check"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert {Path(row["input"]).name: row["model"] for row in _log_rows(log)} == {
+        "colour.png": "resunet-retina-green-blind-small + sr", "red-free.png": "resunet-retina-grey-blind + sr"
+    }
+
+
 def test_denoise_and_restore_run_cbm3d_told_each_photos_noise_level(tiny_upscaler_file: Path, tmp_path: Path):
     from skimage import data
 

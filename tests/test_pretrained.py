@@ -106,6 +106,11 @@ def test_default_is_the_bundled_denoiser_with_the_best_validation(tmp_path: Path
     assert pretrained.default_model_name(channels=1) == "strong"
     monkeypatch.setattr(pretrained, "DEFAULT_GREY_MODEL", "grey")
     assert pretrained.default_model_name(channels=1) == "grey" and pretrained.default_model_name() == "strong"
+    # restore's denoiser of small photos, by its name, for colour photos only.
+    assert pretrained.default_model_name(small_photos=True) == "strong"
+    monkeypatch.setattr(pretrained, "DEFAULT_SMALL_PHOTO_MODEL", "weak")
+    assert pretrained.default_model_name(small_photos=True) == "weak" and pretrained.default_model_name() == "strong"
+    assert pretrained.default_model_name(channels=1, small_photos=True) == "grey"
 
 
 def test_the_card_beside_a_weights_file_gives_its_training_noise_range(tmp_path: Path):
@@ -125,6 +130,12 @@ def test_the_card_beside_a_weights_file_gives_its_training_noise_range(tmp_path:
 def test_the_models_the_issues_name_are_bundled_and_the_default_is_ours():
     assert set(ISSUE_MODELS) <= set(list_models())
     assert default_model_name() == ISSUE_MODELS[-1]
+
+
+def test_small_photos_have_their_own_bundled_default_trained_on_shrunk_photos():
+    name = default_model_name(small_photos=True)
+    assert name == "resunet-retina-green-blind-small" and name != default_model_name()
+    assert model_card(name)["recipe"]["shrink"] == [1, 2, 4]
 
 
 def test_grey_photos_have_their_own_bundled_default():

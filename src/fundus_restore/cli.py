@@ -315,12 +315,13 @@ def denoise(
 
 
 def _denoisers(
-    model: str | None, sigma: float | None, tile: int | None, device: str
+    model: str | None, sigma: float | None, tile: int | None, device: str, *, small_photos: bool = False
 ) -> tuple[Callable[[np.ndarray], nn.Module], str]:
     """The denoiser for each photo, and its name for the progress bar: ``model`` for every
-    photo, or without one the bundled default of the photo's channels (a grey photo gets
-    the grey one, loaded when the first comes). Unusable weights, or a ``tile`` or
-    ``device`` the denoiser cannot run with, end the command (exit 2)."""
+    photo, or without one the bundled default of the photo's channels (of small photos
+    with ``small_photos``; a grey photo gets the grey one, loaded when the first comes).
+    Unusable weights, or a ``tile`` or ``device`` the denoiser cannot run with, end the
+    command (exit 2)."""
     import functools
 
     from fundus_restore.inference import check_run_settings, load_denoiser
@@ -329,7 +330,7 @@ def _denoisers(
     def usable(load: Callable[[], nn.Module]) -> nn.Module:
         return _loaded(lambda: check_run_settings(_told(load(), sigma), tile=tile, device=device))
 
-    colour = usable(lambda: load_denoiser(model))
+    colour = usable(lambda: load_denoiser(model, small_photos=small_photos))
     name = getattr(colour, "name", str(model))
     grey_name = default_model_name(channels=1)
     if model is not None or grey_name == name:
@@ -470,7 +471,8 @@ def restore(
     denoise_model: Annotated[
         Optional[str],
         typer.Option(help=f"{_DENOISE_MODEL_HELP} (default: the one the upscaler was trained behind, if its card "
-                     "names one, else the best bundled)."),
+                     "names one, else the bundled one of small photos, resunet-retina-green-blind-small; grey photos "
+                     "get the grey one)."),
     ] = None,
     upscale_model: Annotated[Optional[str], typer.Option(help=_UPSCALE_MODEL_HELP)] = None,
     scale: ScaleOption = None,
@@ -489,7 +491,7 @@ def restore(
     from fundus_restore.pretrained import model_name
 
     upscaler = _loaded(lambda: check_run_settings(load_upscaler(upscale_model, scale), tile=tile, device=device))
-    denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma, tile, device)
+    denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma, tile, device, small_photos=True)
 
     def handle(job: _Job) -> None:
         image = read_image(job.source, rgb=False)

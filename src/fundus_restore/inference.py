@@ -343,11 +343,14 @@ def check_denoiser(network: nn.Module) -> nn.Module:
     return network
 
 
-def load_denoiser(model: str | Path | None = None, channels: int = 3) -> nn.Module:
+def load_denoiser(model: str | Path | None = None, channels: int = 3, *, small_photos: bool = False) -> nn.Module:
     """A denoiser on the CPU: a bundled name, a safetensors file, or None for the bundled
-    default of ``channels``-channel images (``default_model_name``); anything else is
-    refused here, before any image is read (``check_denoiser``)."""
-    return check_denoiser(load_model(default_model_name(channels) if model is None else model))
+    default of ``channels``-channel images (``default_model_name``, of small photographs
+    with ``small_photos``); anything else is refused here, before any image is read
+    (``check_denoiser``)."""
+    if model is None:
+        model = default_model_name(channels, small_photos=small_photos)
+    return check_denoiser(load_model(model))
 
 
 def load_upscaler(model: str | Path | None = None, scale: int | None = None) -> nn.Module:

@@ -28,6 +28,10 @@ DEFAULT_MODEL = "resunet-retina-green-blind"
 # For grey (red-free) photographs: the default made grey and trained on green channels;
 # 0.7-1.2 dB above grey BM3D where the colour default falls 2.1-3.4 below it (docs/results.md).
 DEFAULT_GREY_MODEL = "resunet-retina-grey-blind"
+# For the small photographs ``restore`` upscales: the default continued on photos shrunk
+# ×2 and ×4 too; behind SRResNet 0.1-0.6 dB above the default on ×4-shrunk noisy photos
+# and 0.1 dB below it on full-size ones (docs/results.md).
+DEFAULT_SMALL_PHOTO_MODEL = "resunet-retina-green-blind-small"
 
 
 # Classical denoisers, built by name: they have no weights to load.
@@ -48,18 +52,21 @@ def list_models() -> list[str]:
 RANKING_MEASURE = "psnr_camera_centre"
 
 
-def default_model_name(channels: int = 3) -> str:
+def default_model_name(channels: int = 3, *, small_photos: bool = False) -> str:
     """The best bundled denoiser for images of ``channels`` channels: the default of
-    ``denoise`` and the demo.
+    ``denoise`` and the demo, or with ``small_photos`` of ``restore``.
 
-    For colour, ``DEFAULT_MODEL`` once it is bundled; until then the colour denoiser
-    whose card reports the highest ``RANKING_MEASURE`` (all bundled cards share one
-    validation set). For grey (one channel), ``DEFAULT_GREY_MODEL`` when it is
-    bundled, else the colour default, which takes a grey photo in all three channels.
+    For colour, ``DEFAULT_MODEL`` once it is bundled (with ``small_photos``,
+    ``DEFAULT_SMALL_PHOTO_MODEL`` before it); until then the colour denoiser whose card
+    reports the highest ``RANKING_MEASURE`` (all bundled cards share one validation
+    set). For grey (one channel), ``DEFAULT_GREY_MODEL`` when it is bundled, else the
+    colour default, which takes a grey photo in all three channels.
     """
     names = list_models()
     if channels == 1 and DEFAULT_GREY_MODEL in names:
         return DEFAULT_GREY_MODEL
+    if small_photos and DEFAULT_SMALL_PHOTO_MODEL in names:
+        return DEFAULT_SMALL_PHOTO_MODEL
     if DEFAULT_MODEL in names:
         return DEFAULT_MODEL
     best = best_bundled_denoiser(names)
