@@ -30,6 +30,15 @@ def test_cbm3d_removes_most_of_the_noise(clean: np.ndarray, channels: int):
     assert psnr(restored, image) > psnr(noisy, image) + 8
 
 
+def test_cbm3d_takes_grey_stored_as_rgb_and_constant_colour_channels(clean: np.ndarray):
+    # bm3d_rgb divides each opponent colour channel by its range over the image: NaN here.
+    grey = add_gaussian_noise(clean[..., 1:2], 25, seed=5)
+    as_rgb = cbm3d(np.repeat(grey, 3, axis=2), 25 / 255)
+    np.testing.assert_array_equal(as_rgb, np.repeat(cbm3d(grey, 25 / 255), 3, axis=2))
+    flat = np.broadcast_to(np.float32([0.5, 0.3, 0.2]), (32, 32, 3))  # every opponent channel constant
+    np.testing.assert_allclose(cbm3d(flat, 5 / 255), flat, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("shape", "sigma", "problem"),
     [

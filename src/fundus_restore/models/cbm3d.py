@@ -36,7 +36,8 @@ RECEPTIVE_FIELD_RADIUS = 2 * (7 + 19 + 19 + 7)
 def cbm3d(image: np.ndarray, sigma: float) -> np.ndarray:
     """Denoise an H×W×C float ``image`` (C 1 or 3, [0, 1] scale) whose white Gaussian
     noise has standard deviation ``sigma`` on the same scale; returns float32 H×W×C.
-    A colour image is filtered in the opponent colour space (CBM3D), a grey one by BM3D."""
+    A colour image is filtered in the opponent colour space (CBM3D), a grey one (or a grey
+    one stored in three equal channels) by BM3D."""
     import bm3d
 
     height, width, channels = image.shape
@@ -46,9 +47,16 @@ def cbm3d(image: np.ndarray, sigma: float) -> np.ndarray:
         raise ValueError(f"CBM3D needs at least {MIN_SIDE}×{MIN_SIDE} pixels, got {height}×{width}")
     if not sigma >= 0:
         raise ValueError(f"CBM3D needs a noise sigma >= 0, got {sigma}")
-    if channels == 1:
-        return bm3d.bm3d(image[..., 0], sigma_psd=sigma)[..., None].astype(np.float32)
-    return bm3d.bm3d_rgb(image, sigma_psd=sigma).astype(np.float32)
+    if channels == 1 or (image == image[..., :1]).all():  # grey, maybe stored as RGB
+        grey = bm3d.bm3d(image[..., 0], sigma_psd=sigma)[..., None].astype(np.float32)
+        return np.repeat(grey, channels, axis=2)
+    # CBM3D divides each opponent colour channel by its range over the image: a channel that
+    # is constant (R - B everywhere the same, say) gives NaN, and each channel is then filtered alone.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        restored = bm3d.bm3d_rgb(image, sigma_psd=sigma).astype(np.float32)
+    if np.isfinite(restored).all():
+        return restored
+    return np.stack([bm3d.bm3d(image[..., c], sigma_psd=sigma) for c in range(channels)], axis=2).astype(np.float32)
 
 
 @register_architecture("cbm3d")
