@@ -270,6 +270,16 @@ def test_evaluate_command_with_scale_writes_a_super_resolution_table(clean_dir: 
     assert text.startswith("# Super-resolution x2") and "| 0 | paper | bicubic | 2 |" in text
 
 
+def test_evaluate_on_noisy_small_photos_compares_restores_pipelines_by_default(clean_dir: Path, tmp_path: Path):
+    report = tmp_path / "report"
+    args = ["evaluate", "--clean", str(clean_dir), "--report", str(report), "--scale", "4", "--sigma", "10"]
+    result = CliRunner().invoke(app, [*args, "--no-vessels", "--protocol", "camera"])
+    assert result.exit_code == 0, result.output
+    methods = [line.split(" | ")[2] for line in (report / "results.md").read_text().splitlines() if "| camera |" in line]
+    assert methods == ["bicubic", "srresnet-x4-retina", "srgan-x4-retina", "cbm3d>srresnet-x4-retina",
+                       "resunet-retina-green-blind-small>srresnet-x4-retina"]
+
+
 def test_super_resolution_table_shows_the_vessels_each_upscaler_invents_against_bicubic(tmp_path: Path):
     write_image(tmp_path / "clean" / "smooth.png", _fundus_like(128, 0, lines=0))
     calls: list[str] = []

@@ -662,9 +662,10 @@ def evaluate(
     methods: Annotated[
         Optional[list[str]],
         typer.Option("--method", "--methods", help="Method(s) to compare; repeat, or separate by commas. Default: the "
-                     "paper's table (with --scale: bicubic and the bundled SR models; DENOISER>UPSCALER denoises "
-                     "the noisy small photo, then upscales it, as restore does). cbm3d and nlmeans are told the "
-                     "true sigma, a network told the level gets the photo's estimate."),
+                     "paper's table (with --scale: bicubic and the bundled SR models, and with --sigma too the "
+                     "pipelines of restore and of CBM3D; DENOISER>UPSCALER denoises the noisy small photo, then "
+                     "upscales it). cbm3d and nlmeans are told the true sigma, a network told the level gets the "
+                     "photo's estimate."),
     ] = None,
     protocol: Annotated[list[str], typer.Option(help="paper (float, unclipped) and/or camera (clipped, 8-bit).")] = list(
         ("paper", "camera")
@@ -700,8 +701,8 @@ def evaluate(
     """Degrade clean photos, restore them with each method, write Markdown and CSV tables
     and an HTML report with figures of the first photo."""
     from fundus_restore.evaluate import (
-        DEFAULT_GREY_METHODS, DEFAULT_METHODS, DEFAULT_UPSCALE_METHODS, MIN_SCORED_SIZE, Example, ScoreCache,
-        build_methods, check_settings, evaluate_images, write_tables,
+        DEFAULT_GREY_METHODS, DEFAULT_METHODS, DEFAULT_NOISY_UPSCALE_METHODS, DEFAULT_UPSCALE_METHODS, MIN_SCORED_SIZE,
+        Example, ScoreCache, build_methods, check_settings, evaluate_images, write_tables,
     )
     from fundus_restore.io import ImageFileError, list_images, read_header_of_size
     from fundus_restore.report import write_html_report
@@ -711,7 +712,10 @@ def evaluate(
         _report_error(f"no image files in --clean {' '.join(map(str, clean))}")
         raise typer.Exit(1)
     sigma = sigma or [25.0 if scale == 1 else 0.0]
-    defaults = DEFAULT_UPSCALE_METHODS if scale > 1 else DEFAULT_GREY_METHODS if grey else DEFAULT_METHODS
+    if scale > 1:
+        defaults = DEFAULT_NOISY_UPSCALE_METHODS if any(sigma) else DEFAULT_UPSCALE_METHODS
+    else:
+        defaults = DEFAULT_GREY_METHODS if grey else DEFAULT_METHODS
     try:  # everything that can be refused is, before any method runs
         check_settings(protocol, segmenter, lr_kernel, sigmas=sigma, crop_size=crop, scale=scale)
         for path in files:  # a missing, empty or unreadable photo, or one too small to score

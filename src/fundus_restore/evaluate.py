@@ -31,18 +31,23 @@ from fundus_restore.fov import crop_to_fov, fov_mask
 from fundus_restore.io import ImageFileError, read_image, read_mask
 from fundus_restore.metrics import image_quality, ssim_window_size
 from fundus_restore.models.cbm3d import cbm3d
+from fundus_restore.pretrained import DEFAULT_SMALL_PHOTO_MODEL
 from fundus_restore.vessel_metrics import hallucinated_vessels, vessel_preservation
 from fundus_restore.vessels import SEGMENTERS, segment_vessels
 
+# A method name "DENOISER>UPSCALER" (with a scale) denoises the noisy small image, then upscales it.
+PIPELINE_SEPARATOR = ">"
 DEFAULT_METHODS = ("noisy", "autoencoder-retina", "cdncnn-b", "dncnn-retina", "dncnn-retina-green", "dncnn-retina-green-range",
                    "resunet-retina-green", "resunet-retina-green-blind", "cbm3d")
 DEFAULT_UPSCALE_METHODS = ("bicubic", "srresnet-x4-retina", "srgan-x4-retina")
+# Noisy small photos (a scale and a sigma): the upscalers alone, and denoised first as
+# ``restore`` does by default and with CBM3D.
+DEFAULT_NOISY_UPSCALE_METHODS = (*DEFAULT_UPSCALE_METHODS, f"cbm3d{PIPELINE_SEPARATOR}srresnet-x4-retina",
+                                 f"{DEFAULT_SMALL_PHOTO_MODEL}{PIPELINE_SEPARATOR}srresnet-x4-retina")
 # Denoising with --grey: BM3D (as cbm3d), the colour default through grey, and the grey default.
 DEFAULT_GREY_METHODS = ("noisy", "cbm3d", "resunet-retina-green-blind", "resunet-retina-grey-blind")
 # A method name ending in this runs the network with the flip-and-turn ensemble (inference.dihedral_ensemble).
 ENSEMBLE_SUFFIX = "+x8"
-# A method name "DENOISER>UPSCALER" (with a scale) denoises the noisy small image, then upscales it.
-PIPELINE_SEPARATOR = ">"
 # Columns of the summary table, in order: overall, inside the field of view, per channel there.
 SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_fov_g", "psnr_fov_b",
                    "ssim_fov_r", "ssim_fov_g", "ssim_fov_b")
