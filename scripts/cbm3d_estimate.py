@@ -20,9 +20,10 @@ import numpy as np
 from fundus_restore import denoise
 from fundus_restore.evaluate import Method, build_methods, evaluate_images
 from fundus_restore.inference import estimated_noise_level
+from fundus_restore.io import list_images
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tables import heimed_validation, unseen_photo  # noqa: E402
+from tables import table_sets  # noqa: E402
 
 SCALE = 4
 UPSCALER = "srresnet-x4-retina"
@@ -34,24 +35,20 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, action="append", help="noise levels (default: 10 and 25)")
     parser.add_argument("--out", type=Path, default=Path("out/cbm3d-estimate"), help="where the unseen photo is written")
     args = parser.parse_args()
-    data = args.shared / "data"
     args.out.mkdir(parents=True, exist_ok=True)
-    sets = {
-        "DRIVE test": (sorted((data / "DRIVE/test/images").iterdir()), None),
-        "HEI-MED validation": (heimed_validation(data / "HEI-MED"), 1024),
-        "unseen photo": ([unseen_photo(args.out)], 1024),
-    }
     told_true = build_methods([f"cbm3d>{UPSCALER}"], scale=SCALE)[0]
     (upscaler,) = build_methods([UPSCALER], scale=SCALE)
     estimates: list[float] = []
 
     def told_estimate(noisy: np.ndarray, sigma: float) -> np.ndarray:
-        estimates.append(255 * estimated_noise_level(noisy) - sigma)
-        return upscaler.restore(denoise(noisy, "cbm3d"), 0.0)
+        level = estimated_noise_level(noisy)  # what denoise would estimate, made once
+        estimates.append(255 * level - sigma)
+        return upscaler.restore(denoise(noisy, "cbm3d", sigma=level), 0.0)
 
     methods = [told_true, Method(f"cbm3d (estimated sigma)>{UPSCALER}", told_estimate)]
     print(f"{'set':20}{'sigma':>6}  {'method':44}{'PSNR FOV paper / camera':>26}")
-    for name, (paths, crop) in sets.items():
+    for name, (files, crop) in table_sets(args.shared / "data", args.out).items():
+        paths = list_images(files)
         for sigma in args.sigma or [10.0, 25.0]:
             rows = evaluate_images(paths, methods, sigmas=[sigma], crop_size=crop, vessels=False, scale=SCALE)
             for method in methods:

@@ -48,6 +48,15 @@ def unseen_photo(folder: Path) -> Path:
     return path
 
 
+def table_sets(data: Path, out: Path) -> dict[str, tuple[list[Path], int | None]]:
+    """The tables' three sets: their photos (files or folders) and central crop (None: whole photos)."""
+    return {
+        "drive-test": ([data / "DRIVE/test/images"], None),
+        "heimed-validation": (heimed_validation(data / "HEI-MED"), 1024),
+        "unseen": ([unseen_photo(out)], 1024),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
@@ -62,11 +71,7 @@ def main() -> None:
     default_out = ("out/table1" if args.scale == 1 else "out/table-sr") + ("-grey" if args.grey else "")
     args.out = args.out or Path(default_out)
     data, official = args.shared / "data", args.shared / "weights/dncnn/GD_Color_Blind.mat"
-    sets = {
-        "drive-test": ([data / "DRIVE/test/images"], None),
-        "heimed-validation": (heimed_validation(data / "HEI-MED"), 1024),
-        "unseen": ([unseen_photo(args.out)], 1024),
-    }
+    sets = table_sets(data, args.out)
     title = "Denoising, sigma 25" if args.scale == 1 else f"Super-resolution x{args.scale}, {args.lr_kernel} shrink"
     title += f", noise sigma {args.sigma:g}" if args.sigma else ""
     title += ", green channel (red-free)" if args.grey else ""
