@@ -114,7 +114,7 @@ class _Job:
         self.messages.append(f"warning: {message}")
 
 
-_LOG_COLUMNS = ("time", "input", "outputs", "status", "seconds", "model", "noise_sigma", "spurious_rate", "message")
+_LOG_COLUMNS = ("time", "input", "outputs", "status", "seconds", "model", "noise_sigma", "invented_vs_bicubic", "message")
 
 
 class _BatchLog:
@@ -393,8 +393,9 @@ def _hallucination_map_name(relative: Path) -> Path:
 
 def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, threshold: float) -> None:
     """The --check guard for one photo: write its map (the job's second output), print and
-    record the spurious vessel rate against the bicubic upscale, and warn when it exceeds
-    ``threshold``."""
+    record its rate (``evaluate``'s ``invented_vs_bicubic``: the share of the upscale's vessel
+    centreline absent from the bicubic upscale's, not the spurious rate against a clean
+    photo, which no user has), and warn when it exceeds ``threshold``."""
     from fundus_restore.degrade import bicubic_upsample
     from fundus_restore.io import write_image
     from fundus_restore.vessel_metrics import hallucinated_vessels
@@ -403,8 +404,8 @@ def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, th
     hallucinated, rate = hallucinated_vessels(upscaled, reference)
     map_path = job.outputs[1]
     write_image(map_path, _hallucination_map(upscaled, hallucinated))
-    console.print(f"{escape(str(job.source))}: spurious vessel rate {rate:.3f}")
-    job.record["spurious_rate"] = f"{rate:.4f}"
+    console.print(f"{escape(str(job.source))}: vessels invented vs bicubic {rate:.3f}")
+    job.record["invented_vs_bicubic"] = f"{rate:.4f}"
     if rate > threshold:
         job.warn(
             f"{rate:.1%} of the upscaled vessel centreline is absent from the bicubic upscale "
@@ -430,7 +431,7 @@ def upscale(
         ),
     ] = False,
     check_threshold: Annotated[
-        float, typer.Option(help="With --check, warn when the spurious vessel rate exceeds this fraction.")
+        float, typer.Option(help="With --check, warn when that share of centreline exceeds this fraction.")
     ] = 0.05,
     noise_check: NoiseCheckOption = True,
     recursive: RecursiveOption = False,
