@@ -443,4 +443,8 @@ def test_noise_level_mismatch_tells_an_upscaler_to_denoise_first() -> None:
     upscaler.noise_range = (0.0, 0.0)
     grey = np.full((32, 32, 3), 0.5, np.float32)
     assert noise_level_mismatch(grey, upscaler) is None
-    assert "denoise first" in noise_level_mismatch(add_gaussian_noise(grey, 10, seed=0), upscaler)
+    noisy = add_gaussian_noise(grey, 10, seed=0)
+    assert "trained on noise-free input" in noise_level_mismatch(noisy, upscaler)
+    assert "denoise first" in noise_level_mismatch(noisy, upscaler)
+    upscaler.lr_denoiser = "dn"  # trained behind a denoiser, it names it
+    assert "trained on dn's outputs" in noise_level_mismatch(noisy, upscaler)

@@ -122,6 +122,11 @@ def test_the_card_beside_a_weights_file_gives_its_training_noise_range(tmp_path:
     card.write_text(json.dumps({"recipe": {"noise": {"sigma": 25}}}))
     assert load_model(path).noise_range == (25.0, 25.0)
     assert load_model("dncnn-retina").noise_range == (25.0, 25.0)  # the paper's fixed level
+    # An upscaler trained behind a denoiser saw that denoiser's outputs: noise-free input.
+    upscaler = save_model(create_model("srresnet", blocks=1, width=4, scale=2), tmp_path / "sr.safetensors")
+    upscaler_card = {"task": "upscale", "recipe": {"lr_denoiser": "dn", "noise": {"sigma": [0, 50]}}}
+    (tmp_path / "sr.json").write_text(json.dumps(upscaler_card))
+    assert load_model(upscaler).noise_range == (0.0, 0.0) and load_model(upscaler).lr_denoiser == "dn"
     card.write_text("{not json")
     with pytest.raises(WeightsError, match=r"model\.json: unreadable model card"):
         load_model(path)

@@ -411,8 +411,10 @@ def noise_level_mismatch(
     name = model_name(model)
     found = f"noise sigma about {sigma:.1f} (estimated)"
     if getattr(model, "config", {}).get("scale", 1) > 1:
+        behind = getattr(model, "lr_denoiser", None)
+        trained_on = f"{behind}'s outputs" if behind else "noise-free input"
         return (
-            f"{found}, but {name} was trained on noise-free input: it may sharpen the noise into false detail; "
+            f"{found}, but {name} was trained on {trained_on}: it may sharpen the noise into false detail; "
             "denoise first (fundus-restore restore)"
         )
     low, high = trained

@@ -161,8 +161,8 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     safetensors file written by ``save_model`` / ``fundus-restore import-weights``,
     a classical denoiser (``WEIGHTLESS_MODELS``), or ``None`` for the default bundled
     denoiser. ``task``, ``noise_range`` and ``lr_denoiser`` are set from the card beside
-    the file: its task, the (low, high) training noise sigma it records, and the
-    denoiser an upscaler was trained behind; None where it has none.
+    the file: its task, the (low, high) noise sigma of its inputs in training (0 for an
+    upscaler trained behind a denoiser), and that denoiser; None where it has none.
     """
     if name_or_path in WEIGHTLESS_MODELS:
         return _described(create_model(str(name_or_path)), str(name_or_path), {"task": "denoise"}, device)
@@ -194,7 +194,8 @@ def _described(model: nn.Module, name: str, card: dict[str, Any], device: str | 
     # An upscaler trained on a denoiser's outputs (data.lr_denoiser) is best fed by that denoiser.
     model.lr_denoiser = card.get("recipe", {}).get("lr_denoiser")
     # What the model expects of its input, for the noise-level check of the command line.
-    model.noise_range = training_noise_range(card)
+    # Behind a denoiser an upscaler saw that denoiser's outputs, not the noise its card records.
+    model.noise_range = (0.0, 0.0) if model.lr_denoiser else training_noise_range(card)
     return model.eval().to(device)
 
 
