@@ -14,7 +14,7 @@ from fundus_restore.cli import app
 from fundus_restore.degrade import NOISE_ESTIMATE_VERSION, bicubic_upsample, degrade_for_protocol
 from fundus_restore.evaluate import (
     CLASSICAL_METHODS, DEFAULT_GREY_METHODS, INVENTED_VS_BICUBIC, SUMMARY_COLUMNS, Method, ScoreCache, build_methods,
-    evaluate_images, summarise, weights_fingerprint, write_tables,
+    evaluate_images, summarise, summary_table, weights_fingerprint, write_tables,
 )
 from fundus_restore.inference import denoise
 from fundus_restore.io import write_image
@@ -133,6 +133,12 @@ def test_grey_scores_the_green_channel_and_a_grey_file_is_always_grey(clean_dir:
         assert rows[1]["psnr_fov"] > rows[0]["psnr_fov"] + 5  # grey BM3D denoises
     # The same green channel, the same seeded noise: the same scores either way.
     assert as_grey[0]["psnr_fov"] == pytest.approx(as_is[0]["psnr_fov"], abs=0.05)
+    # A folder of both: the R, G, B means are over its colour photos, and the summary says how many.
+    both = evaluate_images([colour, red_free], methods[:1], protocols=("paper",), grey=None)
+    mixed = summarise(both)[0]
+    assert (mixed["images"], mixed["colour_images"]) == (2, 1) and mixed["psnr_fov_g"] == both[0]["psnr_fov_g"]
+    assert summary_table([mixed])[0][3:5] == ["images", "colour_images"]
+    assert "colour_images" not in summarise(as_is)[0]  # only where the photos differ
     # Grey scores are cached apart from the colour ones of the same photo.
     cache = ScoreCache(tmp_path / "scores.jsonl")
     colour_rows = evaluate_images([colour], methods[:1], protocols=("paper",), cache=cache)

@@ -54,6 +54,8 @@ SUMMARY_COLUMNS = ("psnr", "ssim", "psnr_fov", "ssim_fov", "psnr_fov_r", "psnr_f
 # The hallucination guard of super-resolution (``upscale --check``): the share of an upscaler's
 # vessel centreline absent from the bicubic upscale of the same input (bicubic itself scores 0).
 INVENTED_VS_BICUBIC = "invented_vs_bicubic"
+# The summary of a folder mixing colour and grey photos: how many are colour, the photos its R, G, B means are over.
+COLOUR_IMAGES = "colour_images"
 # Vessel-preservation columns, shown when measured.
 VESSEL_COLUMNS = ("thin_recall", "thick_recall", "spurious_rate", INVENTED_VS_BICUBIC, "cldice",
                   "thin_contrast_retention", "psnr_thin_band")
@@ -476,10 +478,13 @@ def summarise(rows: Sequence[dict[str, float | str]]) -> list[dict[str, float | 
         groups[(row["sigma"], row["protocol"], row["method"])].append(row)
     summary = []
     for (sigma, protocol, method), members in groups.items():
-        # Over the measures of any member: a folder of colour and grey photos gives R, G, B for some.
+        # Over the measures of any member: a folder of colour and grey photos gives R, G, B for some,
+        # and then says over how many (COLOUR_IMAGES), so that those means are not read as the row's.
         measures = dict.fromkeys(k for m in members for k, v in m.items() if isinstance(v, float) and k != "sigma")
         means = {k: mean_of_finite([m[k] for m in members if k in m]) for k in measures}
-        summary.append({"sigma": sigma, "protocol": protocol, "method": method, "images": len(members), **means})
+        colour = sum("psnr_r" in m for m in members)
+        counts = {"images": len(members)} | ({COLOUR_IMAGES: colour} if 0 < colour < len(members) else {})
+        summary.append({"sigma": sigma, "protocol": protocol, "method": method, **counts, **means})
     return summary
 
 
@@ -506,10 +511,11 @@ def write_tables(rows: Sequence[dict[str, float | str]], report_dir: Path, title
 def summary_table(summary: Sequence[dict[str, float | str]]) -> tuple[list[str], list[list[str]]]:
     """(header, formatted rows) of the summary table, vessel columns included when measured."""
     columns = tuple(c for c in SUMMARY_COLUMNS + VESSEL_COLUMNS if c in summary[0])  # a grey photo has no R, G, B
-    header = ["σ", "noise", "method", "images", *columns]
+    counts = ("images", COLOUR_IMAGES) if COLOUR_IMAGES in summary[0] else ("images",)
+    header = ["σ", "noise", "method", *counts, *columns]
     body = []
     for row in summary:
-        values = [f"{row['sigma']:g}", str(row["protocol"]), str(row["method"]), str(row["images"])]
+        values = [f"{row['sigma']:g}", str(row["protocol"]), str(row["method"]), *(str(row[c]) for c in counts)]
         values += [f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in columns]
         body.append(values)
     return header, body
