@@ -459,6 +459,13 @@ def test_restore_feeds_an_upscaler_the_denoiser_its_card_was_trained_behind(
                         "--device", "cpu", "--no-noise-check"])
     expected = upscale(denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu"), tiny_upscaler_file, device="cpu")
     assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
+    # A card naming a denoiser this machine lacks (trained elsewhere) says where the name came from.
+    card["recipe"]["lr_denoiser"] = str(tmp_path / "elsewhere.safetensors")
+    tiny_upscaler_file.with_suffix(".json").write_text(json.dumps(card))
+    result = runner.invoke(app, ["restore", str(photos / "b.tif"), "-o", str(tmp_path / "out2"),
+                                 "--upscale-model", str(tiny_upscaler_file), "--device", "cpu"])
+    assert result.exit_code == 2 and "elsewhere.safetensors: no such weights file" in result.output
+    assert "was trained behind, from its card; or give --denoise-model" in result.output
 
 
 def test_restore_denoises_colour_photos_with_the_small_photo_default_and_grey_ones_with_the_grey(

@@ -266,12 +266,13 @@ def _write_output(job: _Job, image: np.ndarray, action: str, *, bit_depth: int |
     write_image(job.outputs[0], image, bit_depth=bits, description=_provenance(action, job))
 
 
-def _loaded(load: Callable[[], nn.Module]) -> nn.Module:
-    """The model ``load`` returns; unusable weights end the command (exit 2) before any file is read."""
+def _loaded(load: Callable[[], nn.Module], why: str = "") -> nn.Module:
+    """The model ``load`` returns; unusable weights end the command (exit 2) before any file is
+    read, the error followed by ``why`` that model was asked for, where the user did not name it."""
     try:
         return load()
     except ValueError as error:  # WeightsError is one
-        _report_error(str(error))
+        _report_error(f"{error}{why}")
         raise typer.Exit(2) from None
 
 
@@ -315,20 +316,21 @@ def denoise(
 
 
 def _denoisers(
-    model: str | None, sigma: float | None, tile: int | None, device: str, *, small_photos: bool = False
+    model: str | None, sigma: float | None, tile: int | None, device: str, *, small_photos: bool = False,
+    why: str = "",
 ) -> tuple[Callable[[np.ndarray], nn.Module], str]:
     """The denoiser for each photo, and its name for the progress bar: ``model`` for every
     photo, or without one the bundled default of the photo's channels (of small photos
     with ``small_photos``; a grey photo gets the grey one, loaded when the first comes).
     Unusable weights, or a ``tile`` or ``device`` the denoiser cannot run with, end the
-    command (exit 2)."""
+    command (exit 2), saying ``why`` that denoiser was chosen."""
     import functools
 
     from fundus_restore.inference import check_run_settings, load_denoiser
     from fundus_restore.pretrained import default_model_name
 
     def usable(load: Callable[[], nn.Module]) -> nn.Module:
-        return _loaded(lambda: check_run_settings(_told(load(), sigma), tile=tile, device=device))
+        return _loaded(lambda: check_run_settings(_told(load(), sigma), tile=tile, device=device), why)
 
     colour = usable(lambda: load_denoiser(model, small_photos=small_photos))
     name = getattr(colour, "name", str(model))
@@ -492,7 +494,10 @@ def restore(
     from fundus_restore.pretrained import model_name
 
     upscaler = _loaded(lambda: check_run_settings(load_upscaler(upscale_model, scale), tile=tile, device=device))
-    denoiser_for, _ = _denoisers(denoise_model or upscaler.lr_denoiser, sigma, tile, device, small_photos=True)
+    behind = upscaler.lr_denoiser if denoise_model is None else None
+    why = f" (the denoiser {model_name(upscaler)} was trained behind, from its card; or give --denoise-model)"
+    denoiser_for, _ = _denoisers(denoise_model or behind, sigma, tile, device, small_photos=True,
+                                 why=why if behind else "")
 
     def handle(job: _Job) -> None:
         image = read_image(job.source, rgb=False)
