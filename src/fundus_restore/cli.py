@@ -495,9 +495,8 @@ def restore(
 
     upscaler = _loaded(lambda: check_run_settings(load_upscaler(upscale_model, scale), tile=tile, device=device))
     behind = upscaler.lr_denoiser if denoise_model is None else None
-    why = f" (the denoiser {model_name(upscaler)} was trained behind, from its card; or give --denoise-model)"
-    denoiser_for, _ = _denoisers(denoise_model or behind, sigma, tile, device, small_photos=True,
-                                 why=why if behind else "")
+    why = f" (the denoiser {model_name(upscaler)} was trained behind, from its card; or give --denoise-model)" if behind else ""
+    denoiser_for, _ = _denoisers(denoise_model or behind, sigma, tile, device, small_photos=True, why=why)
 
     def handle(job: _Job) -> None:
         image = read_image(job.source, rgb=False)
