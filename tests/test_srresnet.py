@@ -113,3 +113,21 @@ def test_bicubic_skip_starts_as_bicubic_and_tiles_and_folds_exactly() -> None:
         folded = model.fold_batch_norm()
         assert folded.config["bicubic_skip"] is True
         torch.testing.assert_close(folded(image), whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_more_blocks_keep_the_function_and_train(batch_norm: bool) -> None:
+    model = small_srresnet(batch_norm=batch_norm, blocks=2)
+    image = torch.rand(2, 3, 12, 10)
+    deeper = model.with_config({"blocks": 4}).eval()
+    assert deeper.config == {**model.config, "blocks": 4} and len(deeper.blocks) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(deeper(image), model(image))
+    # The new blocks start as the identity but are not stuck there: one step moves them.
+    deeper.train()
+    deeper(image).square().mean().backward()
+    last = deeper.blocks[3].body[-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    for refused in ({"blocks": 1}, {"width": 16}, {"blocks": 4, "scale": 2}):
+        with pytest.raises(ValueError, match="would change the function"):
+            model.with_config(refused)

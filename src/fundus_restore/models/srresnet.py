@@ -31,6 +31,8 @@ overlap at which tiling is exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,31 @@ class SRResNet(nn.Module):
         if not self.config["bicubic_skip"]:
             return detail
         return detail + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+
+    def with_config(self, changes: Mapping[str, Any]) -> SRResNet:
+        """The same function under the config ``changes``, for training from these weights.
+
+        Only more residual blocks keep it: the new blocks go after the trained ones, with
+        their last layer at zero (the batch norm's scale, or the convolution without it),
+        so each starts as the identity. That tests whether depth adds what more steps of
+        the trained network no longer do.
+        """
+        requested = dict(changes)
+        blocks = int(requested.get("blocks", self.config["blocks"]))
+        if set(requested) - {"blocks"} or blocks < self.config["blocks"]:
+            raise ValueError(f"config {requested} would change the function of {self.config}")
+        deeper = SRResNet(**{**self.config, "blocks": blocks})
+        # Every trained weight has its place; only the new blocks' weights stay as built.
+        missing, unexpected = deeper.load_state_dict(self.state_dict(), strict=False)
+        new_blocks = {f"blocks.{i}." for i in range(self.config["blocks"], blocks)}
+        assert not unexpected and all(key.startswith(tuple(new_blocks)) for key in missing)
+        with torch.no_grad():
+            for block in deeper.blocks[self.config["blocks"]:]:
+                last = block.body[-1]
+                nn.init.zeros_(last.weight)
+                if last.bias is not None:
+                    nn.init.zeros_(last.bias)
+        return deeper.to(self.head[0].weight.device).train(self.training)
 
     def fold_batch_norm(self) -> SRResNet:
         """Return an equivalent inference model with every batch norm folded into its conv."""
