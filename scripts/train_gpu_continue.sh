@@ -11,11 +11,15 @@
 # gave before (docs/results.md, "Training throughput"); time_limit_minutes stops a run that
 # falls behind, its model written. HEIMED_VALIDATION is a folder whose photographs are held
 # out of training and validated on; WORKERS loader processes per run (default 5).
+# DENOISER and UPSCALER name the weights the runs start from (default: the bundled
+# resunet-retina-green-blind and srresnet-x4-retina; the weights these runs started
+# from are in git history, docs/results.md says where).
 set -euo pipefail
 minutes=$1 runs=$2 heimed=$3 heimed_validation=$4 drive=$5
 python=${PYTHON:-python3}
 workers=${WORKERS:-5}
 denoise_steps=${DENOISE_STEPS:-5000} sr_steps=${SR_STEPS:-3000}
+denoiser=${DENOISER:-resunet-retina-green-blind} upscaler=${UPSCALER:-srresnet-x4-retina}
 mkdir -p "$runs"
 every() { echo $(( $1 / $2 > 0 ? $1 / $2 : 1 )); }
 train() {  # CONFIG NAME STEPS [--set ...]: one run in the background, on the data and the slot
@@ -28,9 +32,9 @@ train() {  # CONFIG NAME STEPS [--set ...]: one run in the background, on the da
         --set "log_every=$(every "$steps" 100)" --set "time_limit_minutes=$minutes" --set "data.workers=$workers" \
         --set "output=$runs/$name" >"$runs/$name.log" 2>&1 &
 }
-train configs/resunet-green-blind.yaml denoise "$denoise_steps" --set model.init_weights=resunet-retina-green-blind --set seed=22
-train configs/resunet-green-blind-sizes.yaml sizes "$denoise_steps"
-train configs/srresnet-deeper.yaml deeper "$sr_steps"
+train configs/resunet-green-blind.yaml denoise "$denoise_steps" --set "model.init_weights=$denoiser" --set seed=22
+train configs/resunet-green-blind-sizes.yaml sizes "$denoise_steps" --set "model.init_weights=$denoiser"
+train configs/srresnet-deeper.yaml deeper "$sr_steps" --set "model.init_weights=$upscaler"
 status=0
 for job in $(jobs -p); do wait "$job" || status=1; done
 exit $status
