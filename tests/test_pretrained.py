@@ -140,7 +140,7 @@ def test_the_models_the_issues_name_are_bundled_and_the_default_is_ours():
 def test_small_photos_have_their_own_bundled_default_trained_on_shrunk_photos():
     name = default_model_name(small_photos=True)
     assert name == "resunet-retina-green-blind-small" and name != default_model_name()
-    assert model_card(name)["recipe"]["shrink"] == [1, 2, 4]
+    assert max(model_card(name)["recipe"]["shrink"]) > 1  # photos shrunk before patches were cut
 
 
 def test_grey_photos_have_their_own_bundled_default():
