@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,6 +32,7 @@ from fundus_restore.train import (
     load_config,
     train_from_config,
 )
+from test_vgg import torchvision_state_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -261,34 +263,54 @@ def test_bad_patch_settings_are_refused_when_the_config_loads(photo_dir: Path, t
 
 
 @pytest.mark.parametrize(
-    ("corrupt", "what"),
+    ("corrupt", "what", "first_bad_call", "kept"),
     [
-        (lambda loss, restored: loss * float("nan"), "the loss is nan"),
+        (lambda loss, restored: loss * float("nan"), "the loss is nan", 5, "the last good checkpoint, .*, is kept"),
+        (lambda loss, restored: loss * float("inf"), "the loss is inf", 5, "the last good checkpoint, .*, is kept"),
         # sqrt at 0 adds nothing to a finite loss but a NaN to every gradient, which one
         # optimizer step would spread into the weights.
-        (lambda loss, restored: loss + torch.sqrt(0 * restored.sum()), "the gradient norm is nan"),
+        (lambda loss, restored: loss + torch.sqrt(0 * restored.sum()), "the gradient norm is nan", 5,
+         "the last good checkpoint, .*, is kept"),
+        # Before the first checkpoint (step 3) the message must not promise one.
+        (lambda loss, restored: loss * float("nan"), "the loss is nan", 2,
+         r"no checkpoint had been written yet \(checkpoint_every: 3\)"),
     ],
-    ids=["nan loss", "nan gradients"],
+    ids=["nan loss", "infinite loss", "nan gradients", "nan before the first checkpoint"],
 )
 def test_a_non_finite_loss_or_gradient_stops_with_the_step_and_keeps_the_checkpoint(
-    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corrupt: Any, what: str
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corrupt: Any, what: str, first_bad_call: int,
+    kept: str,
 ) -> None:
     original_forward = ChannelWeightedMSE.forward
     calls = []
 
-    def corrupted_from_call_5(self: ChannelWeightedMSE, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    def corrupted_from_a_call(self: ChannelWeightedMSE, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         calls.append(1)
         loss = original_forward(self, restored, clean)
-        return corrupt(loss, restored) if len(calls) >= 5 else loss
+        return corrupt(loss, restored) if len(calls) >= first_bad_call else loss
 
-    monkeypatch.setattr(ChannelWeightedMSE, "forward", corrupted_from_call_5)
+    monkeypatch.setattr(ChannelWeightedMSE, "forward", corrupted_from_a_call)
     output = tmp_path / "run"
-    with pytest.raises(TrainingError, match=rf"step 5: {what}.*last good checkpoint"):
+    with pytest.raises(TrainingError, match=rf"step {first_bad_call}: {what}; training stopped and {kept}"):
         train_from_config(tiny_config(photo_dir, output))
+    assert not (output / "model.safetensors").exists()
+    if first_bad_call <= 3:
+        assert not (output / "checkpoint.pt").exists()
+        return
     checkpoint = load_checkpoint(output / "checkpoint.pt")
     assert checkpoint["step"] == 3
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
-    assert not (output / "model.safetensors").exists()
+
+
+def test_paths_in_a_config_given_from_python_are_written_and_resumed_as_text(photo_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    config = tiny_config(photo_dir, output, steps=3)
+    config["output"], config["data"]["train"] = output, (photo_dir,)  # a Path and a tuple, as Python callers write
+    train_from_config(config)
+    config["steps"] = 4
+    train_from_config(config, resume=True)  # the checkpoint's config loads without unpickling a Path
+    assert load_checkpoint(output / "checkpoint.pt")["config"]["output"] == str(output)
+    assert yaml.safe_load((output / "config.yaml").read_text())["data"]["train"] == [str(photo_dir)]
 
 
 def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Path) -> None:
@@ -547,28 +569,36 @@ def test_adversarial_training_alternates_after_pretraining_and_resumes_exactly(p
 
 
 # Ridge feature MSEs are thousands of times smaller than the U-Net's (see VesselUNetFeatures): scaled up.
-@pytest.mark.parametrize(("features", "feature_scale"), [("vessels", 10.0), ("vessels-unet", 1 / 12.75)])
-def test_vessel_perceptual_loss_trains_and_is_logged(
+@pytest.mark.parametrize(("features", "feature_scale"), [("vessels", 10.0), ("vessels-unet", 1 / 12.75), ("vgg19", 1 / 12.75)])
+def test_each_perceptual_loss_trains_an_srgan_and_is_logged(
     photo_dir: Path, tmp_path: Path, features: str, feature_scale: float
 ) -> None:
     output = tmp_path / features
-    train_from_config(sr_config(photo_dir, output, steps=2, **{"perceptual.features": features,
-                                                                "perceptual.feature_scale": feature_scale}))
-    assert all(value > 0 for _, value in logged(output, "train/perceptual"))
+    changes: dict[str, Any] = {"perceptual.features": features, "perceptual.feature_scale": feature_scale,
+                               "adversarial.weight": 1e-3}
+    if features == "vgg19":  # synthetic weights in torchvision's layout, up to relu2_2 (a small file)
+        changes |= {"perceptual.vgg_weights": str(tmp_path / "vgg19.pth"), "perceptual.layer": "relu2_2"}
+        torch.save(torchvision_state_dict(8), changes["perceptual.vgg_weights"])
+    train_from_config(sr_config(photo_dir, output, steps=2, **changes))
+    for term in ("perceptual", "adversarial", "discriminator"):
+        assert all(value > 0 for _, value in logged(output, f"train/{term}"))
     card = json.loads((output / "model.json").read_text())
     assert card["recipe"]["loss"]["perceptual"]["features"] == features
 
 
-@pytest.mark.parametrize(("features", "message"), [
-    ("vgg19", "--vgg-weights"),  # no weights given
-    ("vgg16", "must be one of null, 'vgg19', 'vessels', 'vessels-unet'; got 'vgg16'"),
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"perceptual.features": "vgg19"}, "--vgg-weights"),  # no weights given
+    ({"perceptual.features": "vgg16"}, "must be one of null, 'vgg19', 'vessels', 'vessels-unet'; got 'vgg16'"),
+    ({"perceptual.features": "vessels", "perceptual.vgg_weights": "vgg19.pth"},
+     "VGG19 weights were given .* but perceptual.features is 'vessels'"),  # would be silently unused
 ])
-def test_perceptual_loss_without_weights_or_unknown_is_refused_before_training(
-    photo_dir: Path, tmp_path: Path, features: str, message: str
+def test_perceptual_loss_without_weights_unknown_or_unused_is_refused_before_training(
+    photo_dir: Path, tmp_path: Path, changes: dict[str, str], message: str
 ) -> None:
-    config = sr_config(photo_dir, tmp_path / "vgg", **{"perceptual.features": features})
+    config = sr_config(photo_dir, tmp_path / "vgg", **changes)
     with pytest.raises(TrainingError, match=message):
         train_from_config(config)
+    assert not (tmp_path / "vgg").exists()
 
 
 @pytest.fixture

@@ -194,7 +194,17 @@ def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _as_list(value: Any) -> list[str]:
-    return [] if value is None else [str(v) for v in ([value] if isinstance(value, (str, Path)) else value)]
+    return [] if value is None else [str(v) for v in ([value] if isinstance(value, str) else value)]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with paths as strings and tuples as lists: the config is written as YAML
+    and stored in checkpoints, which load without unpickling arbitrary classes."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _overlay(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +235,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     given = copy.deepcopy(dict(config)) if isinstance(config, Mapping) else read_config_file(config)
     for key, value in (overrides or {}).items():
         _set_dotted(given, key, value)
+    given = _plain(given)
     merged = _merge(DEFAULT_CONFIG, given)
     merged["data"]["train"] = _as_list(merged["data"]["train"])
     for key in ("among", "files"):
@@ -270,6 +281,12 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         kept_by = "RGB photos have" if kept is None else f"data.channels {list(kept)} keeps"
         weights = list(merged["loss"]["weights"])
         raise TrainingError(f"{kept_by} {channels} channel(s): loss.weights needs as many, got {weights}")
+    perceptual = merged["perceptual"]
+    if perceptual["vgg_weights"] is not None and perceptual["features"] != "vgg19":
+        raise TrainingError(
+            f"VGG19 weights were given (--vgg-weights, perceptual.vgg_weights) but perceptual.features is "
+            f"{perceptual['features']!r}: set perceptual.features=vgg19 to train against them, or leave them out"
+        )
     if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
     if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
@@ -692,9 +709,12 @@ class Trainer:
     def _check_finite(self, number: float, what: str) -> float:
         """``number``, the same on every rank; a NaN or infinity stops training."""
         if not math.isfinite(number):
+            checkpoint = Path(self.config["output"]) / CHECKPOINT
+            kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.exists()
+                    else f"no checkpoint had been written yet (checkpoint_every: {self.config['checkpoint_every']})")
             raise TrainingError(
-                f"step {self.step + 1}: the {what} is {number}; training stopped and the last good checkpoint "
-                f"in {self.config['output']} is kept (lower optimizer.lr or check the training images)"
+                f"step {self.step + 1}: the {what} is {number}; training stopped and {kept} "
+                "(lower optimizer.lr or check the training images)"
             )
         return number
 
