@@ -524,6 +524,29 @@ def test_train_with_a_missing_vgg_weights_file_says_so_in_one_line(photos: Path,
     assert "vgg19.pth: no such VGG19 weights file" in result.output and "Traceback" not in result.output
 
 
+def test_train_takes_its_paths_as_options_in_place_of_the_configs_placeholders(tiny_model_file: Path, tmp_path: Path):
+    photos, held_out = tmp_path / "train photos", tmp_path / "validation photos"
+    rng = np.random.default_rng(0)
+    for folder, prefix in ((photos, "t"), (held_out, "v")):
+        for index in range(2):
+            write_image(folder / f"{prefix}{index}.png", rng.random((48, 48, 3)), bit_depth=8)
+    config = tmp_path / "finetune.yaml"
+    config.write_text(
+        "model: {init_weights: placeholder/GD_Color_Blind.mat}\noutput: placeholder/run\nsteps: 2\nbatch_size: 2\n"
+        "data: {train: [placeholder/photos], patch_size: 16, patches_per_image: 2, images_per_group: 1, workers: 0}\n"
+        "validation: {holdout: 1, among: [placeholder/photos], crop: 32}\n"
+    )
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(config), "--data", str(photos), "--data", str(held_out),
+                                 "--validate-on", str(held_out), "--init-weights", str(tiny_model_file), "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    card = json.loads((run / "model.json").read_text())
+    assert card["recipe"]["init_weights"] == str(tiny_model_file)
+    assert card["training_data"]["sources"] == [str(photos), str(held_out)]
+    assert len(card["training_data"]["images"]) == 3
+    assert [name[0] for name in card["training_data"]["validation_images"]] == ["v"]  # held out from --validate-on
+
+
 def test_sigma_is_told_to_a_denoiser_that_takes_it_and_refused_for_a_blind_one(
     photos: Path, tiny_model_file: Path, tmp_path: Path
 ):

@@ -602,19 +602,37 @@ def train(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: key.sub=value (YAML value).")
     ] = None,
+    data: Annotated[
+        Optional[list[Path]],
+        typer.Option("--data", help="Training photographs, a folder or file (repeat for several): data.train."),
+    ] = None,
+    validate_on: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Where the validation photographs are held out from (repeat): validation.among."),
+    ] = None,
+    init_weights: Annotated[
+        Optional[str], typer.Option(help="Start from these weights, a bundled name or a file: model.init_weights.")
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder: output.")] = None,
     vgg_weights: Annotated[
         Optional[Path],
         typer.Option(help="ImageNet VGG19 weights (torchvision state-dict layout) for a VGG perceptual loss."),
     ] = None,
 ) -> None:
-    """Train a model from a config; checkpoints atomically and resumes exactly."""
+    """Train a model from a config; checkpoints atomically and resumes exactly.
+
+    The options name the run's paths; they replace the config's placeholders, as --set would.
+    """
     from fundus_restore.io import ImageFileError
     from fundus_restore.pretrained import WeightsError
     from fundus_restore.train import TrainingError, train_from_config
 
     overrides = dict(parse_override(item) for item in set_ or [])
-    if vgg_weights is not None:
-        overrides["perceptual.vgg_weights"] = str(vgg_weights)
+    paths = {"data.train": data and [str(path) for path in data],
+             "validation.among": validate_on and [str(path) for path in validate_on],
+             "model.init_weights": init_weights, "output": output and str(output),
+             "perceptual.vgg_weights": vgg_weights and str(vgg_weights)}
+    overrides |= {key: value for key, value in paths.items() if value}
     try:
         weights = train_from_config(config, resume=resume, overrides=overrides)
     except (TrainingError, ImageFileError, WeightsError) as error:
