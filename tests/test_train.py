@@ -91,7 +91,9 @@ def logged(output: Path, tag: str) -> list[tuple[int, float]]:
     return [(row["step"], row[tag]) for row in rows if tag in row]
 
 
-def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, tmp_path: Path) -> None:
+def test_a_short_run_lowers_the_loss_and_writes_model_and_card(
+    photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     output = tmp_path / "run"
     weights = train_from_config(tiny_config(photo_dir, output, steps=40, validate_every=40, **{"optimizer.lr": 1e-2}))
     assert weights == output / "model.safetensors"
@@ -112,6 +114,10 @@ def test_a_short_run_lowers_the_loss_and_writes_model_and_card(photo_dir: Path, 
     assert [step for step, _ in logged(output, "val/psnr_camera_rim")] == [0, 40]  # the start point, then every 40
     assert (output / "scalars.csv").read_text().startswith("wall_time,step,tag,value\n")
     assert len(list(output.glob("events.out.tfevents.*"))) == 1  # for TensorBoard (see test_tfevents)
+    # Output to a file (not a terminal) shows no live bar: a line per logged step says how it goes.
+    progress_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ") and "loss" in line]
+    assert len(progress_lines) == 40 and progress_lines[-1].startswith("step 40/40: loss ")
+    assert "patches/s" in progress_lines[-1]
 
 
 def test_a_card_lists_every_training_stage_behind_its_weights(photo_dir: Path, tmp_path: Path) -> None:

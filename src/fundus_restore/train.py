@@ -1068,6 +1068,8 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
             if step % config["log_every"] == 0 or step == config["steps"]:
                 rate = window_steps * patches_per_step / window_seconds
                 progress.update(task, completed=step, loss=loss, rate=rate)
+                if main and not console.is_terminal:  # a log file gets no live bar: a line per log step instead
+                    console.print(f"step {step}/{config['steps']}: loss {loss:.4g}, {rate:.0f} patches/s")
                 if main:
                     scalars = {f"train/{name}": value for name, value in losses.items()}
                     log.write(step, scalars | {"train/lr": trainer.learning_rate, "train/patches_per_s": rate})
