@@ -259,17 +259,28 @@ def test_chosen_channels_keep_those_of_the_same_patches(photos: list[Path], monk
     whole = validation_crops(photos[:1], crop=24)
     assert all(c.clean.shape == (24, 24, 1) for c in crops)
     assert all(np.array_equal(c.clean, w.clean[..., 1:2]) for c, w in zip(crops, whole, strict=True))
-    with pytest.raises(ValueError, match=r"photo\d\.png: has 3 channel\(s\), no channel 3 to keep"):
-        small_stream(photos, channels=(3,)).batch(0)
+    with pytest.raises(ValueError, match=r"channels must be .* RGB channels 0-2, got \[3\]"):
+        small_stream(photos, channels=(3,))
 
 
 def test_an_image_smaller_than_the_patch_is_named_before_any_batch(photos: list[Path]) -> None:
     # From its header, when the stream is made: a run stops before it starts.
     with pytest.raises(ImageFileError, match=r"photo0\.png: 48×48 pixels, smaller than the 64² a patch needs$"):
         small_stream(photos, patch_size=64)
-    # A field of view smaller than the patch (44² in a 48² frame) is found when the photo is read.
-    with pytest.raises(ImageFileError, match=r"photo\d\.png: its field of view crop is 44×44, smaller than 46²"):
-        small_stream(photos, patch_size=46).batch(0)
+    # A field of view smaller than the patch (44² in a 48² frame) is found when the photo is read:
+    # it is skipped with a warning; with no usable photo left, the stream stops.
+    with pytest.raises(ImageFileError, match=r"none of the 6 .* the last: .*photo\d\.png: its field of view crop is 44×44, smaller than 46²"):
+        with pytest.warns(UserWarning, match=r"training goes on without it: .*photo\d\.png: its field of view crop is 44×44"):
+            small_stream(photos, patch_size=46).batch(0)
+
+
+def test_a_photo_that_fails_when_read_is_skipped_with_a_warning_naming_it(photos: list[Path]) -> None:
+    intact = small_stream(photos).batch(0)
+    photos[2].write_bytes(photos[2].read_bytes()[:200])  # header intact, pixels cut off
+    with pytest.warns(UserWarning, match=r"training goes on without it: .*photo2\.png"):
+        stream = small_stream(photos)
+        batches = [stream.batch(step) for step in range(stream.batches_per_group * 3)]  # every photo comes up
+    assert all(torch.isfinite(b.clean).all() and b.clean.shape == intact.clean.shape for b in batches)
 
 
 def test_shrink_cuts_patches_from_smaller_photographs(tmp_path: Path) -> None:

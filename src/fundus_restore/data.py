@@ -48,6 +48,7 @@ Design, and why:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,9 @@ class PatchSettings:
             raise ValueError(f"lr_kernels must be a non-empty list of {', '.join(KERNELS)}, got {list(self.lr_kernels)}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
-        if self.channels is not None and (not self.channels or min(self.channels) < 0):
-            raise ValueError(f"channels must be null or a non-empty list of channel indices, got {list(self.channels)}")
+        # Photographs are read as RGB (grey ones too), so only 0, 1 and 2 exist in every one.
+        if self.channels is not None and (not self.channels or not set(self.channels) <= {0, 1, 2}):
+            raise ValueError(f"channels must be null or a non-empty list of RGB channels 0-2, got {list(self.channels)}")
         if self.targets == "vessels" and self.scale != 1:
             raise ValueError("vessel-map targets are for segmentation: the scale must be 1")
         if self.gain is not None and not (len(self.gain) == 2 and 0 < self.gain[0] <= self.gain[1]):
@@ -278,7 +280,7 @@ class PatchStream(IterableDataset):
         group_patches = settings.images_per_group * settings.patches_per_image
         self.batches_per_group = max(1, math.ceil(group_patches / batch_size))
         # Every header is read now (not the pixels): a missing, unreadable or too small
-        # photograph stops the run before it starts, not hours into it.
+        # photograph stops the run before it starts, not hours into it (see _load for the pixels).
         headers = [read_header_of_size(path, settings.window, "a patch") for path in self.images]
         self._draw_weights: np.ndarray | None = None
         if settings.sampling == "area":
@@ -325,8 +327,21 @@ class PatchStream(IterableDataset):
         else:
             order = rng.choice(len(self.images), size=len(self.images), p=self._draw_weights)
         settings = self.settings
-        image, mask = load_fov_crop(self.images[order[offset]], settings.window, vessels=settings.targets == "vessels",
-                                    channels=settings.channels)
+        # The headers passed at the start, but the pixels can still fail (a corrupt file, a field of
+        # view smaller than a patch): the next photo of the order stands in, so that one bad file
+        # of an archive does not end a run hours in.
+        problem = ""
+        for tried in range(len(self.images)):
+            path = self.images[order[(offset + tried) % len(self.images)]]
+            try:
+                image, mask = load_fov_crop(path, settings.window, vessels=settings.targets == "vessels",
+                                            channels=settings.channels)
+                break
+            except ImageFileError as error:
+                problem = str(error)
+                warnings.warn(f"training goes on without it: {problem}", stacklevel=2)
+        else:
+            raise ImageFileError(f"none of the {len(self.images)} training photographs can be used; the last: {problem}")
         factor = int(np.random.default_rng((self.seed, _SHRINK, position)).choice(settings.shrink))
         if min(image.shape[:2]) // factor < settings.window:  # too small to shrink that far: as it is
             return image, mask
