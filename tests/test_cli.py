@@ -368,6 +368,43 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     assert "0 of 0 images written, 1 skipped" in runner.invoke(app, [*args, "--skip-existing"]).output
 
 
+@pytest.mark.parametrize("command", ["upscale", "restore"])
+def test_the_guard_maps_a_vessel_the_upscaler_adds_and_stays_quiet_when_it_adds_none(
+    command: str, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from fundus_restore import inference
+    from fundus_restore.degrade import bicubic_upsample
+
+    rows, cols = np.mgrid[:160, :160] / 160
+    disk = ((rows - 0.5) ** 2 + (cols - 0.5) ** 2 < 0.45**2)[..., None]
+    folder = tmp_path / "in"
+    write_image(folder / "a.png", np.where(disk, [0.7, 0.4, 0.2] * (0.9 + 0.1 * cols[..., None]), 0.0), bit_depth=16)
+    invented = np.zeros((320, 320), dtype=bool)
+    invented[158:161, 80:240] = True  # a thin dark vessel across the field of view, absent from the input
+
+    def upscaler_adding(line: bool):
+        def upscale(image: np.ndarray, network: object, **_: object) -> np.ndarray:
+            upscaled = bicubic_upsample(image, 2)
+            return np.where(invented[..., None], 0.6 * upscaled, upscaled) if line else upscaled
+        return upscale
+
+    args = [command, str(folder), "-m" if command == "upscale" else "--upscale-model", str(tiny_upscaler_file),
+            "--device", "cpu", "--check"] + (["--denoise-model", str(tiny_model_file)] if command == "restore" else [])
+    for line, out in ((False, tmp_path / "plain"), (True, tmp_path / "line")):
+        monkeypatch.setattr(inference, "upscale", upscaler_adding(line))
+        result = runner.invoke(app, [*args, "-o", str(out)])  # the default threshold, 5 %
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in out.iterdir()) == ["a.hallucination.png", "a.png"]
+        marked = read_image(out / "a.hallucination.png")
+        red = (marked[..., 0] > 0.9) & (marked[..., 1] < 0.1) & (marked[..., 2] < 0.1)
+        if not line:  # bicubic itself: nothing absent from the bicubic upscale
+            assert "invented vs bicubic 0.000" in result.output and "warning" not in result.output
+            assert not red.any()
+        else:
+            assert "warning:" in result.output and "check them in a.hallucination.png" in result.output
+            assert red.sum() > 100 and not red[~invented].any()  # its centreline, and only there
+
+
 @pytest.mark.parametrize("command", ["denoise", "upscale", "restore"])
 def test_a_grey_photograph_comes_back_grey(
     command: str, tiny_model_file: Path, tiny_upscaler_file: Path, tmp_path: Path

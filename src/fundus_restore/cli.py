@@ -77,6 +77,16 @@ SkipExistingOption = Annotated[
         "whole or not at all)."
     ),
 ]
+CheckOption = Annotated[
+    bool,
+    typer.Option(
+        help="Hallucination guard: write NAME.hallucination.png (the output with, in red, vessel centreline "
+        "absent from the bicubic upscale's segmentation) and print the rate of such centreline."
+    ),
+]
+CheckThresholdOption = Annotated[
+    float, typer.Option(help="With --check, warn when that share of centreline exceeds this fraction.")
+]
 LogOption = Annotated[
     Optional[Path],
     typer.Option(
@@ -388,9 +398,14 @@ def _hallucination_map(upscaled: np.ndarray, hallucinated: np.ndarray) -> np.nda
     return overlay
 
 
-def _hallucination_map_name(relative: Path) -> Path:
-    """Where ``upscale --check`` puts the map of an input: NAME.hallucination.png beside its output."""
-    return relative.with_name(f"{relative.stem}.hallucination.png")
+def _upscale_outputs(check: bool) -> Callable[[Path], tuple[Path, ...]]:
+    """What an upscaled photo gets: its output, and with ``--check`` its map, NAME.hallucination.png, beside it."""
+
+    def outputs(relative: Path) -> tuple[Path, ...]:
+        (output,) = _same_name(relative)
+        return (output, relative.with_name(f"{relative.stem}.hallucination.png")) if check else (output,)
+
+    return outputs
 
 
 def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, threshold: float) -> None:
@@ -425,16 +440,8 @@ def upscale(
     tile: TileOption = None,
     device: DeviceOption = "auto",
     ensemble: EnsembleOption = False,
-    check: Annotated[
-        bool,
-        typer.Option(
-            help="Hallucination guard: write NAME.hallucination.png (the output with, in red, vessel centreline "
-            "absent from the bicubic upscale's segmentation) and print the rate of such centreline."
-        ),
-    ] = False,
-    check_threshold: Annotated[
-        float, typer.Option(help="With --check, warn when that share of centreline exceeds this fraction.")
-    ] = 0.05,
+    check: CheckOption = False,
+    check_threshold: CheckThresholdOption = 0.05,
     noise_check: NoiseCheckOption = True,
     recursive: RecursiveOption = False,
     skip_existing: SkipExistingOption = False,
@@ -446,10 +453,6 @@ def upscale(
     from fundus_restore.pretrained import model_name
 
     network = _loaded(lambda: check_run_settings(load_upscaler(model, scale), tile=tile, device=device))
-
-    def outputs(relative: Path) -> tuple[Path, ...]:
-        (output,) = _same_name(relative)
-        return (output, _hallucination_map_name(relative)) if check else (output,)
 
     def handle(job: _Job) -> None:
         job.record["model"] = model_name(network)
@@ -463,7 +466,7 @@ def upscale(
 
     _run_batch(
         inputs, out, f"upscaling with {model_name(network)}", handle,
-        recursive=recursive, skip_existing=skip_existing, outputs=outputs, log=log,
+        recursive=recursive, skip_existing=skip_existing, outputs=_upscale_outputs(check), log=log,
     )
 
 
@@ -483,12 +486,15 @@ def restore(
     device: DeviceOption = "auto",
     ensemble: EnsembleOption = False,
     sigma: NoiseLevelOption = None,
+    check: CheckOption = False,
+    check_threshold: CheckThresholdOption = 0.05,
     noise_check: NoiseCheckOption = True,
     recursive: RecursiveOption = False,
     skip_existing: SkipExistingOption = False,
     log: LogOption = None,
 ) -> None:
-    """Denoise then upscale each photograph in one pass (no intermediate files)."""
+    """Denoise then upscale each photograph in one pass (no intermediate files); --check
+    guards the upscale against the bicubic upscale of the denoised photo, what the upscaler saw."""
     from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image, upscale_factor
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
@@ -505,8 +511,11 @@ def restore(
         job.record["model"] += f" + {model_name(upscaler)}"
         upscaled = upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble)
         _write_output(job, upscaled, f"denoised and upscaled x{upscale_factor(upscaler)}")
+        if check:
+            _check_hallucinations(job, denoised, upscaled, check_threshold)
 
-    _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing, log=log)
+    _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing,
+               outputs=_upscale_outputs(check), log=log)
 
 
 @app.command()
