@@ -500,10 +500,15 @@ def test_initial_weights_from_the_official_matconvnet_file(dncnn_weights_dir: Pa
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(photo_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", ["denoiser", "srgan"])
+def test_torchrun_two_cpu_processes(photo_dir: Path, tmp_path: Path, task: str) -> None:
     config_path = tmp_path / "tiny.yaml"
     output = tmp_path / "ddp"
-    config_path.write_text(json.dumps(tiny_config(photo_dir, output, steps=4, checkpoint_every=2)))  # JSON is YAML
+    config = tiny_config(photo_dir, output, steps=4, checkpoint_every=2)
+    if task == "srgan":  # the discriminator is a second DistributedDataParallel module, run twice a step
+        config = sr_config(photo_dir, output, steps=4, checkpoint_every=2, **{
+            "adversarial.weight": 1e-3, "perceptual.features": "vessels", "perceptual.feature_scale": 10.0})
+    config_path.write_text(json.dumps(config))  # JSON is YAML
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fundus_restore", "train", str(config_path)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -513,6 +518,8 @@ def test_torchrun_two_cpu_processes(photo_dir: Path, tmp_path: Path) -> None:
     assert card["training"]["processes"] == 2 and card["recipe"]["batch_size"] == 8
     load_model(output / "model.safetensors")
     assert len(list(output.glob("events.out.tfevents.*"))) == 1  # rank 0 alone logs
+    if task == "srgan":
+        assert len(logged(output, "train/discriminator")) == 4 and "discriminator" in load_checkpoint(output / "checkpoint.pt")
 
 
 def sr_config(photo_dir: Path, output: Path, **changes: Any) -> dict[str, Any]:
