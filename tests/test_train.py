@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -126,6 +127,10 @@ def test_a_card_lists_every_training_stage_behind_its_weights(photo_dir: Path, t
     third = train_from_config(tiny_config(photo_dir, tmp_path / "third", steps=1, **{"model.init_weights": str(second)}))
     stages = json.loads(third.with_suffix(".json").read_text())["training"]["earlier_stages"]
     assert [(stage["init_weights"], stage["steps"]) for stage in stages] == [(str(first), 3), (None, 2)]
+    # Which file each run started from, should the name come to hold other weights.
+    first_digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    assert json.loads(second.with_suffix(".json").read_text())["recipe"]["init_weights_sha256"] == first_digest
+    assert stages[0]["init_weights_sha256"] == first_digest and stages[1]["init_weights_sha256"] is None
     first_card = json.loads(first.with_suffix(".json").read_text())
     assert first_card["training"]["earlier_stages"] == []
     assert stages[1]["wall_time_s"] == first_card["training"]["wall_time_s"]

@@ -44,6 +44,7 @@ is relative to the config file).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -593,6 +594,9 @@ class Trainer:
         torch.manual_seed(config["seed"])  # the same initial weights on every rank and run
         # Channels-last is the layout oneDNN and cuDNN convolve fastest (1.1x float32, 2x bfloat16 on the CPU).
         self.model = build_model(config["model"]).to(placement.device, memory_format=torch.channels_last)
+        init = config["model"]["init_weights"]
+        # A bundled name can come to hold other weights: the card keeps which file this run started from.
+        self.init_weights_sha256 = None if init is None else hashlib.sha256(resolve_weights(init).read_bytes()).hexdigest()
         self.network: nn.Module = self.model
         if placement.world_size > 1:
             device_ids = [placement.device.index] if placement.device.type == "cuda" else None
@@ -919,6 +923,7 @@ def _model_card(
         },
         "recipe": {
             "init_weights": config["model"]["init_weights"],
+            "init_weights_sha256": trainer.init_weights_sha256,
             "optimizer": {"name": "Adam", **config["optimizer"]},
             "schedule": config["schedule"],
             "steps": trainer.step,
@@ -972,7 +977,8 @@ def earlier_stages(init_weights: str | None) -> list[dict[str, Any]]:
     if "training" not in card:
         return []
     recipe, training = card["recipe"], card["training"]
-    stage = {"init_weights": recipe["init_weights"], "steps": recipe["steps"], "batch_size": recipe["batch_size"],
+    stage = {"init_weights": recipe["init_weights"], "init_weights_sha256": recipe.get("init_weights_sha256"),
+             "steps": recipe["steps"], "batch_size": recipe["batch_size"],
              "patch_size": recipe["patch_size"], "wall_time_s": training["wall_time_s"],
              "device_name": training["device_name"]}
     return [stage, *training.get("earlier_stages", [])]
