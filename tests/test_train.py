@@ -351,9 +351,11 @@ def test_a_photo_too_small_for_a_patch_is_named_in_one_line(photo_dir: Path, tmp
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.holdout": 0}))
     (photo_dir / "tiny.png").unlink()
     # A field of view (about 43² in these 48² frames) smaller than the patch is found by the
-    # DataLoader worker reading it: its message still comes as one line, not the worker's traceback.
+    # DataLoader worker reading it, which skips such photos; with none left, the message still
+    # comes as one line, not the worker's traceback.
     config = tiny_config(photo_dir, tmp_path / "run", **{"data.patch_size": 46, "data.workers": 1})
-    one_line = r"^\S*photo\d\.png: its field of view crop is \d+×\d+, smaller than 46²$"
+    one_line = (r"^none of the 3 training photographs can be used; the last: "
+                r"\S*photo\d\.png: its field of view crop is \d+×\d+, smaller than 46²$")
     with pytest.raises(ImageFileError, match=one_line):
         train_from_config(config)
 
