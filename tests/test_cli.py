@@ -584,6 +584,26 @@ def test_train_takes_its_paths_as_options_in_place_of_the_configs_placeholders(t
     assert [name[0] for name in card["training_data"]["validation_images"]] == ["v"]  # held out from --validate-on
 
 
+def test_a_sigma_far_from_the_photos_noise_is_warned_about_and_one_on_the_wrong_scale_refused(tmp_path: Path):
+    rows, cols = np.mgrid[:96, :96] / 96
+    clean = np.dstack([0.3 + 0.4 * rows, 0.2 + 0.3 * cols, 0.1 + 0.2 * rows * cols])
+    photo = write_image(tmp_path / "in" / "noisy.png", add_gaussian_noise(clean, 25, seed=0), bit_depth=8)
+    torch.manual_seed(0)
+    told_file = save_model(create_model("resunet", widths=[4, 8], blocks=1, noise_map=True), tmp_path / "told.safetensors")
+    for sigma, far in (("25", False), ("20", False), ("0.1", True), ("150", True)):
+        result = runner.invoke(app, ["denoise", str(photo), "-o", str(tmp_path / sigma), "-m", str(told_file), "--sigma", sigma])
+        assert result.exit_code == 0, result.output
+        warned = f"--sigma {sigma} is far from the photo's estimated noise sigma, about 2" in result.output
+        assert warned == far, result.output
+    quiet = runner.invoke(app, ["denoise", str(photo), "-o", str(tmp_path / "quiet"), "-m", str(told_file),
+                                "--sigma", "0.1", "--no-noise-check"])
+    assert quiet.exit_code == 0 and "warning" not in quiet.output
+    # The Python API takes sigma on the image's [0, 1] scale: 25 there is a mistake, not a level.
+    for wrong in (25.0, -0.1):
+        with pytest.raises(ValueError, match=r"sigma is on the image's \[0, 1\] scale"):
+            denoise(read_image(photo), str(told_file), sigma=wrong, device="cpu")
+
+
 def test_sigma_is_told_to_a_denoiser_that_takes_it_and_refused_for_a_blind_one(
     photos: Path, tiny_model_file: Path, tmp_path: Path
 ):

@@ -56,9 +56,9 @@ SigmaOption = Annotated[float, typer.Option(min=0, help="Noise standard deviatio
 NoiseLevelOption = Annotated[
     Optional[float],
     typer.Option(
-        "--sigma", min=0,
-        help="Noise sigma (0-255 scale) to tell a denoiser that takes it (resunet-retina-green-blind, cbm3d); "
-        "default: estimated per photo.",
+        "--sigma", min=0, max=255,
+        help="Noise sigma (0-255 scale) to tell a denoiser that takes it (bundled: resunet-retina-green-blind, "
+        "resunet-retina-green-blind-small, resunet-retina-grey-blind; cbm3d); default: estimated per photo.",
     ),
 ]
 SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the noise; file i (sorted order) uses seed + i.")]
@@ -366,15 +366,25 @@ def _denoised(
             f"a grey photograph through a colour denoiser, which removes less noise from it than the "
             f"grey {DEFAULT_GREY_MODEL} (docs/results.md, 'Grey (red-free) photographs')"
         )
-    estimated = None
-    if sigma is None and getattr(network, "needs_noise_level", False):
-        estimated = estimated_noise_level(image)
-    told = sigma if estimated is None else 255.0 * estimated
+    told_level = getattr(network, "needs_noise_level", False)
+    # The estimate: what the denoiser is told without --sigma, and what --sigma is checked against.
+    level = estimated_noise_level(image) if told_level and (sigma is None or noise_check) else None
+    estimated = None if level is None else 255.0 * level
+    told = sigma if sigma is not None else estimated
     if told is not None:
         job.record["noise_sigma"] = f"{told:.2f}"
     if noise_check:
-        _check_noise_level(job, image, network, None if estimated is None else told)
-    return denoise(image, network, sigma=estimated if sigma is None else sigma / 255.0, **options)
+        if sigma is not None and estimated is not None and not _plausible_level(sigma, estimated):
+            job.warn(f"--sigma {sigma:g} is far from the photo's estimated noise sigma, about {estimated:.1f} "
+                     "(both on the 0-255 scale): the denoiser will leave noise or smooth away detail")
+        _check_noise_level(job, image, network, estimated)
+    return denoise(image, network, sigma=level if sigma is None else sigma / 255.0, **options)
+
+
+def _plausible_level(told: float, estimated: float) -> bool:
+    """Whether a noise level told (0-255) lies within a factor 2 (and 2 levels) of the photo's
+    estimate, which is within 1.1 of the true sigma 5-50 on DRIVE and HEI-MED."""
+    return estimated / 2 - 2 <= told <= 2 * estimated + 2
 
 
 def _check_noise_level(job: _Job, image: np.ndarray, network: nn.Module, sigma: float | None = None) -> None:
