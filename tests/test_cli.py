@@ -431,6 +431,18 @@ def test_a_grey_photograph_comes_back_grey(
         assert read_image(tmp_path / "out" / "red-free.hallucination.png", rgb=False).shape == (80, 100, 3)
 
 
+def test_degrade_keeps_a_grey_photograph_grey_with_one_noise_channel(tmp_path: Path):
+    grey = np.full((40, 50, 1), 0.5)
+    photo = write_image(tmp_path / "in" / "red-free.png", grey, bit_depth=8)
+    for scale in ("1", "2"):
+        out = tmp_path / f"out{scale}"
+        result = runner.invoke(app, ["degrade", str(photo), "-o", str(out), "--sigma", "25", "--scale", scale])
+        assert result.exit_code == 0, result.output
+        written = read_image(out / "red-free.png", rgb=False)
+        assert written.shape == (40 // int(scale), 50 // int(scale), 1)
+        assert 20 < 255 * np.std(written) < 30
+
+
 @pytest.mark.parametrize("command", ["denoise", "restore"])
 def test_without_a_model_grey_photos_get_the_grey_default(
     command: str, tiny_upscaler_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

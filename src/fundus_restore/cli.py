@@ -557,7 +557,7 @@ def degrade(
         raise typer.Exit(2)
 
     def handle(job: _Job) -> None:
-        image = read_image(job.source)
+        image = read_image(job.source, rgb=False)  # a grey (red-free) photo stays grey, one noise channel
         steps = []  # for the output's provenance
         if scale > 1:
             image = downsample(image, scale, kernel)
