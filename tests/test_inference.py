@@ -127,9 +127,10 @@ def test_channel_axis_takes_channels_first_and_grey_images_as_scikit_image_does(
         run(np.moveaxis(image, -1, 0), model, device="cpu")
 
 
-def test_an_unknown_device_is_named_in_one_line() -> None:
-    with pytest.raises(ValueError, match="^unknown device 'tpu': auto, cpu or cuda"):
-        resolve_device("tpu")
+@pytest.mark.parametrize("device", ["tpu", "mps", "xpu", "meta"])  # unknown to torch, or known but not run here
+def test_an_unknown_device_is_named_in_one_line(device: str) -> None:
+    with pytest.raises(ValueError, match=f"^unknown device '{device}': auto, cpu or cuda"):
+        resolve_device(device)
 
 
 @pytest.mark.parametrize("length", [1, 7, 100, 203, 1696])

@@ -217,7 +217,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:  # torch lists its every device type: say what this toolkit runs on
-        raise ValueError(f"unknown device {str(device)!r}: auto, cpu or cuda (cuda:N for one GPU)") from None
+        resolved = None
+    # Other types torch knows (mps, xpu, meta, ...) are not run or tested here.
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {str(device)!r}: auto, cpu or cuda (cuda:N for one GPU)")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
