@@ -198,7 +198,8 @@ def _nan_tiff(path: Path) -> None:
 @pytest.mark.parametrize(
     "name,make,problem",
     [
-        ("missing.png", None, "no such file"),
+        ("missing.png", None, "no such file$"),
+        ("missing-folder", None, "no such file or folder$"),  # a mistyped folder, not an 'unsupported type'
         ("empty.png", lambda p: p.write_bytes(b""), "empty file"),
         ("truncated (1).png", _truncated_png, "truncated or corrupt"),
         ("text.png", lambda p: p.write_text("not an image\n"), "truncated or corrupt"),

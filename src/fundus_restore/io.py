@@ -43,10 +43,11 @@ def _file_error(path: Path, problem: str) -> ImageFileError:
 def _checked_path(path: str | Path) -> Path:
     """``path`` after the checks every reader shares: a supported type, an existing regular file."""
     path = Path(path)
+    if not path.exists():  # first: a mistyped folder has no image suffix either
+        supported = path.suffix.lower() in SUPPORTED_SUFFIXES
+        raise _file_error(path, "no such file" if supported else "no such file or folder")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise _file_error(path, f"unsupported image type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
-    if not path.exists():
-        raise _file_error(path, "no such file")
     if not path.is_file():
         raise _file_error(path, "not a regular file")
     return path
