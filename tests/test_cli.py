@@ -336,6 +336,17 @@ def test_a_tile_or_device_a_model_cannot_run_with_stops_the_batch_before_any_fil
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_that_is_a_file_or_a_scale_nothing_bundled_has_stops_before_any_photo(photos: Path, tmp_path: Path):
+    log = tmp_path / "run.csv"
+    log.write_text("kept\n")
+    result = runner.invoke(app, ["denoise", str(photos), "-o", str(log)])
+    assert result.exit_code == 2 and result.output.startswith(f"error: --out {log}: a file, not a folder")
+    assert log.read_text() == "kept\n"
+    result = runner.invoke(app, ["restore", str(photos), "-o", str(tmp_path / "out"), "--scale", "3"])
+    assert result.exit_code == 2 and "no x3 super-resolution model is bundled" in result.output
+    assert "restore --upscale-model" in result.output and not (tmp_path / "out").exists()
+
+
 def test_demo_with_an_unknown_model_says_so_in_one_line(tmp_path: Path):
     result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-m", "no-such-model"])
     assert result.exit_code == 2 and "no-such-model" in result.output and "Traceback" not in result.output

@@ -210,6 +210,9 @@ def _run_batch(
     their outputs, and the exit status says if any failed (exit 1)."""
     from fundus_restore.io import ImageFileError, find_images
 
+    if out.exists() and not out.is_dir():  # else every photo would fail on it, one by one
+        _report_error(f"--out {out}: a file, not a folder")
+        raise typer.Exit(2)
     found = find_images(inputs, recursive=recursive, exclude=out)
     if not found:
         _report_error("no image files found in the given inputs")

@@ -331,7 +331,9 @@ def default_upscale_model_name(scale: int | None = None) -> str:
         if card.get("task") == "upscale" and scale in (None, card.get("config", {}).get("scale")):
             return name
     wanted = "super-resolution" if scale is None else f"x{scale} super-resolution"
-    raise WeightsError(f"no {wanted} model is bundled: pass --model FILE.safetensors")
+    raise WeightsError(
+        f"no {wanted} model is bundled: give a .safetensors file of one (upscale --model, restore --upscale-model)"
+    )
 
 
 def check_denoiser(network: nn.Module) -> nn.Module:
