@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,14 @@ def test_bundled_card_describes_its_weights(name: str):
     scale = model.config.get("scale", 1)
     expected = {"denoise": (1, channels, 32, 32), "upscale": (1, 3, 32 * scale, 32 * scale), "segment-vessels": (1, 1, 32, 32)}
     assert shape == expected[card["task"]] and (card["task"] == "upscale") == (scale > 1)
+
+
+def test_saved_weights_are_readable_by_others_as_the_umask_allows(tmp_path: Path):
+    # safetensors' own save_file creates owner-only files; a lab shares its weights.
+    previous = os.umask(0o022)
+    try:
+        path = save_model(create_model("dncnn", depth=3, width=8), tmp_path / "shared.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert load_model(path).config["depth"] == 3

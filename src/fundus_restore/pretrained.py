@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
 from fundus_restore.models import create_model
@@ -141,7 +141,9 @@ def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(state, str(partial), metadata=metadata)
+    # Written by Python, not safetensors' save_file, which creates the file owner-only (0600)
+    # whatever the umask: a lab's shared weights must stay readable to the others.
+    partial.write_bytes(safetensors_bytes(state, metadata=metadata))
     partial.replace(path)
     return path
 
