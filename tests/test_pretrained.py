@@ -69,11 +69,15 @@ def test_weights_of_another_shape_are_refused(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    ("content", "problem"),
-    [(b"\x00" * 100, "unreadable"), (None, "no such weights file")],
+    ("name", "content", "problem"),
+    [("bad.safetensors", b"\x00" * 100, "unreadable"), ("bad.safetensors", None, "no such weights file"),
+     # The official file itself, given where its conversion belongs.
+     ("GD_Color_Blind.mat", b"MATLAB 7.3 MAT-file" + b"\x00" * 200,
+      r"GD_Color_Blind\.mat: a MATLAB file, not safetensors weights: convert it with "
+      r"fundus-restore import-weights GD_Color_Blind\.mat -o GD_Color_Blind\.safetensors$")],
 )
-def test_bad_files_are_refused(tmp_path: Path, content: bytes | None, problem: str):
-    path = tmp_path / "bad.safetensors"
+def test_bad_files_are_refused(tmp_path: Path, name: str, content: bytes | None, problem: str):
+    path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(WeightsError, match=problem):

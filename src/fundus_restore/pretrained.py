@@ -153,6 +153,11 @@ def read_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return handle.metadata() or {}
     except (SafetensorError, OSError) as error:
+        if path.suffix.lower() == ".mat":  # users try the official DnCNN file itself
+            raise WeightsError(
+                f"{path}: a MATLAB file, not safetensors weights: convert it with "
+                f"fundus-restore import-weights {path.name} -o {path.stem}.safetensors"
+            ) from None
         raise WeightsError(f"{path}: unreadable safetensors file ({error})") from None
 
 
