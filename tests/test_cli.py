@@ -188,7 +188,7 @@ def test_log_records_each_photo_and_is_appended_to_by_a_resumed_batch(
     ]
     assert rows[0]["model"] == "tiny" and rows[0]["outputs"] == str(out / "a (1).png")
     assert float(rows[0]["seconds"]) >= 0 and rows[0]["message"] == "" and rows[0]["noise_sigma"] == ""  # blind
-    assert rows[2]["message"].startswith(f"error: {photos / 'broken.png'}: ")
+    assert rows[2]["message"].startswith(f"error: {photos / 'broken.png'}: ") and rows[2]["outputs"] == ""
     assert runner.invoke(app, [*args, "--skip-existing"]).exit_code == 1
     rows = _log_rows(log)  # one header, the first run's rows, then the second's
     assert [row["status"] for row in rows] == ["written", "written", "failed", "skipped", "skipped", "failed"]
@@ -370,7 +370,7 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     log = tmp_path / "check.csv"
     runner.invoke(app, [*args, "--check-threshold", "-1", "--log", str(log)])
     (row,) = _log_rows(log)
-    assert row["outputs"] == f"{out / 'a.png'} {out / 'a.hallucination.png'}" and row["model"] == "sr"
+    assert row["outputs"] == f"{out / 'a.png'};{out / 'a.hallucination.png'}" and row["model"] == "sr"
     assert float(row["invented_vs_bicubic"]) >= 0 and row["message"].startswith("warning: ")
     assert "check them in a.hallucination.png" in row["message"]
     # A photo is done when its map is written too: --skip-existing redoes it without one.

@@ -90,7 +90,7 @@ CheckThresholdOption = Annotated[
 LogOption = Annotated[
     Optional[Path],
     typer.Option(
-        help="Append a CSV row per photo: time, input, outputs, status (written, failed, skipped), seconds, "
+        help="Append a CSV row per photo: time, input, outputs (;-separated), status (written, failed, skipped), seconds, "
         "model, the noise level it was told, the --check rate, warnings and errors."
     ),
 ]
@@ -151,7 +151,8 @@ class _BatchLog:
             **job.record,
             "time": datetime.now().isoformat(timespec="seconds"),
             "input": str(job.source),
-            "outputs": " ".join(map(str, job.outputs)),
+            # ";" between them (names hold spaces); none for a photo whose outputs were not written.
+            "outputs": "" if status == "failed" else ";".join(map(str, job.outputs)),
             "status": status,
             "seconds": "" if seconds is None else f"{seconds:.2f}",
             "message": " | ".join(job.messages),
