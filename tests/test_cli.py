@@ -347,6 +347,18 @@ def test_an_out_that_is_a_file_or_a_scale_nothing_bundled_has_stops_before_any_p
     assert "restore --upscale-model" in result.output and not (tmp_path / "out").exists()
 
 
+def test_a_tile_whose_core_is_small_is_warned_about_once_with_its_cost(photos: Path, tiny_model_file: Path, tmp_path: Path):
+    # The tiny DnCNN's overlap is 3: a tile of 8 keeps 2 pixels across, 16 times the compute.
+    args = ["denoise", str(photos / "a (1).png"), "-m", str(tiny_model_file), "--device", "cpu"]
+    slow = runner.invoke(app, [*args, "-o", str(tmp_path / "slow"), "--tile", "8"])
+    assert slow.exit_code == 0 and " ".join(slow.output.split()).count(
+        "warning: --tile 8 keeps 2 pixels across of each tile (an overlap of 3 on both sides): about 16 times "
+        "the compute of untiled; --tile 12 or more costs at most 4") == 1
+    fine = runner.invoke(app, [*args, "-o", str(tmp_path / "fine"), "--tile", "12"])
+    assert fine.exit_code == 0 and "warning" not in fine.output
+    assert np.array_equal(read_image(tmp_path / "slow" / "a (1).png"), read_image(tmp_path / "fine" / "a (1).png"))
+
+
 def test_demo_with_an_unknown_model_says_so_in_one_line(tmp_path: Path):
     result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-m", "no-such-model"])
     assert result.exit_code == 2 and "no-such-model" in result.output and "Traceback" not in result.output

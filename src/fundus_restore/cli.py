@@ -290,6 +290,23 @@ def _loaded(load: Callable[[], nn.Module], why: str = "") -> nn.Module:
         raise typer.Exit(2) from None
 
 
+def _runnable(load: Callable[[], nn.Module], tile: int | None, device: str, why: str = "") -> nn.Module:
+    """The model ``load`` returns, refused (see ``_loaded``) for a ``tile`` or ``device`` it cannot
+    run with, and a warning when tiles that small cost several times the compute of whole ones."""
+    from fundus_restore.inference import check_run_settings, default_overlap, tiling_cost
+
+    network = _loaded(lambda: check_run_settings(load(), tile=tile, device=device), why)
+    cost = tiling_cost(network, tile)
+    if cost > 4:  # the core of a tile is less than half of it across
+        overlap = default_overlap(network)
+        _report_error(
+            f"--tile {tile} keeps {tile - 2 * overlap} pixels across of each tile (an overlap of {overlap} on both "
+            f"sides): about {cost:.0f} times the compute of untiled; --tile {4 * overlap} or more costs at most 4",
+            "warning",
+        )
+    return network
+
+
 def _told(network: nn.Module, sigma: float | None) -> nn.Module:
     """``network``, refused when a noise level is given to a blind one (it would be ignored)."""
     from fundus_restore.pretrained import model_name
@@ -340,11 +357,11 @@ def _denoisers(
     command (exit 2), saying ``why`` that denoiser was chosen."""
     import functools
 
-    from fundus_restore.inference import check_run_settings, load_denoiser
+    from fundus_restore.inference import load_denoiser
     from fundus_restore.pretrained import default_model_name
 
     def usable(load: Callable[[], nn.Module]) -> nn.Module:
-        return _loaded(lambda: check_run_settings(_told(load(), sigma), tile=tile, device=device), why)
+        return _runnable(lambda: _told(load(), sigma), tile, device, why)
 
     colour = usable(lambda: load_denoiser(model, small_photos=small_photos))
     name = getattr(colour, "name", str(model))
@@ -462,11 +479,11 @@ def upscale(
     log: LogOption = None,
 ) -> None:
     """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
-    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image, upscale_factor
+    from fundus_restore.inference import load_upscaler, upscale as upscale_image, upscale_factor
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
 
-    network = _loaded(lambda: check_run_settings(load_upscaler(model, scale), tile=tile, device=device))
+    network = _runnable(lambda: load_upscaler(model, scale), tile, device)
 
     def handle(job: _Job) -> None:
         job.record["model"] = model_name(network)
@@ -509,11 +526,11 @@ def restore(
 ) -> None:
     """Denoise then upscale each photograph in one pass (no intermediate files); --check
     guards the upscale against the bicubic upscale of the denoised photo, what the upscaler saw."""
-    from fundus_restore.inference import check_run_settings, load_upscaler, upscale as upscale_image, upscale_factor
+    from fundus_restore.inference import load_upscaler, upscale as upscale_image, upscale_factor
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
 
-    upscaler = _loaded(lambda: check_run_settings(load_upscaler(upscale_model, scale), tile=tile, device=device))
+    upscaler = _runnable(lambda: load_upscaler(upscale_model, scale), tile, device)
     behind = upscaler.lr_denoiser if denoise_model is None else None
     why = f" (the denoiser {model_name(upscaler)} was trained behind, from its card; or give --denoise-model)" if behind else ""
     denoiser_for, _ = _denoisers(denoise_model or behind, sigma, tile, device, small_photos=True, why=why)
@@ -820,7 +837,7 @@ def demo(
 
     from fundus_restore.degrade import add_gaussian_noise
     from fundus_restore.fov import fov_mask
-    from fundus_restore.inference import check_run_settings, denoise as denoise_image, load_denoiser
+    from fundus_restore.inference import denoise as denoise_image, load_denoiser
     from fundus_restore.io import write_image
     from fundus_restore.metrics import image_quality
     from fundus_restore.report import comparison_figure, thin_vessel_window
@@ -828,7 +845,7 @@ def demo(
     clean = skimage_data.retina().astype(np.float32) / 255.0
     mask = fov_mask(clean)
     noisy = add_gaussian_noise(clean, sigma, seed=seed)
-    network = _loaded(lambda: check_run_settings(load_denoiser(model), tile=tile, device=device))
+    network = _runnable(lambda: load_denoiser(model), tile, device)
     name = getattr(network, "name", str(model))
     console.print(f"denoising the {clean.shape[1]}×{clean.shape[0]} retina photo (sigma {sigma:g}) with {name} …")
     restored = denoise_image(noisy, network, tile=tile, device=device)

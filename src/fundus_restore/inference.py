@@ -189,6 +189,14 @@ def smallest_tile(model: nn.Module) -> int:
     return 2 * default_overlap(model) + 2 * (getattr(model, "tile_alignment", 1) - 1) + 1
 
 
+def tiling_cost(model: nn.Module, tile: int | None) -> float:
+    """Compute of ``model`` tiled at ``tile`` (input pixels) relative to one whole-image pass:
+    each tile is run whole and keeps only its core, inside the overlap on both sides."""
+    if tile is None:
+        return 1.0
+    return (tile / (tile - 2 * default_overlap(model))) ** 2
+
+
 def check_run_settings(model: nn.Module, *, tile: int | None, device: str | torch.device) -> nn.Module:
     """``model``, after refusing a ``device`` that is not here or a ``tile`` it cannot run
     at: a batch then stops before its first photo instead of failing on every one."""
