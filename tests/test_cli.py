@@ -375,15 +375,16 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     assert sorted(p.name for p in out.iterdir()) == ["a.hallucination.png", "a.png"]
     assert read_image(out / "a.hallucination.png").shape == (80, 100, 3)
     assert "a.png: vessels invented vs bicubic" in result.output and "warning" not in result.output
-    # A threshold below any rate turns the printed rate into a warning naming the file.
-    result = runner.invoke(app, [*args, "--check-threshold", "-1"])
+    # A threshold of 0 turns any invented centreline into a warning naming the file; a share above 1 is no threshold.
+    assert runner.invoke(app, [*args, "--check-threshold", "5"]).exit_code == 2
+    result = runner.invoke(app, [*args, "--check-threshold", "0"])
     assert result.exit_code == 0 and "warning:" in result.output and "a.png" in result.output
     # The log keeps the rate and the warning of each photo.
     log = tmp_path / "check.csv"
-    runner.invoke(app, [*args, "--check-threshold", "-1", "--log", str(log)])
+    runner.invoke(app, [*args, "--check-threshold", "0", "--log", str(log)])
     (row,) = _log_rows(log)
     assert row["outputs"] == f"{out / 'a.png'};{out / 'a.hallucination.png'}" and row["model"] == "sr"
-    assert float(row["invented_vs_bicubic"]) >= 0 and row["message"].startswith("warning: ")
+    assert float(row["invented_vs_bicubic"]) > 0 and row["message"].startswith("warning: ")
     assert "check them in a.hallucination.png" in row["message"]
     # A photo is done when its map is written too: --skip-existing redoes it without one.
     (out / "a.hallucination.png").unlink()

@@ -85,7 +85,7 @@ CheckOption = Annotated[
     ),
 ]
 CheckThresholdOption = Annotated[
-    float, typer.Option(help="With --check, warn when that share of centreline exceeds this fraction.")
+    float, typer.Option(min=0, max=1, help="With --check, warn when that share of centreline exceeds this fraction.")
 ]
 LogOption = Annotated[
     Optional[Path],
@@ -330,7 +330,8 @@ def denoise(
     skip_existing: SkipExistingOption = False,
     log: LogOption = None,
 ) -> None:
-    """Denoise photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
+    """Denoise photographs; writes one output per input with the same name, bit depth and channels (grey stays
+    grey; an alpha channel is dropped, and formats it cannot write, such as GIF, become PNG)."""
     from fundus_restore.io import read_image
 
     denoiser_for, name = _denoisers(model, sigma, tile, device)
@@ -478,7 +479,8 @@ def upscale(
     skip_existing: SkipExistingOption = False,
     log: LogOption = None,
 ) -> None:
-    """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays grey)."""
+    """Super-resolve photographs; writes one output per input with the same name, bit depth and channels (grey stays
+    grey; an alpha channel is dropped, and formats it cannot write, such as GIF, become PNG)."""
     from fundus_restore.inference import load_upscaler, upscale as upscale_image, upscale_factor
     from fundus_restore.io import read_image
     from fundus_restore.pretrained import model_name
