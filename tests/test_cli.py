@@ -295,7 +295,7 @@ def test_upscale_batch_goes_on_past_a_bad_file_and_fails_at_the_end(
 def test_upscale_at_a_scale_with_no_bundled_model_says_so(photos: Path, tmp_path: Path):
     result = runner.invoke(app, ["upscale", str(photos), "-o", str(tmp_path / "out"), "--scale", "2"])
     assert result.exit_code == 2
-    assert "no x2 super-resolution model is bundled" in result.output and "--model FILE.safetensors" in result.output
+    assert "no x2 super-resolution model is bundled" in result.output and "(upscale --model, restore --upscale-model)" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run a model
     from torch import nn
@@ -97,8 +98,9 @@ LogOption = Annotated[
 
 
 def _progress() -> Progress:
+    # The description is cut short so that the bar, the count and the time left fit 80 columns.
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", table_column=Column(max_width=32, no_wrap=True, overflow="ellipsis")),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -237,6 +239,7 @@ def _run_batch(
                 else:
                     remaining.append(job)
             jobs = remaining
+        progress.console.print(escape(description))  # whole, once: the bar's copy may be cut short
         task = progress.add_task(description, total=len(jobs))
         for job in jobs:
             start = time.perf_counter()
