@@ -398,7 +398,7 @@ def test_upscale_without_a_model_uses_the_bundled_x4_one_and_names_a_missing_sca
     crop = odd_image[:24, :30]
     assert upscale(crop, device="cpu").shape == (96, 120, 3)
     assert default_upscale_model_name() == default_upscale_model_name(4) == "srresnet-x4-retina"
-    with pytest.raises(WeightsError, match="no x2 super-resolution model is bundled.*--model FILE.safetensors"):
+    with pytest.raises(WeightsError, match="no x2 super-resolution model is bundled.*give a .safetensors file of one"):
         load_upscaler(scale=2)
 
 
