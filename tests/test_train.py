@@ -382,6 +382,24 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(photo_
         train_from_config(config)
 
 
+def test_resume_refuses_a_changed_recipe_and_says_how_more_steps_move_the_rate(
+    photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "run"
+    train_from_config(tiny_config(photo_dir, output, steps=4))  # exponential decay from 3e-3 to 1e-4
+    for key, value in (("optimizer.lr", 5e-3), ("data.patch_size", 24), ("seed", 2)):
+        with pytest.raises(TrainingError, match=rf"--resume continues the run as it was configured, but {key} changed; "
+                                                r"to train on with other settings, start a new run from its weights"):
+            train_from_config(tiny_config(photo_dir, output, steps=6, **{key: value}), resume=True)
+    assert load_checkpoint(output / "checkpoint.pt")["step"] == 4
+    # How it is run and watched may change; more steps lay the decay out anew, which the note quantifies.
+    train_from_config(tiny_config(photo_dir, output, steps=6, validate_every=2, **{"data.workers": 1}), resume=True)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "resuming with changed settings: data.workers, steps, validate_every" in said
+    assert "the exponential decay is laid out anew over 6 steps: at step 4 the learning rate moves from 0.0001 to 0.000311" in said
+    assert load_checkpoint(output / "checkpoint.pt")["step"] == 6
+
+
 def test_overrides_replace_config_values(photo_dir: Path, tmp_path: Path) -> None:
     config = load_config(
         CONFIGS / "dncnn-finetune.yaml",

@@ -146,6 +146,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "schedule": {"decay": "none", "lr_min": 0.0, "intervals": 10, "warmup": 0},
 }
 FREE_FORM = {"model.kwargs"}
+# What --resume may change (whole sections, or dotted keys): how the run is carried out and
+# watched, and how long it goes on; anything else would make it another run than the one resumed.
+RESUMABLE_CHANGES = {"steps", "time_limit_minutes", "log_every", "validate_every", "checkpoint_every", "validation",
+                     "device", "mixed_precision", "calibration_patches", "output", "data.workers"}
 DECAYS = ("none", "step", "exponential", "cosine")
 PRECISIONS = ("auto", "bfloat16", "off")
 DEVICES = ("auto", "cpu", "cuda")
@@ -192,6 +196,13 @@ def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise TrainingError(f"cannot override {key!r}: {part!r} is not a section")
     node[leaf] = value
+
+
+def _dotted(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as dotted keys one section deep (``{"optimizer.lr": 1e-3, "steps": 20}``)."""
+    return {f"{key}.{leaf}" if isinstance(value, Mapping) else key: item
+            for key, value in config.items()
+            for leaf, item in (value.items() if isinstance(value, Mapping) else [(None, value)])}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -889,9 +900,25 @@ def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, cons
     if not checkpoint.exists():
         raise TrainingError(f"{checkpoint}: no checkpoint to resume from")
     state = load_checkpoint(checkpoint)
-    changed = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+    before = _dotted(state["config"])
+    changed = sorted(key for key, value in _dotted(config).items() if before.get(key) != value)
+    refused = [key for key in changed if key not in RESUMABLE_CHANGES and key.split(".")[0] not in RESUMABLE_CHANGES]
+    if refused:
+        raise TrainingError(
+            f"{output}: --resume continues the run as it was configured, but {', '.join(refused)} changed; "
+            f"to train on with other settings, start a new run from its weights (--init-weights "
+            f"{output / 'model.safetensors'}, written when it ends) in another folder"
+        )
     if changed:
-        console.print(f"[yellow]note:[/] resuming with changed config sections: {', '.join(changed)}")
+        console.print(f"[yellow]note:[/] resuming with changed settings: {', '.join(changed)}")
+    if config["steps"] != state["config"]["steps"] and config["schedule"]["decay"] != "none":
+        factor = partial(learning_rate_factor, lr=config["optimizer"]["lr"], **config["schedule"])
+        at, lr = state["step"], config["optimizer"]["lr"]
+        console.print(
+            f"[yellow]note:[/] the {config['schedule']['decay']} decay is laid out anew over {config['steps']} steps: "
+            f"at step {at} the learning rate moves from {lr * factor(at, steps=state['config']['steps']):.3g} "
+            f"to {lr * factor(at, steps=config['steps']):.3g}"
+        )
     stream = state["data_stream"]
     if (stream["world_size"], stream["workers"]) != (world_size, config["data"]["workers"]):
         console.print("[yellow]note:[/] process or worker count changed: batches from here on differ from the original run")
