@@ -326,15 +326,26 @@ def test_paths_in_a_config_given_from_python_are_written_and_resumed_as_text(pho
 
 def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-folder"
-    with pytest.raises(TrainingError, match=f"data.train: no such file or folder: {missing}"):
+    with pytest.raises(TrainingError, match=rf"data.train \(--data\): no such file or folder: {missing}"):
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"data.train": [str(photo_dir), str(missing)]}))
-    with pytest.raises(TrainingError, match="validation.among: no such file or folder"):
+    with pytest.raises(TrainingError, match=r"validation.among \(--validate-on\): no such file or folder"):
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.among": [str(missing)]}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrainingError, match=rf"data.train \(--data\): no image files in {empty}$"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"data.train": [str(photo_dir), str(empty)]}))
+    (tmp_path / "other").mkdir()
+    Image.fromarray(smooth_fundus(48, 7)).save(tmp_path / "other" / "elsewhere.png")  # not among the --data photos
+    with pytest.raises(TrainingError, match=r"validation split: cannot hold out 1 validation images from 0 \(.*--validate-on"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.among": [str(tmp_path / "other")]}))
     for key, value, problem in [
         ("optimizer.lr", -1, "optimizer.lr must be a positive number, got -1"),
         ("loss.weights", [1, 2], r"RGB photos have 3 channel\(s\): loss.weights needs as many, got \[1, 2\]"),
         ("data.workers", -1, r"data.workers must be a whole number \(0: read in the training process\), got -1"),
         ("device", "tpu", r"device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
+        ("data.patch_size", "abc", "data.patch_size must be a positive whole number of pixels, got 'abc'"),
+        ("loss.weights", 3, r"loss.weights must be a list of numbers, one per channel \(e.g. \[1, 3, 2\]\), got 3"),
+        ("schedule.warmup", 8, r"schedule.warmup \(8 steps\) must be shorter than the run \(steps: 8\)"),
     ]:
         with pytest.raises(TrainingError, match=problem):
             train_from_config(tiny_config(photo_dir, tmp_path / "run", **{key: value}))
@@ -342,7 +353,10 @@ def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Pa
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"model.architecture": "dncn"}))
     with pytest.raises(TrainingError, match="model: .*'depthh'"):
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"model.kwargs": {"depthh": 3}}))
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    grey = save_model(create_model("dncnn", channels=1, depth=3, width=8), tmp_path / "grey.safetensors")
+    with pytest.raises(TrainingError, match=r"model \S*grey.safetensors: takes 1-channel images, but the patches have 3 \(RGB\)"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"model.init_weights": str(grey)}))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_photo_too_small_for_a_patch_is_named_in_one_line(photo_dir: Path, tmp_path: Path) -> None:

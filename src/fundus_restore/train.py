@@ -75,6 +75,7 @@ from fundus_restore.io import ImageFileError, list_images
 from fundus_restore.losses import ChannelWeightedMSE, VesselSegmentationLoss
 from fundus_restore.metrics import image_quality
 from fundus_restore.evaluate import mean_of_finite
+from fundus_restore.inference import input_channels
 from fundus_restore.vessel_metrics import dice, segmentation_auc, vessel_preservation
 from fundus_restore.perceptual import VESSEL_FEATURES, PerceptualLoss, discriminator_loss, generator_loss
 from fundus_restore.models import create_model
@@ -272,6 +273,9 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError(f"calibration_patches must be a whole number, got {merged['calibration_patches']!r}")
     if not isinstance(schedule["warmup"], int) or schedule["warmup"] < 0:
         raise TrainingError(f"schedule.warmup must be a whole number of steps, got {schedule['warmup']!r}")
+    if schedule["warmup"] >= merged["steps"]:  # the ramp would end past the decay: the rate never reaches lr
+        raise TrainingError(f"schedule.warmup ({schedule['warmup']} steps) must be shorter than the run "
+                            f"(steps: {merged['steps']}); lower it with --set schedule.warmup=N")
     for key, value, unit in (("optimizer.clip_grad_norm", merged["optimizer"]["clip_grad_norm"], "number"),
                              ("time_limit_minutes", merged["time_limit_minutes"], "number of minutes")):
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
@@ -287,6 +291,11 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
             f"data.targets {data['targets']!r} trains with loss.name {expected_loss!r} "
             f"(targets: clean | vessels), got loss.name {merged['loss']['name']!r}"
         )
+    if not isinstance(data["patch_size"], int) or data["patch_size"] < 1:
+        raise TrainingError(f"data.patch_size must be a positive whole number of pixels, got {data['patch_size']!r}")
+    weights = merged["loss"]["weights"]
+    if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise TrainingError(f"loss.weights must be a list of numbers, one per channel (e.g. [1, 3, 2]), got {weights!r}")
     kept = data["channels"]
     channels = 3 if kept is None else len(kept)  # photos are read as RGB, grey ones too
     if data["targets"] == "clean" and len(merged["loss"]["weights"]) != channels:
@@ -605,6 +614,13 @@ class Trainer:
         torch.manual_seed(config["seed"])  # the same initial weights on every rank and run
         # Channels-last is the layout oneDNN and cuDNN convolve fastest (1.1x float32, 2x bfloat16 on the CPU).
         self.model = build_model(config["model"]).to(placement.device, memory_format=torch.channels_last)
+        # Refused here, before the run folder exists, not as a shape error at the first step.
+        channels, kept = input_channels(self.model), config["data"]["channels"]
+        patch_channels = 3 if kept is None else len(kept)
+        if channels is not None and channels != patch_channels:
+            source = config["model"]["init_weights"] or config["model"]["architecture"]
+            raise TrainingError(f"model {source}: takes {channels}-channel images, but the patches have {patch_channels} "
+                                f"({'RGB' if kept is None else f'data.channels {list(kept)}'})")
         init = config["model"]["init_weights"]
         # A bundled name can come to hold other weights: the card keeps which file this run started from.
         self.init_weights_sha256 = None if init is None else hashlib.sha256(resolve_weights(init).read_bytes()).hexdigest()
@@ -820,20 +836,28 @@ class Trainer:
 def training_split(config: Mapping[str, Any]) -> tuple[list[Path], list[Path]]:
     """The run's training and validation photographs, as its config splits them."""
     data, validation = config["data"], config["validation"]
-    for key, paths in (("data.train", data["train"]), ("validation.among", validation["among"] or [])):
+    for key, option, paths in (("data.train", "--data", data["train"]),
+                               ("validation.among", "--validate-on", validation["among"] or [])):
         missing = [str(p) for p in paths if not Path(p).exists()]
         if missing:
-            raise TrainingError(f"{key}: no such file or folder: {', '.join(missing)}")
+            raise TrainingError(f"{key} ({option}): no such file or folder: {', '.join(missing)}")
+        # A folder without photos is a mistake to name, not to skip (e.g. a TIFF archive's .tiff mistyped).
+        empty = [str(p) for p in paths if Path(p).is_dir() and not list_images([Path(p)])]
+        if empty:
+            raise TrainingError(f"{key} ({option}): no image files in {', '.join(empty)}")
     images = list_images([Path(p) for p in data["train"]])
     if not images:
-        raise TrainingError("no training images: set data.train in the config or with --set data.train=[FOLDER,...]")
+        raise TrainingError("no training images: name their folders with --data (data.train)")
     among = None if validation["among"] is None else list_images([Path(p) for p in validation["among"]])
     try:
         return split_images(
             images, holdout=validation["holdout"], among=among, names=validation["files"], seed=validation["seed"]
         )
     except ValueError as error:
-        raise TrainingError(f"validation split: {error}") from None
+        raise TrainingError(
+            f"validation split: {error} (validation.holdout photographs are held out of the --data photographs, "
+            "from those among --validate-on when given)"
+        ) from None
 
 
 def run_validation_crops(config: Mapping[str, Any], images: list[Path]) -> list[ValidationCrop]:
