@@ -107,6 +107,10 @@ def test_unreadable_or_absent_files_are_named(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a pickle")
     with pytest.raises(WeightsError, match=r"vgg\.pth: not a plain state dict"):
         VGG19Features.from_file(garbage)
+    junk = tmp_path / "junk.pth"
+    junk.write_text("junk\n")  # torch.load's legacy parser meets a KeyError here
+    with pytest.raises(WeightsError, match=r"junk\.pth: unreadable VGG19 weights file"):
+        VGG19Features.from_file(junk)
     truncated = tmp_path / "vgg.safetensors"
     truncated.write_bytes(b"\x10\x00")
     with pytest.raises(WeightsError, match=r"vgg\.safetensors: unreadable"):

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -89,8 +88,9 @@ class VGG19Features(nn.Module):
         except pickle.UnpicklingError:
             # weights_only refuses pickles that would run code: a whole pickled model rather than a state dict.
             raise WeightsError(f"{path}: not a plain state dict (torch.load with weights_only=True refused it)") from None
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
-            raise WeightsError(f"{path}: unreadable VGG19 weights file ({str(error).splitlines()[0]})") from None
+        except Exception as error:  # torch.load of a non-checkpoint raises whatever its parser meets (KeyError on text)
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            raise WeightsError(f"{path}: unreadable VGG19 weights file ({first_line})") from None
         if not isinstance(state, Mapping):
             raise WeightsError(f"{path}: expected a state dict, found a {type(state).__name__}")
         return cls.from_state_dict(state, layer, source=str(path))
