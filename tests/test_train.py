@@ -104,6 +104,7 @@ def test_a_short_run_lowers_the_loss_and_writes_model_and_card(
 
     model = load_model(weights)
     assert model.config["batch_norm"] is False  # folded for inference
+    assert model.name == "run/model"  # every run writes model.safetensors: named by its run folder
     card = json.loads((output / "model.json").read_text())
     assert card["architecture"] == "dncnn" and card["parameters"] == sum(p.numel() for p in model.parameters())
     assert card["recipe"]["steps"] == 40 and card["recipe"]["patch_size"] == 16

@@ -191,7 +191,9 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     except RuntimeError as error:
         first_line = str(error).splitlines()[0]
         raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r}: {first_line}") from None
-    return _described(model, path.stem, card_beside(path), device)
+    # Every training run writes model.safetensors: its folder is what tells one run's model from another's.
+    name = f"{path.parent.name}/{path.stem}" if path.stem == "model" and path.parent.name else path.stem
+    return _described(model, name, card_beside(path), device)
 
 
 def _described(model: nn.Module, name: str, card: dict[str, Any], device: str | torch.device) -> nn.Module:
@@ -207,7 +209,8 @@ def _described(model: nn.Module, name: str, card: dict[str, Any], device: str | 
 
 
 def model_name(model: nn.Module) -> str:
-    """The name ``load_model`` gave ``model`` (the bundled name or the file's stem), else its class."""
+    """The name ``load_model`` gave ``model`` (the bundled name, or the file's stem; a training run's
+    ``model.safetensors`` is named with its run folder, ``RUN/model``), else its class."""
     return getattr(model, "name", type(model).__name__)
 
 
