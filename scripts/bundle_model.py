@@ -55,10 +55,14 @@ def calibrated(run: Path, model: torch.nn.Module) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("name")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog=f"Writes NAME.safetensors and NAME.json into {BUNDLED_DIR}."
+    )
+    parser.add_argument("run", type=Path, help="A finished training run's folder (model.safetensors, model.json).")
+    parser.add_argument("name", help="The bundled name the package will load it by.")
     parser.add_argument("--summary", required=True)
+    parser.add_argument("--replace", action="store_true",
+                        help="Replace the model bundled under NAME (refused without it); its task must stay the same.")
     parser.add_argument("--validate-on", type=Path, nargs="+", metavar="PHOTO")
     parser.add_argument("--calibrate", action="store_true", help="Re-centre a bfloat16-trained model for float32.")
     parser.add_argument("--half", action="store_true", help="Store float16 weights (needs --validate-on).")
@@ -70,6 +74,14 @@ def main() -> None:
     if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters()):
         raise SystemExit(f"{weights}: non-finite weights")
     card = json.loads(card_path.read_text())
+    bundled_card = BUNDLED_DIR / f"{args.name}.json"
+    if bundled_card.exists():
+        # Other parts of the package load bundled models by name (evaluate's vessel segmenter, the defaults).
+        if not args.replace:
+            parser.error(f"{args.name} is bundled already: pass --replace to replace it")
+        task = json.loads(bundled_card.read_text()).get("task")
+        if task != card.get("task"):
+            parser.error(f"{args.name} is bundled as a {task!r} model; this run's is {card.get('task')!r}")
     card["summary"] = args.summary
     if args.calibrate:
         card["training"]["output_calibration"] = calibrated(args.run, model)
