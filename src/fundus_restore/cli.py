@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -683,7 +684,8 @@ def train(
     except (TrainingError, ImageFileError, WeightsError) as error:
         _report_error(str(error))
         raise typer.Exit(1) from None
-    console.print(f"wrote {weights}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote it
+        console.print(f"wrote {weights}")
 
 
 @app.command("search-loss")
