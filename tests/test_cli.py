@@ -640,6 +640,25 @@ def test_a_sigma_far_from_the_photos_noise_is_warned_about_and_one_on_the_wrong_
             denoise(read_image(photo), str(told_file), sigma=wrong, device="cpu")
 
 
+def test_search_loss_takes_the_same_path_options_as_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from fundus_restore import search
+    from fundus_restore.train import TrainingError
+
+    seen = {}
+
+    def stop_after_reading(config: Path, out: Path, **options: object) -> None:
+        seen.update(options["overrides"])
+        raise TrainingError("stopped by the test")
+
+    monkeypatch.setattr(search, "search_loss_weights", stop_after_reading)
+    result = runner.invoke(app, ["search-loss", "configs/dncnn-finetune-green.yaml", "-o", str(tmp_path / "search"),
+                                 "--data", "photos", "--data", "more", "--validate-on", "photos",
+                                 "--init-weights", "GD_Color_Blind.mat", "--set", "steps=50"])
+    assert result.exit_code == 1 and "stopped by the test" in result.output
+    assert seen == {"steps": 50, "data.train": ["photos", "more"], "validation.among": ["photos"],
+                    "model.init_weights": "GD_Color_Blind.mat"}
+
+
 def test_sigma_is_told_to_a_denoiser_that_takes_it_and_refused_for_a_blind_one(
     photos: Path, tiny_model_file: Path, tmp_path: Path
 ):

@@ -98,6 +98,31 @@ LogOption = Annotated[
 ]
 
 
+TrainDataOption = Annotated[
+    Optional[list[Path]],
+    typer.Option("--data", help="Training photographs, a folder or file (repeat for several): data.train."),
+]
+ValidateOnOption = Annotated[
+    Optional[list[Path]],
+    typer.Option(help="Where the validation photographs are held out from (repeat): validation.among."),
+]
+InitWeightsOption = Annotated[
+    Optional[str], typer.Option(help="Start from these weights, a bundled name or a file: model.init_weights.")
+]
+
+
+def _training_overrides(
+    settings: list[str] | None, data: list[Path] | None, validate_on: list[Path] | None, init_weights: str | None,
+    **paths: Path | None,
+) -> dict[str, Any]:
+    """The config overrides of ``--set`` and of the options that name a run's paths (which
+    replace the configs' placeholders, as --set would); ``paths`` are further dotted keys."""
+    named = {"data.train": data and [str(path) for path in data],
+             "validation.among": validate_on and [str(path) for path in validate_on],
+             "model.init_weights": init_weights} | {key: path and str(path) for key, path in paths.items()}
+    return dict(parse_override(item) for item in settings or []) | {key: value for key, value in named.items() if value}
+
+
 def _progress() -> Progress:
     # The description is cut short so that the bar, the count and the time left fit 80 columns.
     return Progress(
@@ -648,17 +673,9 @@ def train(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: key.sub=value (YAML value).")
     ] = None,
-    data: Annotated[
-        Optional[list[Path]],
-        typer.Option("--data", help="Training photographs, a folder or file (repeat for several): data.train."),
-    ] = None,
-    validate_on: Annotated[
-        Optional[list[Path]],
-        typer.Option(help="Where the validation photographs are held out from (repeat): validation.among."),
-    ] = None,
-    init_weights: Annotated[
-        Optional[str], typer.Option(help="Start from these weights, a bundled name or a file: model.init_weights.")
-    ] = None,
+    data: TrainDataOption = None,
+    validate_on: ValidateOnOption = None,
+    init_weights: InitWeightsOption = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder: output.")] = None,
     vgg_weights: Annotated[
         Optional[Path],
@@ -673,12 +690,8 @@ def train(
     from fundus_restore.pretrained import WeightsError
     from fundus_restore.train import TrainingError, train_from_config
 
-    overrides = dict(parse_override(item) for item in set_ or [])
-    paths = {"data.train": data and [str(path) for path in data],
-             "validation.among": validate_on and [str(path) for path in validate_on],
-             "model.init_weights": init_weights, "output": output and str(output),
-             "perceptual.vgg_weights": vgg_weights and str(vgg_weights)}
-    overrides |= {key: value for key, value in paths.items() if value}
+    overrides = _training_overrides(set_, data, validate_on, init_weights,
+                                    **{"output": output, "perceptual.vgg_weights": vgg_weights})
     try:
         weights = train_from_config(config, resume=resume, overrides=overrides)
     except (TrainingError, ImageFileError, WeightsError) as error:
@@ -700,12 +713,15 @@ def search_loss(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value for every trial: key.sub=value.")
     ] = None,
+    data: TrainDataOption = None,
+    validate_on: ValidateOnOption = None,
+    init_weights: InitWeightsOption = None,
 ) -> None:
     """Search channel weights and vessel weight for thin-vessel recall and contrast at fixed PSNR."""
     from fundus_restore.search import best_trial, search_loss_weights
     from fundus_restore.train import TrainingError
 
-    overrides = dict(parse_override(item) for item in set_ or [])
+    overrides = _training_overrides(set_, data, validate_on, init_weights)
     try:
         results = search_loss_weights(config, out, trials=trials, overrides=overrides, psnr_tolerance=psnr_tolerance,
                                       timeout_minutes=timeout_minutes)
