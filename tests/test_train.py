@@ -375,6 +375,14 @@ def test_a_photo_too_small_for_a_patch_is_named_in_one_line(photo_dir: Path, tmp
         train_from_config(config)
 
 
+def test_a_corrupt_validation_photo_stops_the_run_before_its_folder_is_made(photo_dir: Path, tmp_path: Path) -> None:
+    broken = photo_dir / "photo3.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # header intact, pixels cut off
+    with pytest.raises(ImageFileError, match=r"photo3\.png"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.among": [str(broken)]}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_checkpoint_loads_with_weights_only(photo_dir: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
     train_from_config(tiny_config(photo_dir, output, steps=3))

@@ -1095,10 +1095,10 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
     main = placement.is_main
     crops: list[ValidationCrop] = []
     if main:
+        crops = run_validation_crops(config, validation_images)  # a bad validation photo stops it before any file
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
-        crops = run_validation_crops(config, validation_images)
 
     stream = _patch_stream(config, train_images, trainer.step, placement)
     workers = config["data"]["workers"]
