@@ -224,7 +224,7 @@ def test_files_with_the_same_stem_get_distinct_labels(tmp_path: Path):
     second = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "b" / "model.safetensors")
     labels = [m.name for m in build_methods([str(first), str(second), f"{second}+x8", "noisy"])]
     assert labels == [str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model"), str(tmp_path / "b" / "model") + "+x8", "noisy"]
-    assert [m.name for m in build_methods([str(first), f"{first}+x8"])] == ["model", "model+x8"]
+    assert [m.name for m in build_methods([str(first), f"{first}+x8"])] == ["a/model", "a/model+x8"]  # a run's model
     with pytest.raises(ValueError, match="twice: noisy"):
         build_methods(["noisy", "cbm3d", "noisy"])
 

@@ -257,8 +257,8 @@ def _build_method(
             raise
         print(f"skipping {name}: {error}")
         return None
-    label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem, not its whole path
-    if label != name and label in shared_stems:
+    label = getattr(model, "name", name) if name != "cdncnn-b" else name  # a file's stem (RUN/model), not its path
+    if label != name and Path(name).stem in shared_stems:
         label = str(Path(name).with_suffix(""))  # runs/a/model.safetensors and runs/b/model.safetensors
     label += ENSEMBLE_SUFFIX if ensemble else ""
     check_run_settings(model, tile=tile, device=device)
