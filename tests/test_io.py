@@ -302,3 +302,24 @@ def test_write_image_refuses_integer_samples_instead_of_clipping_them_to_white(t
     with pytest.raises(ValueError, match=r"uint8 image .* expected floats on \[0, 1\]"):
         write_image(tmp_path / "a.png", np.full((4, 4, 3), 200, dtype=np.uint8))
     assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("module", ["metrics", "inference", "fov", "vessels", "degrade"])
+def test_an_8_bit_or_0_255_array_is_refused_where_a_unit_float_image_is_expected(module: str) -> None:
+    from fundus_restore import degrade, fov, inference, metrics, vessels
+
+    rng = np.random.default_rng(0)
+    unit = rng.random((48, 48, 3), dtype=np.float32)
+    call = {
+        "metrics": lambda image: metrics.psnr(image, image),
+        "inference": lambda image: inference.denoise(image, "dncnn-small-demo", device="cpu"),
+        "fov": fov.fov_mask,
+        "vessels": vessels.segment_vessels,
+        "degrade": degrade.add_gaussian_noise,
+    }[module]
+    call(unit)  # the [0, 1] scale is taken
+    # Read from a camera file as uint8, or as 0-255 floats: silently far too bright before.
+    with pytest.raises(ValueError, match=r"expected a float \w+ on the \[0, 1\] scale, got dtype uint8"):
+        call((unit * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"values reach 25\d(\.\d+)?: expected the \[0, 1\] scale \(divide 0-255 values by 255\)"):
+        call(unit * 255)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
+from fundus_restore.io import checked_float_image
+
 
 def add_gaussian_noise(
     image: np.ndarray,
@@ -29,7 +31,9 @@ def add_gaussian_noise(
     A Generator is used, and advanced, as given; ``None`` draws fresh entropy.
     ``clip`` clips the result to [0, 1]. Returns float32.
     """
-    image = np.asarray(image, dtype=np.float32)
+    if sigma < 0:
+        raise ValueError(f"sigma is a standard deviation (0-255 scale), got {sigma:g}")
+    image = checked_float_image(image).astype(np.float32, copy=False)
     noise = np.random.default_rng(seed).standard_normal(image.shape, dtype=np.float32)
     noisy = image + noise * np.float32(sigma / 255.0)
     return np.clip(noisy, 0.0, 1.0) if clip else noisy

@@ -17,6 +17,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from fundus_restore.io import checked_float_image
+
 # Median filter size before thresholding: removes pixel noise and keeps the disc edge in place.
 _MEDIAN_SIZE = 3
 # Offset inside the logarithm (one 8-bit level) so that exact zeros of the surround stay finite.
@@ -53,7 +55,7 @@ def fov_mask(image: np.ndarray) -> np.ndarray:
 
     An image without a dark surround (all of it inside the disc) is all field of view.
     """
-    intensity = _intensity(image)
+    intensity = _intensity(checked_float_image(image))
     if np.ptp(intensity) == 0:
         return np.ones(intensity.shape, dtype=bool)
     threshold = float(np.exp(threshold_otsu(np.log(intensity + _LOG_OFFSET))) - _LOG_OFFSET)

@@ -40,6 +40,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
+from fundus_restore.io import checked_float_image
 from fundus_restore.pretrained import (
     WEIGHTLESS_MODELS, WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card,
     model_name, resolve_weights, training_noise_range,
@@ -306,8 +307,7 @@ def _checked_image(image: np.ndarray, channels: int | None) -> np.ndarray:
         raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels{hint}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image of shape {image.shape}")
-    if not np.issubdtype(image.dtype, np.floating):
-        raise ValueError(f"expected a float image on the [0, 1] scale, got dtype {image.dtype}")
+    checked_float_image(image)
     if not np.isfinite(image).all():
         raise ValueError("the image contains NaN or infinite values")
     return image.astype(np.float32, copy=False)

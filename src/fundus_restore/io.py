@@ -127,6 +127,24 @@ def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
     raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images, or float TIFF)")
 
 
+# Unclipped noise takes a [0, 1] image a little past 1 (sigma 55: about 2 at 5 sigma); 0-255 values go far past.
+_UNIT_SCALE_LIMIT = 4.0
+
+
+def checked_float_image(image: np.ndarray, what: str = "image", data_range: float = 1.0) -> np.ndarray:
+    """``image`` as an array, refused with a ValueError naming ``what`` unless it holds floats on
+    about [0, ``data_range``]: integers (uint8 photos) and 0-255 floats would be read as far too
+    bright and give silently wrong results."""
+    image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"expected a float {what} on the [0, {data_range:g}] scale, got dtype {image.dtype} "
+                         "(convert with skimage.util.img_as_float32)")
+    peak = np.fmax.reduce(image, axis=None) if image.size else 0.0  # NaNs left out, without nanmax's warning
+    if peak > _UNIT_SCALE_LIMIT * data_range:
+        raise ValueError(f"{what} values reach {peak:g}: expected the [0, {data_range:g}] scale (divide 0-255 values by 255)")
+    return image
+
+
 def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
     """An image file as float32 H×W×C on [0, 1] (16-bit scaled by 65535).
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from scipy import fft
 
+from fundus_restore.io import checked_float_image
+
 _K1 = 0.01
 _K2 = 0.03
 _GAUSSIAN_TRUNCATE = 3.5  # scipy.ndimage.gaussian_filter's cut-off, in sigmas, as skimage uses it
@@ -95,14 +97,20 @@ def ssim_map(
     return _ssim_valid(x, y, _window_1d(win_size, gaussian_weights, sigma), data_range)
 
 
-def _as_tensors(reference: np.ndarray, restored: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two H×W or H×W×C arrays of one shape as float64 1×C×H×W tensors."""
+def _as_tensors(
+    reference: np.ndarray, restored: np.ndarray, data_range: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two H×W or H×W×C arrays of one shape as float64 1×C×H×W tensors, refused where they
+    do not lie on about [0, ``data_range``] (``checked_float_image``)."""
     reference = np.asarray(reference)
     restored = np.asarray(restored)
     if reference.shape != restored.shape:
         raise ValueError(f"reference {reference.shape} and restored {restored.shape} differ in shape")
     if reference.ndim not in (2, 3):
         raise ValueError(f"expected H×W or H×W×C images, got shape {reference.shape}")
+    # An image 255 times too large for data_range gives a PSNR off by 48 dB, silently.
+    checked_float_image(reference, "reference", data_range)
+    checked_float_image(restored, "restored", data_range)
 
     def to_tensor(image: np.ndarray) -> torch.Tensor:
         image = image if image.ndim == 3 else image[..., None]
@@ -155,7 +163,7 @@ def psnr(
     whole image. With ``per_channel`` an array of one PSNR per channel. On 8-bit data
     scaled to [0, 1] this is the usual 255-peak PSNR of the 0–255 values.
     """
-    x, y = _as_tensors(reference, restored)
+    x, y = _as_tensors(reference, restored, data_range)
     mse = _channel_means((x - y) ** 2, _checked_mask(mask, x.shape[-2:]))
     if per_channel:
         return _psnr_from_mse(mse, data_range).numpy()
@@ -178,7 +186,7 @@ def band_psnr(
     """
     if not 0.0 < cutoff < 0.5:
         raise ValueError(f"cutoff must lie between 0 and 0.5 cycles per pixel, got {cutoff}")
-    x, y = _as_tensors(reference, restored)
+    x, y = _as_tensors(reference, restored, data_range)
     # DCT coefficient k of an axis of length n is the frequency k / (2 n) cycles per pixel.
     coefficients = fft.dctn((y - x)[0].numpy(), axes=(1, 2), norm="ortho") ** 2
     rows, columns = (int(np.ceil(2 * n * cutoff)) for n in coefficients.shape[1:])
@@ -208,7 +216,7 @@ def ssim(
     not in the window border; with ``per_channel`` an array of one SSIM per channel.
     A given ``win_size`` truncates the Gaussian window to that size (skimage keeps 3.5 sigma).
     """
-    x, y = _as_tensors(reference, restored)
+    x, y = _as_tensors(reference, restored, data_range)
     values = ssim_map(x, y, data_range=data_range, gaussian_weights=gaussian_weights, sigma=sigma, win_size=win_size)
     similarity = _channel_means(values, _checked_mask(mask, x.shape[-2:]))
     return similarity.numpy() if per_channel else float(similarity.mean())

@@ -28,6 +28,7 @@ from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 from skimage.morphology import remove_small_objects, skeletonize
 
 from .fov import fov_mask
+from .io import checked_float_image
 
 DRIVE_WIDTH = 565
 LEARNED_SEGMENTER = "vessels-unet"
@@ -161,6 +162,7 @@ def segment_vessels(
     tuned on DRIVE training); ``"unet"``: the learned segmenter's probability above
     ``threshold`` (default 0.5).
     """
+    image = checked_float_image(image)
     scale = image_scale(image) if scale is None else scale
     if method == "hessian":
         vessels = vesselness(image, mask, scale=scale) > (DEFAULT_THRESHOLD if threshold is None else threshold)
