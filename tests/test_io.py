@@ -318,6 +318,8 @@ def test_an_8_bit_or_0_255_array_is_refused_where_a_unit_float_image_is_expected
         "degrade": degrade.add_gaussian_noise,
     }[module]
     call(unit)  # the [0, 1] scale is taken
+    if module == "metrics":  # and 0-255 values with their data_range
+        assert metrics.psnr(unit * 255, unit * 255 + 1, data_range=255) == pytest.approx(48.13, abs=0.01)
     # Read from a camera file as uint8, or as 0-255 floats: silently far too bright before.
     with pytest.raises(ValueError, match=r"expected a float \w+ on the \[0, 1\] scale, got dtype uint8"):
         call((unit * 255).astype(np.uint8))
