@@ -212,3 +212,12 @@ def test_noise_estimate_refuses_what_has_no_2x2_block() -> None:
         estimate_noise_sigma(np.zeros((1, 5, 3), np.float32))
     with pytest.raises(ValueError, match="no whole 2×2 block"):
         estimate_noise_sigma(np.zeros((4, 4, 3), np.float32), np.eye(4, dtype=bool))
+
+
+def test_noise_estimate_names_a_grey_image_without_channel_axis_none_and_a_mask_of_another_shape() -> None:
+    image = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"expected an H×W×C \(an H×W image: channel_axis=None\) image, got shape \(32, 32\)"):
+        estimate_noise_sigma(image[..., 1])
+    assert estimate_noise_sigma(image[..., 1], channel_axis=None) > 0
+    with pytest.raises(ValueError, match=r"mask of shape \(16, 32\) does not match the image's \(32, 32\)"):
+        estimate_noise_sigma(image, np.ones((16, 32), dtype=bool))

@@ -210,7 +210,8 @@ def _nan_tiff(path: Path) -> None:
         ("nan.tif", _nan_tiff, "NaN or infinite samples"),
         ("int32.tif", lambda p: tifffile.imwrite(p, np.zeros((6, 6), np.int32)), "unsupported sample type int32"),
         ("image.webp", lambda p: p.write_bytes(b"RIFF"), "unsupported image type"),
-        ("folder.png", lambda p: p.mkdir(), "not a regular file"),
+        ("folder.png", lambda p: p.mkdir(), "a folder, not an image file"),
+        ("folder", lambda p: p.mkdir(), "a folder, not an image file"),
     ],
 )
 def test_bad_files_raise_one_line_error_naming_the_file(tmp_path: Path, name: str, make, problem: str) -> None:

@@ -221,3 +221,14 @@ def test_saved_weights_are_readable_by_others_as_the_umask_allows(tmp_path: Path
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert load_model(path).config["depth"] == 3
+
+
+def test_weights_that_do_not_fit_name_the_keys_and_a_missing_gpu_is_said_in_one_line(tmp_path: Path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(3)}, str(path), metadata={"architecture": "dncnn", "config": "{}"})
+    with pytest.raises(WeightsError, match=r"x\.safetensors: weights do not fit architecture 'dncnn' \(\{\}\): "
+                                           r"missing body\.0\.weight, .* \.\.\.; unexpected a$"):
+        load_model(path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' asked for, but CUDA is not available here"):
+            load_model("dncnn-small-demo", device="cuda")

@@ -160,3 +160,10 @@ def test_bundled_unet_segments_drive_test_better_than_the_classical_segmenter(dr
     classical = segmentation_auc(vesselness(image, fov)[fov], truth[fov])
     assert learned > 0.96 and learned > classical
     assert dice(segment_vessels(image, fov, method="unet") & fov, truth) > 0.75
+
+
+def test_the_learned_segmenter_refuses_a_grey_image_in_one_line() -> None:
+    from fundus_restore.vessels import learned_vesselness
+
+    with pytest.raises(ValueError, match=r"the learned segmenter takes H×W×3 colour images, got shape \(64, 64\)"):
+        learned_vesselness(np.full((64, 64), 0.5, dtype=np.float32))

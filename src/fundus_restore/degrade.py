@@ -92,7 +92,12 @@ def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, *, c
     photo reads about 0.5–2 (its JPEG grain and fine texture).
     """
     pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim != (2 if channel_axis is None else 3):
+        wanted = "H×W (channel_axis=None)" if channel_axis is None else "H×W×C (an H×W image: channel_axis=None)"
+        raise ValueError(f"expected an {wanted} image, got shape {pixels.shape}")
     pixels = pixels[..., None] if channel_axis is None else np.moveaxis(pixels, channel_axis, -1)
+    if mask is not None and np.shape(mask) != pixels.shape[:2]:
+        raise ValueError(f"mask of shape {np.shape(mask)} does not match the image's {pixels.shape[:2]}")
     height, width = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
     if height == 0 or width == 0:
         raise ValueError(f"an image of {pixels.shape[0]}×{pixels.shape[1]} pixels has no 2×2 block to estimate noise on")

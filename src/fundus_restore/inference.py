@@ -43,7 +43,7 @@ from torch import nn
 from fundus_restore.io import checked_float_image
 from fundus_restore.pretrained import (
     WEIGHTLESS_MODELS, WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card,
-    model_name, resolve_weights, training_noise_range,
+    model_name, resolve_device, resolve_weights, training_noise_range,
 )
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
@@ -217,26 +217,6 @@ def input_channels(model: nn.Module) -> int | None:
         return int(config["channels"])
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first_conv is None else first_conv.in_channels
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` is the current GPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:  # torch lists its every device type: say what this toolkit runs on
-        resolved = None
-    # Other types torch knows (mps, xpu, meta, ...) are not run or tested here.
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {str(device)!r}: auto, cpu or cuda (cuda:N for one GPU)")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
-        if resolved.index is None:
-            # "cuda" means the current GPU; with its index it compares equal to the tensors' devices.
-            resolved = torch.device("cuda", torch.cuda.current_device())
-    return resolved
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:

@@ -46,6 +46,8 @@ def _checked_path(path: str | Path) -> Path:
     if not path.exists():  # first: a mistyped folder has no image suffix either
         supported = path.suffix.lower() in SUPPORTED_SUFFIXES
         raise _file_error(path, "no such file" if supported else "no such file or folder")
+    if path.is_dir():
+        raise _file_error(path, "a folder, not an image file")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise _file_error(path, f"unsupported image type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
     if not path.is_file():

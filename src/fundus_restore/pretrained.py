@@ -186,14 +186,40 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"{path}: NaN or infinite values in weight {key!r}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
-        raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r}: {first_line}") from None
+    expected = model.state_dict()
+    mismatches = {
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "of another shape": [key for key in state if key in expected and state[key].shape != expected[key].shape],
+    }
+    found = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in mismatches.items() if keys]
+    if found:
+        raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r} "
+                           f"({metadata.get('config', '{}')}): {'; '.join(found)}")
+    model.load_state_dict(state)
     # Every training run writes model.safetensors: its folder is what tells one run's model from another's.
     name = f"{path.parent.name}/{path.stem}" if path.stem == "model" and path.parent.name else path.stem
     return _described(model, name, card_beside(path), device)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` is the current GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch lists its every device type: say what this toolkit runs on
+        resolved = None
+    # Other types torch knows (mps, xpu, meta, ...) are not run or tested here.
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {str(device)!r}: auto, cpu or cuda (cuda:N for one GPU)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
+        if resolved.index is None:
+            # "cuda" means the current GPU; with its index it compares equal to the tensors' devices.
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
 
 
 def _described(model: nn.Module, name: str, card: dict[str, Any], device: str | torch.device) -> nn.Module:
@@ -205,7 +231,7 @@ def _described(model: nn.Module, name: str, card: dict[str, Any], device: str | 
     # What the model expects of its input, for the noise-level check of the command line.
     # Behind a denoiser an upscaler saw that denoiser's outputs, not the noise its card records.
     model.noise_range = (0.0, 0.0) if model.lr_denoiser else training_noise_range(card)
-    return model.eval().to(device)
+    return model.eval().to(resolve_device(device))
 
 
 def model_name(model: nn.Module) -> str:

@@ -129,6 +129,9 @@ def learned_vesselness(
     """
     from skimage.transform import resize
 
+    if np.ndim(image) != 3 or np.shape(image)[2] != 3:  # it learnt on colour photographs
+        raise ValueError(f"the learned segmenter takes H×W×3 colour images, got shape {np.shape(image)} "
+                         "(the Hessian segmenter takes grey ones)")
     fov = checked_fov(image, mask)
     scale = image_scale(image) if scale is None else scale
     height, width = np.shape(image)[:2]
