@@ -214,6 +214,9 @@ def test_sigma_reaches_the_model() -> None:
     image = np.full((8, 8, 3), 0.5, dtype=np.float32)
     assert np.allclose(denoise(image, ScaleBySigma(), device="cpu"), 0.5)
     assert np.allclose(denoise(image, ScaleBySigma(), sigma=0.1, device="cpu"), 0.05)
+    # One of the package's blind architectures ignores it, and says so.
+    with pytest.warns(UserWarning, match="dncnn-small-demo is blind: the sigma given is ignored"):
+        denoise(image, "dncnn-small-demo", sigma=0.1, device="cpu")
 
 
 def test_models_loaded_by_file_are_cached(tmp_path, odd_image: np.ndarray) -> None:

@@ -31,6 +31,7 @@ import copy
 import functools
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -489,7 +490,12 @@ def _run_network(
     grey = grey_through_colour(pixels, channels)
     if grey:  # the grey level in each colour channel; the three outputs are averaged back to one
         pixels = np.repeat(pixels, 3, axis=2)
-    if sigma is None and getattr(network, "needs_noise_level", False):
+    told_level = getattr(network, "needs_noise_level", False)
+    # deepinv's contract lets a blind model take sigma and ignore it: for this package's own
+    # architectures, which say whether they use it, that is worth a word (a user's module may use it).
+    if sigma is not None and not told_level and getattr(network, "architecture", None) is not None:
+        warnings.warn(f"{model_name(network)} is blind: the sigma given is ignored", stacklevel=3)
+    if sigma is None and told_level:
         sigma = estimated_noise_level(pixels)
     dtype = resolve_precision(precision, torch_device)
 
