@@ -127,6 +127,12 @@ def test_channel_axis_takes_channels_first_and_grey_images_as_scikit_image_does(
         run(np.moveaxis(image, -1, 0), model, device="cpu")
 
 
+@pytest.mark.parametrize(("option", "value"), [("tile", 300.5), ("overlap", 10.5), ("overlap", -1)])
+def test_a_tile_or_overlap_that_is_not_a_whole_number_of_pixels_is_named(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=rf"^{option} is a whole number of pixels, got {value}$"):
+        denoise(np.zeros((16, 16, 3), np.float32), random_dncnn(), device="cpu", **{"tile": 300, option: value})
+
+
 @pytest.mark.parametrize("device", ["tpu", "mps", "xpu", "meta"])  # unknown to torch, or known but not run here
 def test_an_unknown_device_is_named_in_one_line(device: str) -> None:
     with pytest.raises(ValueError, match=f"^unknown device '{device}': auto, cpu or cuda"):

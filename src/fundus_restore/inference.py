@@ -478,6 +478,9 @@ def _run_network(
     """Shared by ``denoise`` and ``upscale``: prepare the model, check the image, run it tiled."""
     if sigma is not None and not 0 <= sigma <= 1:  # e.g. 15 meant as 15/255: the output would be garbage
         raise ValueError(f"sigma is on the image's [0, 1] scale (sigma 15 of 255 is {15 / 255:.4f}), got {sigma:g}")
+    for name, pixels in (("tile", tile), ("overlap", overlap)):
+        if pixels is not None and (isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)) or pixels < 0):
+            raise ValueError(f"{name} is a whole number of pixels, got {pixels!r}")
     torch_device = resolve_device(device)
     network = _prepared(model, default_name, torch_device)
     if super_resolution:
