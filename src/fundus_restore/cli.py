@@ -116,7 +116,8 @@ def _training_overrides(
     **paths: Path | None,
 ) -> dict[str, Any]:
     """The config overrides of ``--set`` and of the options that name a run's paths (which
-    replace the configs' placeholders, as --set would); ``paths`` are further dotted keys."""
+    replace the configs' placeholders, as --set would, and win over a --set of the same key);
+    ``paths`` are further dotted keys."""
     named = {"data.train": data and [str(path) for path in data],
              "validation.among": validate_on and [str(path) for path in validate_on],
              "model.init_weights": init_weights} | {key: path and str(path) for key, path in paths.items()}
@@ -684,7 +685,8 @@ def train(
 ) -> None:
     """Train a model from a config; checkpoints atomically and resumes exactly.
 
-    The options name the run's paths; they replace the config's placeholders, as --set would.
+    The options name the run's paths; they replace the config's placeholders, as --set would
+    (and win over a --set of the same key).
     """
     from fundus_restore.io import ImageFileError
     from fundus_restore.pretrained import WeightsError
