@@ -55,8 +55,9 @@ DEFAULT_UPSCALE_MODEL = "srresnet-x4-retina"
 # Input tile side: photographs up to about 2k pixels a side run as one or two tiles,
 # so little overlap is recomputed (CDnCNN-B, overlap 20, on a 1696² image: tile 1024
 # costs 5% more, tile 512 15%; the default U-Net's overlap of 112 makes tile 512 cost up
-# to 3.2 times, see tiling_cost). A 64-channel DnCNN needs about 0.5 KiB per tile pixel (1.4 GiB measured for
-# one 1696² tile, where the plain NCHW forward pass needs 2.1 GiB): at most ~2 GiB.
+# to 3.2 times, see tiling_cost). A 64-channel DnCNN needs about 0.5 KiB per tile pixel
+# (1.4 GiB measured for one 1696² tile, where the plain NCHW forward pass needs 2.1 GiB):
+# at most ~2 GiB.
 DEFAULT_TILE = 2048
 # Overlap for networks whose receptive field cannot be read off their modules.
 CONSERVATIVE_OVERLAP = 32
@@ -547,8 +548,9 @@ def denoise(
     averaged back to one, which removes far less noise than the grey model does
     (``python scripts/tables.py --grey``). Models loaded by name are prepared once per
     device and cached. ``tile`` (input pixels, default ``DEFAULT_TILE``) bounds the
-    memory, at the cost of recomputing the overlap (``tiling_cost``); ``overlap`` defaults to the model's receptive-field radius, which makes
-    the tiled result equal the whole-image one. ``sigma`` (on the [0, 1] scale) is
+    memory, at the cost of recomputing the overlap (``tiling_cost``); ``overlap``
+    defaults to the model's receptive-field radius, which makes the tiled result equal
+    the whole-image one. ``sigma`` (on the [0, 1] scale) is
     passed to models that take it; a model told the noise level (``needs_noise_level``)
     gets the photo's ``estimated_noise_level`` when it is None. ``precision`` is the compute dtype: ``"auto"`` is
     float32 on the CPU (bfloat16 costs CDnCNN-B 0.15–0.5 dB) and float16 autocast on
