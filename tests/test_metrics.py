@@ -7,7 +7,7 @@ from skimage import data
 from skimage.metrics import structural_similarity
 
 from fundus_restore.degrade import downsample, bicubic_upsample
-from fundus_restore.metrics import band_psnr, image_quality, psnr, ssim, ssim_map
+from fundus_restore.metrics import band_mse, band_psnr, image_quality, psnr, ssim, ssim_map
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,26 @@ def test_band_psnr_splits_the_error_at_the_cutoff(retina_pair: tuple[np.ndarray,
     assert band_psnr(flat, flat + fast, 1 / 8)[1] == pytest.approx(psnr(flat, flat + fast))
     with pytest.raises(ValueError, match="cutoff"):
         band_psnr(flat, flat, 0.5)
+
+
+def test_band_mse_puts_each_frequency_in_its_ring(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, noisy = retina_pair
+    edges = [0, 1 / 16, 1 / 8, 1 / 4, 0.5]
+    bands = band_mse(reference, noisy, edges)
+    assert bands.shape == (4,)
+    assert bands.sum() == pytest.approx(np.mean((reference - noisy) ** 2))
+    # The two-band split is the same computation.
+    below, above = band_psnr(reference, noisy, 1 / 8)
+    assert 10 ** (-below / 10) == pytest.approx(bands[:2].sum())
+    rows = np.arange(64)[:, None] * np.ones((1, 48))
+    ripple = 0.1 * np.cos(np.pi * 20 * (rows + 0.5) / 64)  # 20 / 128 cycles per pixel, in [1/8, 1/4)
+    flat = np.full((64, 48), 0.5)
+    energy = band_mse(flat, flat + ripple, edges)
+    assert energy[2] == pytest.approx(np.mean(ripple**2))
+    assert energy[[0, 1, 3]].max() < 1e-20
+    for bad in ([0.1, 0.5], [0, 0.3, 0.2, 0.5], [0, 0.25]):
+        with pytest.raises(ValueError, match="edges"):
+            band_mse(flat, flat, bad)
 
 
 def test_band_psnr_bounds_an_upscaler_that_invents_nothing() -> None:
@@ -173,3 +193,19 @@ def test_image_quality_keys_and_values(retina_pair: tuple[np.ndarray, np.ndarray
         assert quality[f"ssim_fov_{channel}"] == pytest.approx(ssim(reference, noisy, mask=mask, per_channel=True)[index])
     assert set(image_quality(reference, noisy)) == set(names)
     assert set(image_quality(reference[..., 0], noisy[..., 0])) == {"psnr", "ssim"}
+
+
+def test_metrics_take_channels_on_any_axis(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:
+    reference, noisy = retina_pair
+    first = (reference.transpose(2, 0, 1), noisy.transpose(2, 0, 1))
+    mask = np.zeros(reference.shape[:2], bool)
+    mask[10:100, 20:120] = True
+    assert psnr(*first, channel_axis=0, mask=mask) == psnr(reference, noisy, mask=mask)
+    np.testing.assert_array_equal(ssim(*first, channel_axis=0, per_channel=True), ssim(reference, noisy, per_channel=True))
+    assert band_psnr(*first, 1 / 8, channel_axis=0) == band_psnr(reference, noisy, 1 / 8)
+    assert image_quality(*first, channel_axis=0, mask=mask) == image_quality(reference, noisy, mask=mask)
+    # An H×W image is grey whatever the axis says; channel_axis=None is for it alone.
+    grey = (reference[..., 1], noisy[..., 1])
+    assert psnr(*grey, channel_axis=None) == psnr(*grey) == psnr(reference[..., 1:2], noisy[..., 1:2])
+    with pytest.raises(ValueError, match="channel_axis=None"):
+        psnr(reference, noisy, channel_axis=None)

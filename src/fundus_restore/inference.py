@@ -41,7 +41,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from fundus_restore.io import checked_float_image
+from fundus_restore.io import channels_last, checked_float_image
 from fundus_restore.pretrained import (
     WEIGHTLESS_MODELS, WeightsError, best_bundled_denoiser, default_model_name, list_models, load_model, model_card,
     model_name, resolve_device, resolve_weights, training_noise_range,
@@ -262,21 +262,6 @@ def grey_through_colour(image: np.ndarray, channels: int | None) -> bool:
     """Whether H×W×C ``image`` is grey (one channel, e.g. a red-free photograph) and a
     model taking ``channels`` (``input_channels``) takes colour."""
     return channels == 3 and image.shape[2] == 1
-
-
-def _channels_last(image: np.ndarray, channel_axis: int | None) -> np.ndarray:
-    """``image`` as H×W×C: with ``channel_axis=None`` an H×W grey image gains a channel
-    axis; otherwise its channel axis moves last (a view, not a copy)."""
-    array = np.asarray(image)
-    if channel_axis is None:
-        if array.ndim != 2:
-            raise ValueError(f"channel_axis=None is for an H×W grey image, got an array of shape {array.shape}")
-        return array[..., None]
-    if array.ndim != 3:
-        raise ValueError(
-            f"expected an H×W×C image (or H×W with channel_axis=None), got an array of shape {array.shape}"
-        )
-    return np.moveaxis(array, channel_axis, -1)
 
 
 def _channel_axis_back(output: np.ndarray, channel_axis: int | None) -> np.ndarray:
@@ -561,7 +546,7 @@ def denoise(
     channels lie, as in scikit-image (0 for C×H×W); None takes an H×W grey image and
     returns H×W.
     """
-    pixels = _channels_last(image, channel_axis)
+    pixels = channels_last(image, channel_axis)
     output = _run_network(
         pixels,
         model,
@@ -602,7 +587,7 @@ def upscale(
     ``channel_axis`` works as there.
     """
     output = _run_network(
-        _channels_last(image, channel_axis),
+        channels_last(image, channel_axis),
         model,
         default_name=default_upscale_model_name,
         super_resolution=True,

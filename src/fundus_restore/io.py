@@ -147,6 +147,21 @@ def checked_float_image(image: np.ndarray, what: str = "image", data_range: floa
     return image
 
 
+def channels_last(image: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """``image`` as H×W×C: with ``channel_axis=None`` an H×W grey image gains a channel
+    axis; otherwise its channel axis moves last (a view, not a copy)."""
+    array = np.asarray(image)
+    if channel_axis is None:
+        if array.ndim != 2:
+            raise ValueError(f"channel_axis=None is for an H×W grey image, got an array of shape {array.shape}")
+        return array[..., None]
+    if array.ndim != 3:
+        raise ValueError(
+            f"expected an H×W×C image (or H×W with channel_axis=None), got an array of shape {array.shape}"
+        )
+    return np.moveaxis(array, channel_axis, -1)
+
+
 def read_image(path: str | Path, *, rgb: bool = True) -> np.ndarray:
     """An image file as float32 H×W×C on [0, 1] (16-bit scaled by 65535).
 

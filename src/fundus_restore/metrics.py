@@ -6,6 +6,9 @@ cannot drift apart. SSIM follows ``skimage.metrics.structural_similarity`` with
 ``use_sample_covariance=False``: Gaussian window (sigma 1.5, truncated at 3.5
 sigma, 11×11) or uniform 7×7, constants K1=0.01 and K2=0.03, and the map's border
 of (win_size-1)//2 pixels left out of the mean.
+
+Images are floats on [0, ``data_range``], H×W (grey) or 3-D with their channels on
+``channel_axis`` (last by default; 0 for torch's C×H×W), as in scikit-image.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from scipy import fft
 
-from fundus_restore.io import checked_float_image
+from fundus_restore.io import channels_last, checked_float_image
 
 _K1 = 0.01
 _K2 = 0.03
@@ -98,10 +101,11 @@ def ssim_map(
 
 
 def _as_tensors(
-    reference: np.ndarray, restored: np.ndarray, data_range: float = 1.0
+    reference: np.ndarray, restored: np.ndarray, data_range: float = 1.0, channel_axis: int | None = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two H×W or H×W×C arrays of one shape as float64 1×C×H×W tensors, refused where they
-    do not lie on about [0, ``data_range``] (``checked_float_image``)."""
+    """Two images of one shape as float64 1×C×H×W tensors, refused where they do not lie
+    on about [0, ``data_range``] (``checked_float_image``). An H×W image is grey, whatever
+    ``channel_axis`` says; a 3-D one has its channels on ``channel_axis``."""
     reference = np.asarray(reference)
     restored = np.asarray(restored)
     if reference.shape != restored.shape:
@@ -113,8 +117,8 @@ def _as_tensors(
     checked_float_image(restored, "restored", data_range)
 
     def to_tensor(image: np.ndarray) -> torch.Tensor:
-        image = image if image.ndim == 3 else image[..., None]
-        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float64)).permute(2, 0, 1).contiguous()[None]
+        pixels = channels_last(image, None if image.ndim == 2 else channel_axis)
+        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float64)).permute(2, 0, 1).contiguous()[None]
 
     return to_tensor(reference), to_tensor(restored)
 
@@ -156,42 +160,74 @@ def psnr(
     mask: np.ndarray | None = None,
     data_range: float = 1.0,
     per_channel: bool = False,
+    channel_axis: int | None = -1,
 ) -> float | np.ndarray:
     """Peak signal-to-noise ratio in dB of H×W(×C) images: 10·log10(data_range² / MSE).
 
     The MSE is over all channels of the pixels inside ``mask`` (bool H×W), or of the
     whole image. With ``per_channel`` an array of one PSNR per channel. On 8-bit data
     scaled to [0, 1] this is the usual 255-peak PSNR of the 0–255 values.
+    ``channel_axis`` is where a 3-D image keeps its channels (0 for C×H×W); an H×W
+    image is grey.
     """
-    x, y = _as_tensors(reference, restored, data_range)
+    x, y = _as_tensors(reference, restored, data_range, channel_axis)
     mse = _channel_means((x - y) ** 2, _checked_mask(mask, x.shape[-2:]))
     if per_channel:
         return _psnr_from_mse(mse, data_range).numpy()
     return float(_psnr_from_mse(mse.mean(), data_range))
 
 
+def band_mse(
+    reference: np.ndarray,
+    restored: np.ndarray,
+    edges: list[float],
+    *,
+    data_range: float = 1.0,
+    channel_axis: int | None = -1,
+) -> np.ndarray:
+    """Mean squared error of each frequency band ``[edges[i], edges[i + 1])`` of the error,
+    over the whole H×W(×C) image, as an array of ``len(edges) - 1`` values.
+
+    A coefficient's frequency is the larger of its two axes' (cycles per pixel, 0 to 0.5),
+    so the bands are square rings around zero frequency; ``edges`` must rise from 0 and
+    end above the highest frequency (0.5 will do). The split uses the orthonormal DCT
+    (mirror boundaries, so the image's edges add no spurious high frequencies), and the
+    bands add up to the image's MSE. With ``restored`` all zeros they are the
+    reference's own energy per band. ``channel_axis`` as in ``psnr``.
+    """
+    bands = np.asarray(edges, dtype=np.float64)
+    if bands.ndim != 1 or len(bands) < 2 or bands[0] != 0 or np.any(np.diff(bands) <= 0) or bands[-1] < 0.5:
+        raise ValueError(f"edges must rise from 0 to at least 0.5 cycles per pixel, got {list(edges)}")
+    x, y = _as_tensors(reference, restored, data_range, channel_axis)
+    coefficients = fft.dctn((y - x)[0].numpy(), axes=(1, 2), norm="ortho") ** 2
+    # DCT coefficient k of an axis of length n is the frequency k / (2 n) cycles per pixel.
+    rows, columns = (np.arange(n) / (2 * n) for n in coefficients.shape[1:])
+    band = np.digitize(np.maximum(rows[:, None], columns[None, :]), bands) - 1
+    energy = coefficients.sum(axis=0)
+    return np.bincount(band.ravel(), energy.ravel(), minlength=len(bands) - 1)[: len(bands) - 1] / coefficients.size
+
+
 def band_psnr(
-    reference: np.ndarray, restored: np.ndarray, cutoff: float, *, data_range: float = 1.0
+    reference: np.ndarray,
+    restored: np.ndarray,
+    cutoff: float,
+    *,
+    data_range: float = 1.0,
+    channel_axis: int | None = -1,
 ) -> tuple[float, float]:
     """PSNR in dB of the error's frequencies below and above ``cutoff`` (cycles per pixel,
-    0 < cutoff < 0.5) on each axis, over the whole H×W(×C) image.
+    0 < cutoff < 0.5) on either axis, over the whole H×W(×C) image (``band_mse``).
 
     For ×s super-resolution, ``cutoff = 1 / (2 s)`` is the low-resolution grid's Nyquist
     frequency: the band below is what the small image carries, the band above what an
-    upscaler has to synthesise. The split uses the orthonormal DCT (mirror boundaries, so
-    the image's edges add no spurious high frequencies), and the two bands' squared errors
-    add up to the image's: ``10**(-below/10) + 10**(-above/10) == 10**(-psnr/10)`` (data
-    range 1). With ``restored`` all zeros the value above is the best PSNR any method
-    reaches that recovers the band below exactly and invents nothing above it.
+    upscaler has to synthesise. The two bands' squared errors add up to the image's:
+    ``10**(-below/10) + 10**(-above/10) == 10**(-psnr/10)`` (data range 1). With
+    ``restored`` all zeros the value above is the best PSNR any method reaches that
+    recovers the band below exactly and invents nothing above it.
     """
     if not 0.0 < cutoff < 0.5:
         raise ValueError(f"cutoff must lie between 0 and 0.5 cycles per pixel, got {cutoff}")
-    x, y = _as_tensors(reference, restored, data_range)
-    # DCT coefficient k of an axis of length n is the frequency k / (2 n) cycles per pixel.
-    coefficients = fft.dctn((y - x)[0].numpy(), axes=(1, 2), norm="ortho") ** 2
-    rows, columns = (int(np.ceil(2 * n * cutoff)) for n in coefficients.shape[1:])
-    below = coefficients[:, :rows, :columns].sum() / coefficients.size
-    above = coefficients.sum() / coefficients.size - below
+    below, above = band_mse(reference, restored, [0.0, cutoff, 0.5], data_range=data_range, channel_axis=channel_axis)
     return (
         float(_psnr_from_mse(torch.tensor(below), data_range)),
         float(_psnr_from_mse(torch.tensor(above), data_range)),
@@ -208,6 +244,7 @@ def ssim(
     gaussian_weights: bool = True,
     sigma: float = 1.5,
     win_size: int | None = None,
+    channel_axis: int | None = -1,
 ) -> float | np.ndarray:
     """Mean SSIM of H×W(×C) images, as skimage's ``structural_similarity(..., channel_axis=-1,
     use_sample_covariance=False)`` with the same window settings (default: Gaussian, sigma 1.5).
@@ -215,18 +252,22 @@ def ssim(
     With ``mask`` (bool H×W) the mean of the SSIM map over the masked pixels that are
     not in the window border; with ``per_channel`` an array of one SSIM per channel.
     A given ``win_size`` truncates the Gaussian window to that size (skimage keeps 3.5 sigma).
+    ``channel_axis`` as in ``psnr``.
     """
-    x, y = _as_tensors(reference, restored, data_range)
+    x, y = _as_tensors(reference, restored, data_range, channel_axis)
     values = ssim_map(x, y, data_range=data_range, gaussian_weights=gaussian_weights, sigma=sigma, win_size=win_size)
     similarity = _channel_means(values, _checked_mask(mask, x.shape[-2:]))
     return similarity.numpy() if per_channel else float(similarity.mean())
 
 
-def image_quality(reference: np.ndarray, restored: np.ndarray, *, mask: np.ndarray | None = None) -> dict[str, float]:
+def image_quality(
+    reference: np.ndarray, restored: np.ndarray, *, mask: np.ndarray | None = None, channel_axis: int | None = -1
+) -> dict[str, float]:
     """The numbers tables print: ``psnr`` and ``ssim`` (default settings) over the whole
     image and per channel (``psnr_r``, ``ssim_g``, ...; colour images only), and with a
-    FOV mask the same inside it (``psnr_fov``, ``ssim_fov``, ``psnr_fov_r``, ...)."""
-    x, y = _as_tensors(reference, restored)
+    FOV mask the same inside it (``psnr_fov``, ``ssim_fov``, ``psnr_fov_r``, ...).
+    ``channel_axis`` as in ``psnr``."""
+    x, y = _as_tensors(reference, restored, channel_axis=channel_axis)
     squared_error = (x - y) ** 2
     structural = ssim_map(x, y)
     regions = {"": None}
