@@ -28,7 +28,7 @@ from fundus_restore.evaluate import load_clean
 from fundus_restore.inference import upscale
 from fundus_restore.io import list_images
 from fundus_restore.vessel_metrics import hallucinated_vessels, vessel_preservation
-from fundus_restore.vessels import DEFAULT_THRESHOLD, image_scale, segment_vessels
+from fundus_restore.vessels import DEFAULT_THRESHOLD, segment_vessels
 from tables import heimed_validation
 
 SCALE = 4
@@ -37,19 +37,18 @@ MODELS = ("srresnet-x4-retina", "srgan-x4-retina")
 
 def scores(path: Path, crop: int | None, factors: list[float]) -> dict[str, list[float]]:
     """Per method: [true invented rate, guard rate at each factor]."""
-    clean, mask, expert = load_clean(path, crop)
+    clean, mask, expert, scale = load_clean(path, crop)
     low = downsample(clean, SCALE)
     height, width = low.shape[0] * SCALE, low.shape[1] * SCALE
     clean, mask = clean[:height, :width], mask[:height, :width]
     expert = None if expert is None else expert[:height, :width]
-    scale = image_scale(clean)
     bicubic = bicubic_upsample(low, SCALE)
     outputs = {"clean photo": clean, "bicubic": bicubic, **{m: upscale(low, m) for m in MODELS}}
     references = [segment_vessels(bicubic, mask, threshold=DEFAULT_THRESHOLD * f, scale=scale) for f in factors]
     clean_vessels = segment_vessels(clean, mask, scale=scale)
     found = {}
     for name, output in outputs.items():
-        true = vessel_preservation(clean, output, expert=expert, fov=mask, clean_vessels=clean_vessels)["spurious_rate"]
+        true = vessel_preservation(clean, output, expert=expert, fov=mask, scale=scale, clean_vessels=clean_vessels)["spurious_rate"]
         guard = [hallucinated_vessels(output, bicubic, mask, scale=scale, reference_vessels=r)[1] for r in references]
         found[name] = [true, *guard]
     return found

@@ -50,7 +50,7 @@ def bright_red_share(clean: np.ndarray, mask: np.ndarray) -> float:
 def photo_brightness(folder: Path) -> None:
     print(f"{'red > 0.9':>9}  photo")
     for path in list_images([folder]):
-        clean, mask, _ = load_clean(path, CROP)  # as evaluate crops it
+        clean, mask = load_clean(path, CROP)[:2]  # as evaluate crops it
         print(f"{bright_red_share(clean, mask):9.3f}  {path.name}", flush=True)
     print()
 

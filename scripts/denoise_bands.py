@@ -45,7 +45,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     totals: dict[str, list[float]] = {"noise": [], "official": [], "method": [], "hybrid": []}
     for seed, path in enumerate(heimed_validation(args.shared / "data" / "HEI-MED")):
-        clean, _, _ = load_clean(path, 1024)
+        clean = load_clean(path, 1024).photo
         noisy = degrade_for_protocol(clean, SIGMA, "paper", seed)  # image i gets seed i, as in the tables
         rows = {}
         for name, model in (("official", official), ("method", args.method)):

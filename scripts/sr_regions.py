@@ -47,7 +47,7 @@ def main() -> None:
     methods = ["bicubic", *(args.method or ["srresnet-x4-retina"])]
     scores: dict[tuple[str, str], list[float]] = {}
     for path in heimed_validation(args.shared / "data" / "HEI-MED"):
-        clean, mask, _ = load_clean(path)
+        clean, mask = load_clean(path)[:2]
         low = downsample(clean, SCALE)
         height, width = low.shape[0] * SCALE, low.shape[1] * SCALE
         clean, mask = clean[:height, :width], mask[:height, :width]

@@ -247,6 +247,9 @@ def test_validation_crops_are_fixed(photos: list[Path]) -> None:
     camera = crops[1].noisy
     assert camera.min() >= 0 and camera.max() <= 1
     assert not np.array_equal(crops[0].noisy, crops[4].noisy)  # each image its own noise
+    # Vessel measures take the photograph's scale: a crop keeps its vessels' widths.
+    whole = validation_crops(photos[:1], crop=None, sigma=25.0)[0]
+    assert centre.vessel_scale == rim.vessel_scale == whole.vessel_scale == whole.clean.shape[1] / 565
 
 
 def test_chosen_channels_keep_those_of_the_same_patches(photos: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,7 +86,7 @@ def test_drive_photos_are_scored_against_their_expert_vessel_maps(drive_dir: Pat
     from fundus_restore.evaluate import load_clean
 
     photo = drive_dir / "test" / "images" / "01_test.tif"
-    clean, mask, expert = load_clean(photo, crop_size=256)
+    clean, mask, expert, _ = load_clean(photo, crop_size=256)
     assert clean.shape == (256, 256, 3) and mask.shape == expert.shape == (256, 256)
     assert 0.05 < expert[mask].mean() < 0.3  # vessels cover about a tenth of the field of view
     rows = evaluate_images([photo], build_methods(["noisy", "nlmeans"]), protocols=("camera",), crop_size=256)
@@ -383,3 +383,26 @@ def test_evaluate_command_runs_with_its_defaults(tmp_path: Path):
     assert result.exit_code == 0, result.output
     text = (tmp_path / "report" / "results.md").read_text()
     assert "| 25 | paper | noisy | 1 |" in text and "| 25 | camera | dncnn-retina-green | 1 |" in text
+
+
+def test_a_crop_is_scored_for_vessels_at_its_photo_s_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Vessels keep their width in pixels when a photo is cropped, so the segmenter's sizes
+    must follow the photo (``image_scale`` of its field of view), not the crop."""
+    from fundus_restore import evaluate
+    from fundus_restore.vessel_metrics import vessel_preservation
+    from fundus_restore.vessels import image_scale
+
+    path = tmp_path / "eye.png"
+    write_image(path, _fundus_like(160, 0))
+    whole, cropped = evaluate.load_clean(path), evaluate.load_clean(path, crop_size=64)
+    assert cropped.photo.shape[:2] == (64, 64)
+    assert cropped.vessel_scale == whole.vessel_scale == image_scale(whole.photo) != image_scale(cropped.photo)
+    seen = []
+
+    def spy(*args, scale, **kwargs):
+        seen.append(scale)
+        return vessel_preservation(*args, scale=scale, **kwargs)
+
+    monkeypatch.setattr(evaluate, "vessel_preservation", spy)
+    evaluate_images([path], build_methods(["noisy"]), protocols=("paper",), crop_size=64)
+    assert seen == [whole.vessel_scale]

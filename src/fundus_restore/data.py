@@ -62,6 +62,7 @@ from fundus_restore.degrade import KERNELS, PROTOCOLS, degrade_for_protocol, dow
 from fundus_restore.evaluate import MIN_SCORED_SIZE, centre_square, check_fov_size, load_clean
 from fundus_restore.fov import crop_to_fov
 from fundus_restore.io import ImageFileError, read_header_of_size, read_image
+from fundus_restore.vessels import image_scale
 
 # Tags that keep the generators of the image order, the batches and the split apart.
 _ORDER, _BATCH, _SPLIT, _SHRINK = 0, 1, 2, 3
@@ -211,7 +212,7 @@ def load_fov_crop(
     (None: all) are kept, and with ``vessels`` its expert vessel map (0/1) is appended
     as one more channel."""
     if vessels:
-        image, mask, expert = load_clean(path)
+        image, mask, expert, _ = load_clean(path)
         if expert is None:
             raise ImageFileError(f"{path}: no expert vessel map beside it (DRIVE layout: ../1st_manual/NN_manual1.gif)")
     else:
@@ -405,6 +406,7 @@ class ValidationCrop:
     noisy: np.ndarray
     clean: np.ndarray
     mask: np.ndarray
+    vessel_scale: float  # the photograph's, not the crop's (``evaluate.CleanPhoto``)
 
 
 def _rim_square(image: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -448,5 +450,6 @@ def validation_crops(
                 clean, mask = clean[:height, :width], mask[:height, :width]
             for protocol in protocols:
                 noisy = degrade_for_protocol(low, sigma, protocol, seed + index)
-                crops.append(ValidationCrop(path.name, region, protocol, sigma / 255.0, noisy, clean, mask))
+                crops.append(ValidationCrop(path.name, region, protocol, sigma / 255.0, noisy, clean, mask,
+                                            image_scale(photograph[0])))
     return crops

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from fundus_restore.metrics import image_quality, ssim_window_size
 from fundus_restore.models.cbm3d import cbm3d
 from fundus_restore.pretrained import DEFAULT_SMALL_PHOTO_MODEL
 from fundus_restore.vessel_metrics import hallucinated_vessels, vessel_preservation
-from fundus_restore.vessels import SEGMENTERS, segment_vessels
+from fundus_restore.vessels import SEGMENTERS, image_scale, segment_vessels
 
 # A method name "DENOISER>UPSCALER" (with a scale) denoises the noisy small image, then upscales it.
 PIPELINE_SEPARATOR = ">"
@@ -110,7 +111,9 @@ class ScoreCache:
         """``vessels``: the segmenter of the vessel measures, None without them; ``grey``: the
         photo scored in one channel (``load_clean``)."""
         # The defaults add nothing, so that scores cached before kernels and grey were selectable stay valid.
+        # A crop's vessel measures were taken at the crop's scale before they took the photo's.
         extra = ([] if lr_kernel == "bicubic" else [lr_kernel]) + (["grey"] if grey else [])
+        extra += ["photo-scale"] if crop_size is not None and vessels is not None else []
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels, scale,
                            method.name, method.fingerprint, *extra])
 
@@ -316,29 +319,40 @@ def check_fov_size(path: Path, image: np.ndarray, min_size: int) -> None:
         )
 
 
-def load_clean(
-    path: Path, crop_size: int | None = None, grey: bool | None = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+class CleanPhoto(NamedTuple):
+    """A clean photo as ``load_clean`` gives it."""
+
+    photo: np.ndarray  # H×W×3, or H×W×1 grey
+    mask: np.ndarray  # its field of view
+    expert: np.ndarray | None  # the expert vessel map, where the photo has one
+    vessel_scale: float  # the whole photo's size relative to DRIVE's (vessels.image_scale), for a crop too
+
+
+def load_clean(path: Path, crop_size: int | None = None, grey: bool | None = False) -> CleanPhoto:
     """A clean photo cropped to its field of view (and to the central ``crop_size``²),
     with its FOV mask and, where one exists, its expert vessel map cropped alike.
 
     The photo is H×W×3, or with ``grey`` H×W×1: the green channel of a colour photo
     (red-free photographs are taken through a green filter) or a grey photo's one
-    channel. ``grey=None`` keeps each file's own: a grey file stays grey.
+    channel. ``grey=None`` keeps each file's own: a grey file stays grey. Its
+    ``vessel_scale`` is the field-of-view crop's before the central crop: a crop keeps
+    the photo's vessel widths, so the vessel measures must keep its scale.
     """
     image = read_image(path, rgb=False)
     if grey is None:
         grey = image.shape[2] == 1
     expert_path = expert_vessel_map(path)
     layers = image if expert_path is None else np.dstack([image, read_mask(expert_path).astype(np.float32)])
-    layers, mask = centre_square(*crop_to_fov(layers, fov_mask(image)), crop_size)
+    layers, mask = crop_to_fov(layers, fov_mask(image))
+    vessel_scale = image_scale(layers)
+    layers, mask = centre_square(layers, mask, crop_size)
     photo = layers[..., : image.shape[2]]
     if grey:
         photo = photo[..., 1:2] if photo.shape[2] == 3 else photo
     elif photo.shape[2] == 1:
         photo = np.repeat(photo, 3, axis=2)
     check_fov_size(path, photo, MIN_SCORED_SIZE)
-    return photo, mask, None if expert_path is None else layers[..., -1] > 0.5
+    return CleanPhoto(photo, mask, None if expert_path is None else layers[..., -1] > 0.5, vessel_scale)
 
 
 @dataclass(frozen=True)
@@ -354,6 +368,7 @@ class Example:
     mask: np.ndarray
     expert: np.ndarray | None
     segmenter: str = "hessian"  # the vessel segmenter of the evaluation
+    vessel_scale: float | None = None  # the photo's (``CleanPhoto``); None: the image's own
 
 
 def example_setting(sigmas: Sequence[float], protocols: Sequence[str]) -> tuple[float, str]:
@@ -426,7 +441,7 @@ def evaluate_images(
     shown_setting = example_setting(sigmas, protocols)
     for index, path in enumerate(paths):
         digest = file_digest(path) if cache is not None else ""
-        clean, mask, expert = load_clean(path, crop_size, grey)
+        clean, mask, expert, vessel_scale = load_clean(path, crop_size, grey)
         low = clean
         if scale > 1:
             low = downsample(clean, scale, lr_kernel)
@@ -434,14 +449,14 @@ def evaluate_images(
             clean, mask = clean[:height, :width], mask[:height, :width]
             expert = None if expert is None else expert[:height, :width]
         # Segmented once per image, when a vessel measure is first needed.
-        clean_vessels = functools.cache(partial(segment_vessels, clean, mask, method=segmenter))
+        clean_vessels = functools.cache(partial(segment_vessels, clean, mask, scale=vessel_scale, method=segmenter))
         for sigma in sigmas:
             for protocol in protocols:
                 noisy = degrade_for_protocol(low, sigma, protocol, seed + index)
                 # The input at the clean image's size: for super-resolution its bicubic upscale, the
                 # guard's reference, segmented once for all the upscalers (as hallucinated_vessels would).
                 enlarged = noisy if scale == 1 else bicubic_upsample(noisy, scale)
-                enlarged_vessels = functools.cache(partial(segment_vessels, enlarged, mask))
+                enlarged_vessels = functools.cache(partial(segment_vessels, enlarged, mask, scale=vessel_scale))
                 keep = on_example is not None and index == 0 and (sigma, protocol) == shown_setting
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
@@ -455,11 +470,11 @@ def evaluate_images(
                         if quality is None:
                             quality = image_quality(clean, restored, mask=mask)
                             if vessels:
-                                quality |= vessel_preservation(clean, restored, expert=expert, fov=mask,
+                                quality |= vessel_preservation(clean, restored, expert=expert, fov=mask, scale=vessel_scale,
                                                                segmenter=segmenter, clean_vessels=clean_vessels())
                             if guard:
                                 quality[INVENTED_VS_BICUBIC] = hallucinated_vessels(
-                                    restored, enlarged, fov=mask, reference_vessels=enlarged_vessels()
+                                    restored, enlarged, fov=mask, scale=vessel_scale, reference_vessels=enlarged_vessels()
                                 )[1]
                             if cache is not None:
                                 cache.put(key, {k: float(v) for k, v in quality.items()})
@@ -467,7 +482,8 @@ def evaluate_images(
                     if on_step:
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
                 if keep:
-                    on_example(Example(path.name, sigma, protocol, clean, enlarged, outputs, mask, expert, segmenter))
+                    on_example(Example(path.name, sigma, protocol, clean, enlarged, outputs, mask, expert, segmenter,
+                                       vessel_scale))
     return rows
 
 

@@ -170,7 +170,8 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
         )
     overlays = {
         name: vessel_overlay(image, vessel_changes(
-            example.clean, image, expert=example.expert, fov=example.mask, segmenter=example.segmenter
+            example.clean, image, expert=example.expert, fov=example.mask, scale=example.vessel_scale,
+            segmenter=example.segmenter
         ))
         for name, image in example.restored.items()
     }

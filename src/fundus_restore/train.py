@@ -770,7 +770,7 @@ class Trainer:
             else:
                 quality = image_quality(crop.clean, restored_image, mask=crop.mask)
                 if self.config["validation"]["vessels"]:
-                    quality |= vessel_preservation(crop.clean, restored_image, fov=crop.mask)
+                    quality |= vessel_preservation(crop.clean, restored_image, fov=crop.mask, scale=crop.vessel_scale)
             for measure in self._validation_measures():
                 scores.setdefault(f"val/{measure}_{crop.protocol}_{crop.region}", []).append(float(quality[measure]))
         model.train(was_training)
