@@ -350,9 +350,19 @@ def test_super_resolution_can_be_scored_on_photos_shrunk_by_another_kernel(clean
         (["--clean", "{clean}", "--sigma", "25", "--sigma", "-5"], "a noise sigma must be at least 0, got 25, -5"),
         (["--clean", "{clean}", "--crop", "5"], "crop 5 is smaller than the 11² SSIM's window needs"),
         (["--clean", "{clean}", "--scale", "0"], "the scale must be a positive integer, got 0"),
+        (["--clean", "{clean}", "--scale", "8", "--crop", "12"],
+         "crop 12 (cut to a multiple of the scale, 8) is smaller than the 11² SSIM's window needs"),
+        (["--clean", "{clean}", "--lr-kernel", "box"],
+         "the kernel 'box' shrinks photos for super-resolution: it needs a scale above 1"),
+        (["--clean", "{clean}", "--grey", "--segmenter", "unet"],
+         "the learned segmenter (unet) takes colour photos: use the hessian segmenter to score grey"),
+        (["--clean", "{clean}", "--scale", "2"],
+         "noisy does not upscale: with --scale, use it as a pipeline's first stage (noisy>bicubic)"),
+        (["--clean", "{clean}", "--method", " , "], "--method names no method"),
     ],
     ids=["empty selection", "missing file", "unknown protocol", "unknown segmenter", "too small for SSIM",
-         "negative sigma", "crop too small", "scale 0"],
+         "negative sigma", "crop too small", "scale 0", "crop too small once cut", "kernel without scale",
+         "learned segmenter on grey", "denoiser as upscaler", "no method"],
 )
 def test_evaluate_command_refuses_bad_settings_and_photos_in_one_line(
     args: list[str], message: str, clean_dir: Path, tmp_path: Path
@@ -360,7 +370,8 @@ def test_evaluate_command_refuses_bad_settings_and_photos_in_one_line(
     (tmp_path / "empty").mkdir()
     write_image(tmp_path / "tiny.png", np.full((8, 8, 3), 0.5, np.float32))
     filled = [arg.format(tmp=tmp_path, clean=clean_dir) for arg in args]
-    result = CliRunner().invoke(app, ["evaluate", *filled, "--report", str(tmp_path / "report"), "--method", "noisy"])
+    method = [] if "--method" in args else ["--method", "noisy"]
+    result = CliRunner().invoke(app, ["evaluate", *filled, "--report", str(tmp_path / "report"), *method])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {message.format(tmp=tmp_path)}" and "Traceback" not in result.output
 
@@ -406,3 +417,15 @@ def test_a_crop_is_scored_for_vessels_at_its_photo_s_scale(tmp_path: Path, monke
     monkeypatch.setattr(evaluate, "vessel_preservation", spy)
     evaluate_images([path], build_methods(["noisy"]), protocols=("paper",), crop_size=64)
     assert seen == [whole.vessel_scale]
+
+
+def test_methods_that_do_not_fit_the_scale_or_return_nan_are_refused(clean_dir: Path):
+    with pytest.raises(ValueError, match="bicubic is an upscaler: it needs --scale 2 or more"):
+        build_methods(["bicubic"])
+    with pytest.raises(ValueError, match="cbm3d does not upscale"):
+        build_methods(["cbm3d"], scale=4)
+    broken = Method("broken", lambda noisy, sigma: np.where(noisy > 0.5, np.nan, noisy))
+    photo = sorted(clean_dir.iterdir())[0]
+    # A mean over the other photos would hide the failure, so the evaluation stops and names it.
+    with pytest.raises(ValueError, match=f"{photo}: broken returned NaN or infinite values"):
+        evaluate_images([photo], [broken], protocols=("paper",), vessels=False)

@@ -125,3 +125,11 @@ def test_heimed_disc(heimed_dir: Path) -> None:
     assert not (mask[:40, :40].any() or mask[-40:, -40:].any())
     cropped, _ = crop_to_fov(image, mask)
     assert cropped.shape[0] == height and cropped.shape[1] >= 0.99 * width
+
+
+def test_channels_first_or_nan_images_are_refused() -> None:
+    photo = np.zeros((40, 50, 3), np.float32)
+    with pytest.raises(ValueError, match=r"got shape \(3, 40, 50\) \(channels first\? move them last\)"):
+        fov_mask(photo.transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fov_mask(np.full((40, 50, 3), np.nan, np.float32))

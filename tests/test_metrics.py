@@ -174,6 +174,11 @@ def test_shape_mismatch_and_tiny_images_are_refused() -> None:
         psnr(np.zeros((4, 4, 3)), np.zeros((4, 4, 3)), mask=np.ones((4, 5), dtype=bool))
     with pytest.raises(ValueError, match="smaller than"):
         ssim(np.zeros((8, 8)), np.zeros((8, 8)))
+    # NaN would spread into a mean over photos that no longer says it lost one.
+    with pytest.raises(ValueError, match="the restored contains NaN or infinite values"):
+        psnr(np.zeros((4, 4, 3)), np.full((4, 4, 3), np.nan))
+    with pytest.raises(ValueError, match="data_range must be positive, got 0"):
+        psnr(np.zeros((4, 4, 3)), np.zeros((4, 4, 3)), data_range=0)
 
 
 def test_image_quality_keys_and_values(retina_pair: tuple[np.ndarray, np.ndarray]) -> None:

@@ -145,6 +145,15 @@ def test_hallucination_guard_refuses_images_of_different_shapes(clean: np.ndarra
         hallucinated_vessels(clean, clean[:-1], FOV, scale=1.0)
 
 
+def test_vessel_maps_of_different_shapes_are_refused() -> None:
+    from fundus_restore.vessel_metrics import dice, segmentation_auc
+
+    first, second = np.zeros((8, 8), bool), np.zeros((8, 9), bool)
+    for measure in (dice, segmentation_auc, recall, spurious_rate, cldice):
+        with pytest.raises(ValueError, match=r"\(8, 8\) and .* \(8, 9\) differ in shape"):
+            measure(first, second)
+
+
 def test_dice_and_auc_on_known_cases() -> None:
     from fundus_restore.vessel_metrics import dice, segmentation_auc
 

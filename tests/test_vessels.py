@@ -162,6 +162,15 @@ def test_bundled_unet_segments_drive_test_better_than_the_classical_segmenter(dr
     assert dice(segment_vessels(image, fov, method="unet") & fov, truth) > 0.75
 
 
+def test_vesselness_refuses_images_off_the_unit_scale() -> None:
+    from fundus_restore.vessels import learned_vesselness, vesselness
+
+    photo = np.full((64, 64, 3), 128, np.uint8)
+    for measure in (vesselness, learned_vesselness):  # an 8-bit photo gave an all-zero map
+        with pytest.raises(ValueError, match="got dtype uint8"):
+            measure(photo, np.ones((64, 64), bool))
+
+
 def test_the_learned_segmenter_refuses_a_grey_image_in_one_line() -> None:
     from fundus_restore.vessels import learned_vesselness
 

@@ -63,7 +63,10 @@ NoiseLevelOption = Annotated[
         "resunet-retina-green-blind-small, resunet-retina-grey-blind; cbm3d); default: estimated per photo.",
     ),
 ]
-SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the noise; file i (sorted order) uses seed + i.")]
+SeedOption = Annotated[
+    int, typer.Option(min=0, help="Seed of the noise; the i-th file (a folder's in sorted order, listed files as given) "
+                                  "uses seed + i.")
+]
 RecursiveOption = Annotated[
     bool,
     typer.Option(
@@ -805,10 +808,12 @@ def evaluate(
     else:
         defaults = DEFAULT_GREY_METHODS if grey else DEFAULT_METHODS
     try:  # everything that can be refused is, before any method runs
-        check_settings(protocol, segmenter, lr_kernel, sigmas=sigma, crop_size=crop, scale=scale)
+        check_settings(protocol, segmenter, lr_kernel, sigmas=sigma, crop_size=crop, scale=scale, grey=grey)
         for path in files:  # a missing, empty or unreadable photo, or one too small to score
             read_header_of_size(path, MIN_SCORED_SIZE, "SSIM's window")
-        names = [name for option in methods or [] for name in option.split(",") if name]
+        names = [name.strip() for option in methods or [] for name in option.split(",") if name.strip()]
+        if methods is not None and not names:
+            raise ValueError("--method names no method")
         chosen = build_methods(names or defaults, official_weights=official_weights, tile=tile, device=device,
                                skip_missing=methods is None, scale=scale)
     except ValueError as error:
@@ -828,7 +833,7 @@ def evaluate(
                 on_step=advance, on_example=examples.append, cache=ScoreCache(cache) if cache else None, scale=scale,
                 segmenter=segmenter, lr_kernel=lr_kernel, grey=True if grey else None,
             )
-    except ImageFileError as error:  # pixel data found corrupt past a sound header, or a field of view too small
+    except ValueError as error:  # pixel data found corrupt past a sound header, a field of view too small, a NaN output
         _report_error(str(error))
         raise typer.Exit(1) from None
     markdown, _ = write_tables(rows, report, title="Denoising" if scale == 1 else f"Super-resolution x{scale}")

@@ -237,15 +237,19 @@ def _build_method(
     """One method of ``build_methods`` (a denoiser at ``scale`` 1, else an upscaler), or
     None for a missing model left out under ``skip_missing``."""
     from fundus_restore.inference import check_denoiser, check_run_settings, denoise, upscale, upscale_factor
-    from fundus_restore.pretrained import WeightsError, load_model
+    from fundus_restore.pretrained import WeightsError, list_models, load_model
 
     ensemble = requested.endswith(ENSEMBLE_SUFFIX)
     name = requested.removesuffix(ENSEMBLE_SUFFIX)
     if ensemble and (name in CLASSICAL_METHODS or name == "bicubic"):
         raise ValueError(f"{requested}: {ENSEMBLE_SUFFIX} (the flip-and-turn ensemble) is for networks")
-    if scale > 1 and name == "bicubic":
+    if name == "bicubic":
+        if scale == 1:
+            raise ValueError("bicubic is an upscaler: it needs --scale 2 or more")
         return Method(name, lambda low, sigma: bicubic_upsample(low, scale), fingerprint=f"bicubic x{scale}")
     if name in CLASSICAL_METHODS:
+        if scale > 1:
+            raise ValueError(f"{name} does not upscale: with --scale, use it as a pipeline's first stage ({name}{PIPELINE_SEPARATOR}bicubic)")
         version = _package_version(name)
         return Method(name, CLASSICAL_METHODS[name], fingerprint=f"{name} {version}")
     try:
@@ -253,6 +257,9 @@ def _build_method(
             if official_weights is None:
                 raise WeightsError("cdncnn-b: pass --official-weights GD_Color_Blind.mat (never bundled)")
             model = _load_official(official_weights)
+        elif not Path(name).suffix and name not in list_models():
+            known = [*CLASSICAL_METHODS, "bicubic (with a scale)", "cdncnn-b", *list_models()]
+            raise WeightsError(f"unknown method {name!r}: known are {', '.join(known)}, or a .safetensors file")
         else:
             model = load_model(name)
     except WeightsError as error:
@@ -385,9 +392,11 @@ def check_settings(
     sigmas: Iterable[float] = (),
     crop_size: int | None = None,
     scale: int = 1,
+    grey: bool = False,
 ) -> None:
     """Refuse an unknown noise protocol, vessel segmenter or shrinking kernel, a negative
-    noise level, a crop too small to score or a scale below 1, before anything is run."""
+    noise level, a crop too small to score, a scale below 1, a kernel without a scale and
+    the learned segmenter on grey scoring, before anything is run."""
     checks = [("noise protocol", protocol, PROTOCOLS) for protocol in protocols]
     checks += [("vessel segmenter", segmenter, SEGMENTERS), ("kernel", lr_kernel, tuple(KERNELS))]
     for kind, value, known in checks:
@@ -395,10 +404,17 @@ def check_settings(
             raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(known)}")
     if any(sigma < 0 for sigma in sigmas):
         raise ValueError(f"a noise sigma must be at least 0, got {', '.join(f'{s:g}' for s in sigmas)}")
-    if crop_size is not None and crop_size < MIN_SCORED_SIZE:
-        raise ValueError(f"crop {crop_size} is smaller than the {MIN_SCORED_SIZE}² SSIM's window needs")
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"the scale must be a positive integer, got {scale!r}")
+    # With a scale the crop is cut to a multiple of it first.
+    if crop_size is not None and crop_size // scale * scale < MIN_SCORED_SIZE:
+        cut = crop_size // scale * scale
+        note = f" (cut to a multiple of the scale, {cut})" if cut != crop_size else ""
+        raise ValueError(f"crop {crop_size}{note} is smaller than the {MIN_SCORED_SIZE}² SSIM's window needs")
+    if lr_kernel != "bicubic" and scale == 1:
+        raise ValueError(f"the kernel {lr_kernel!r} shrinks photos for super-resolution: it needs a scale above 1")
+    if grey and segmenter == "unet":
+        raise ValueError("the learned segmenter (unet) takes colour photos: use the hessian segmenter to score grey")
 
 
 def evaluate_images(
@@ -465,6 +481,8 @@ def evaluate_images(
                     quality = cache.get(key, (INVENTED_VS_BICUBIC,) if guard else ()) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)
+                        if not np.isfinite(restored).all():  # a mean over the other photos would hide it
+                            raise ValueError(f"{path}: {method.name} returned NaN or infinite values")
                         if keep:
                             outputs[method.name] = restored
                         if quality is None:

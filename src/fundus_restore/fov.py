@@ -32,10 +32,11 @@ _MIN_SURROUND_CONTRAST = 2.0
 
 def _intensity(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
+    if image.ndim == 3 and image.shape[-1] in (1, 3):
         image = image.max(axis=-1)
     if image.ndim != 2:
-        raise ValueError(f"expected an H×W or H×W×C image, got shape {image.shape}")
+        hint = " (channels first? move them last)" if image.ndim == 3 and image.shape[0] in (1, 3) else ""
+        raise ValueError(f"expected an H×W, H×W×1 or H×W×3 image, got shape {image.shape}{hint}")
     # Clipped: unclipped float noise (the paper's protocol) dips below 0 on the surround,
     # where the logarithm of the threshold is undefined.
     return np.clip(ndimage.median_filter(image, _MEDIAN_SIZE), 0.0, 1.0)

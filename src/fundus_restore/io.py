@@ -134,14 +134,18 @@ _UNIT_SCALE_LIMIT = 4.0
 
 
 def checked_float_image(image: np.ndarray, what: str = "image", data_range: float = 1.0) -> np.ndarray:
-    """``image`` as an array, refused with a ValueError naming ``what`` unless it holds floats on
-    about [0, ``data_range``]: integers (uint8 photos) and 0-255 floats would be read as far too
-    bright and give silently wrong results."""
+    """``image`` as an array, refused with a ValueError naming ``what`` unless it holds finite
+    floats on about [0, ``data_range``]: integers (uint8 photos) and 0-255 floats would be read
+    as far too bright, and NaN would spread, giving silently wrong results."""
+    if not data_range > 0:
+        raise ValueError(f"data_range must be positive, got {data_range:g}")
     image = np.asarray(image)
     if not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"expected a float {what} on the [0, {data_range:g}] scale, got dtype {image.dtype} "
                          "(convert with skimage.util.img_as_float32)")
-    peak = np.fmax.reduce(image, axis=None) if image.size else 0.0  # NaNs left out, without nanmax's warning
+    if not np.isfinite(image).all():
+        raise ValueError(f"the {what} contains NaN or infinite values")
+    peak = image.max(initial=0.0)
     if peak > _UNIT_SCALE_LIMIT * data_range:
         raise ValueError(f"{what} values reach {peak:g}: expected the [0, {data_range:g}] scale (divide 0-255 values by 255)")
     return image

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # figures are written to files; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from skimage.filters import sato  # noqa: E402
 from skimage.measure import block_reduce  # noqa: E402
@@ -72,11 +72,13 @@ def comparison_figure(
     *,
     zoom: tuple[int, int, int] | None = None,
     captions: Mapping[str, str] | None = None,
+    legend: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a row of images (title → H×W×3 or grey H×W×1 array) with, under each, the zoomed window.
 
     ``zoom`` is (top, left, size); the window is outlined on the full views.
-    ``captions`` adds a line (e.g. PSNR/SSIM) under a panel's title.
+    ``captions`` adds a line (e.g. PSNR/SSIM) under a panel's title; ``legend``
+    (label → colour) a key under the row, so the PNG explains itself.
     """
     rows = 2 if zoom else 1
     figure, axes = plt.subplots(
@@ -95,6 +97,9 @@ def comparison_figure(
             axes[1, column].imshow(shown[top : top + size, left : left + size], interpolation="nearest")
     for axis in axes.flat:
         axis.set_axis_off()
+    if legend:
+        handles = [Patch(color=colour, label=label) for label, colour in legend.items()]
+        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=11)
     return _save(figure, path)
 
 
@@ -177,7 +182,7 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
     }
     legend = ", ".join(f"{label} {colour}" for label, colour in OVERLAY_COLOURS.items())
     figures[f"Thin vessels per method ({legend}; {setting})"] = comparison_figure(
-        overlays, folder / "vessel_overlays.png", zoom=zoom
+        overlays, folder / "vessel_overlays.png", zoom=zoom, legend=OVERLAY_COLOURS
     )
     return figures
 

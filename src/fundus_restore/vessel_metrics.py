@@ -1,8 +1,8 @@
 """Vessel-preservation metrics: did restoration keep thin vessels, and did it invent any?
 
-The reference vessel map is the expert's when there is one, else the classical
-segmentation of the clean image; the restored image is always segmented with the
-same classical segmenter (``vessels.segment_vessels``). Everything is counted inside
+The reference vessel map is the expert's when there is one, else the segmentation of
+the clean image; the restored image is segmented by the same segmenter
+(``vessels.segment_vessels``: classical by default, ``segmenter="unet"`` the learned one). Everything is counted inside
 the field of view. Pixel sizes are at DRIVE scale and multiplied by ``scale``
 (default: image width / 565):
 
@@ -38,8 +38,20 @@ _BACKGROUND_WINDOW_PX = 15
 _THIN_BAND_PX = 3.0
 
 
+def _same_shape(
+    first: np.ndarray, second: np.ndarray, names: tuple[str, str], dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays as ``dtype``, refused when their shapes differ."""
+    first = np.asarray(first, dtype=dtype)
+    second = np.asarray(second, dtype=dtype)
+    if first.shape != second.shape:
+        raise ValueError(f"{names[0]} {first.shape} and {names[1]} {second.shape} differ in shape")
+    return first, second
+
+
 def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     """Dice overlap 2|P∩T| / (|P| + |T|) of two bool maps (1.0 when both are empty)."""
+    predicted, truth = _same_shape(predicted, truth, ("predicted", "truth"), bool)
     total = int(predicted.sum()) + int(truth.sum())
     return 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
 
@@ -48,7 +60,8 @@ def segmentation_auc(score: np.ndarray, truth: np.ndarray) -> float:
     """Area under the ROC curve of ``score`` for bool ``truth`` (Mann–Whitney, ties counted half)."""
     from scipy.stats import rankdata
 
-    score, truth = np.ravel(score), np.ravel(truth).astype(bool)
+    score, truth = _same_shape(score, truth, ("score", "truth"), np.float64)
+    score, truth = score.ravel(), truth.ravel().astype(bool)
     positives = int(truth.sum())
     negatives = truth.size - positives
     if positives == 0 or negatives == 0:
@@ -72,6 +85,8 @@ def _fraction(part: np.ndarray, whole: np.ndarray) -> float:
 
 def recall(reference_centreline: np.ndarray, restored_vessels: np.ndarray, *, tolerance: float = TOLERANCE_PX) -> float:
     """Fraction of reference centreline pixels with a restored vessel pixel within ``tolerance`` px."""
+    reference_centreline, restored_vessels = _same_shape(reference_centreline, restored_vessels,
+                                                         ("reference centreline", "restored vessels"), bool)
     detected = reference_centreline & _within(restored_vessels, tolerance)
     return _fraction(detected, reference_centreline)
 
@@ -81,8 +96,9 @@ def _spurious_centreline(
 ) -> tuple[np.ndarray, float]:
     """(The restored centreline pixels farther than ``tolerance`` px from every real vessel pixel,
     their fraction of the restored centreline); an empty restored centreline gives rate 0."""
+    restored_vessels, real_vessels = _same_shape(restored_vessels, real_vessels, ("restored vessels", "real vessels"), bool)
     restored_centreline = centerline(restored_vessels)
-    spurious = restored_centreline & ~_within(np.asarray(real_vessels, dtype=bool), tolerance)
+    spurious = restored_centreline & ~_within(real_vessels, tolerance)
     return spurious, _fraction(spurious, restored_centreline) if restored_centreline.any() else 0.0
 
 
@@ -95,15 +111,6 @@ def spurious_rate(restored_vessels: np.ndarray, real_vessels: np.ndarray, *, tol
     return _spurious_centreline(restored_vessels, real_vessels, tolerance)[1]
 
 
-def _same_shape(first: np.ndarray, second: np.ndarray, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Both images as float32, refused when their shapes differ."""
-    first = np.asarray(first, dtype=np.float32)
-    second = np.asarray(second, dtype=np.float32)
-    if first.shape != second.shape:
-        raise ValueError(f"{names[0]} {first.shape} and {names[1]} {second.shape} differ in shape")
-    return first, second
-
-
 def cldice(predicted: np.ndarray, reference: np.ndarray) -> float:
     """Centreline Dice (Shit et al., CVPR 2021) of two bool vessel maps.
 
@@ -111,8 +118,7 @@ def cldice(predicted: np.ndarray, reference: np.ndarray) -> float:
     topology sensitivity = |skeleton(reference) ∩ predicted| / |skeleton(reference)|;
     clDice is their harmonic mean (1 for identical maps, 0 when either is empty).
     """
-    predicted = np.asarray(predicted, dtype=bool)
-    reference = np.asarray(reference, dtype=bool)
+    predicted, reference = _same_shape(predicted, reference, ("predicted", "reference"), bool)
     predicted_skeleton = centerline(predicted)
     reference_skeleton = centerline(reference)
     if not predicted_skeleton.any() or not reference_skeleton.any():

@@ -64,7 +64,8 @@ def green_channel(image: np.ndarray) -> np.ndarray:
 def checked_fov(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """The field of view of ``image``: ``mask`` as bool after checking its shape, or detected when None."""
     if mask is None:
-        return fov_mask(image)
+        return fov_mask(image)  # which checks the image
+    checked_float_image(image)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != np.asarray(image).shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {np.asarray(image).shape[:2]}")
@@ -165,7 +166,6 @@ def segment_vessels(
     tuned on DRIVE training); ``"unet"``: the learned segmenter's probability above
     ``threshold`` (default 0.5).
     """
-    image = checked_float_image(image)
     scale = image_scale(image) if scale is None else scale
     if method == "hessian":
         vessels = vesselness(image, mask, scale=scale) > (DEFAULT_THRESHOLD if threshold is None else threshold)
