@@ -72,11 +72,15 @@ class Method:
 
     ``fingerprint`` identifies what the method computes (for a model, a hash of its
     weights), so cached scores are reused only for the very same restoration.
+    ``guard_input`` gives, for an upscaler, the small image whose bicubic upscale the
+    hallucination guard compares with, when it is not the noisy input itself: a
+    pipeline's denoised photo, as ``restore --check`` does.
     """
 
     name: str
     restore: Callable[[np.ndarray, float], np.ndarray]
     fingerprint: str = ""
+    guard_input: Callable[[np.ndarray, float], np.ndarray] | None = None
 
 
 def weights_fingerprint(model) -> str:
@@ -203,7 +207,9 @@ def _pipeline(denoiser: Method, upscaler: Method) -> Method:
     return Method(
         f"{denoiser.name}{PIPELINE_SEPARATOR}{upscaler.name}",
         lambda noisy, sigma: upscaler.restore(denoiser.restore(noisy, sigma), 0.0),
-        fingerprint=f"{denoiser.fingerprint}{PIPELINE_SEPARATOR}{upscaler.fingerprint}",
+        # "guard v2": its guard compares with the denoised photo's upscale since, not the noisy one's.
+        fingerprint=f"{denoiser.fingerprint}{PIPELINE_SEPARATOR}{upscaler.fingerprint} guard v2",
+        guard_input=denoiser.restore,
     )
 
 
@@ -448,7 +454,8 @@ def evaluate_images(
     ``degrade.KERNELS``; antialiased bicubic by default), then noised (the example's
     ``noisy`` is then that input enlarged by bicubic, for display), and the vessel
     measures add ``INVENTED_VS_BICUBIC``, the ``upscale --check`` guard's rate (its own,
-    classical segmenter). ``grey`` scores the photos in one channel (``load_clean``: True
+    classical segmenter; a pipeline's compares with its denoised photo's bicubic upscale,
+    as ``restore --check`` does). ``grey`` scores the photos in one channel (``load_clean``: True
     for the green channel of colour photos, None for grey files only).
     """
     check_settings(protocols, segmenter, lr_kernel, sigmas=sigmas, crop_size=crop_size, scale=scale)
@@ -490,9 +497,14 @@ def evaluate_images(
                             if vessels:
                                 quality |= vessel_preservation(clean, restored, expert=expert, fov=mask, scale=vessel_scale,
                                                                segmenter=segmenter, clean_vessels=clean_vessels())
-                            if guard:
+                            if guard and method.guard_input is None:
                                 quality[INVENTED_VS_BICUBIC] = hallucinated_vessels(
                                     restored, enlarged, fov=mask, scale=vessel_scale, reference_vessels=enlarged_vessels()
+                                )[1]
+                            elif guard:
+                                reference = bicubic_upsample(method.guard_input(noisy, sigma), scale)
+                                quality[INVENTED_VS_BICUBIC] = hallucinated_vessels(
+                                    restored, reference, fov=mask, scale=vessel_scale
                                 )[1]
                             if cache is not None:
                                 cache.put(key, {k: float(v) for k, v in quality.items()})
