@@ -105,6 +105,7 @@ def test_cldice_of_one_vessel_out_of_two_is_two_thirds() -> None:
     assert cldice(one, both) == pytest.approx(2 / 3, abs=0.01)
     assert cldice(both, both) == 1.0
     assert cldice(np.zeros_like(both), both) == 0.0
+    assert cldice(np.zeros_like(both), np.zeros_like(both)) == 1.0  # as dice
 
 
 def test_rejects_images_of_different_shapes(clean: np.ndarray) -> None:

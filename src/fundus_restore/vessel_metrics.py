@@ -116,11 +116,14 @@ def cldice(predicted: np.ndarray, reference: np.ndarray) -> float:
 
     Topology precision = |skeleton(predicted) ∩ reference| / |skeleton(predicted)|,
     topology sensitivity = |skeleton(reference) ∩ predicted| / |skeleton(reference)|;
-    clDice is their harmonic mean (1 for identical maps, 0 when either is empty).
+    clDice is their harmonic mean (1 for identical maps, two empty ones too, as ``dice``;
+    0 when only one is empty).
     """
     predicted, reference = _same_shape(predicted, reference, ("predicted", "reference"), bool)
     predicted_skeleton = centerline(predicted)
     reference_skeleton = centerline(reference)
+    if not predicted_skeleton.any() and not reference_skeleton.any():
+        return 1.0
     if not predicted_skeleton.any() or not reference_skeleton.any():
         return 0.0
     precision = _fraction(predicted_skeleton & reference, predicted_skeleton)
