@@ -22,6 +22,7 @@ from skimage.measure import block_reduce  # noqa: E402
 
 from .evaluate import Example, summarise, summary_table  # noqa: E402
 from .vessel_metrics import VesselChanges, vessel_changes  # noqa: E402
+from .vessels import image_scale  # noqa: E402
 
 # Full views are reduced to at most this many pixels a side (about twice what a panel
 # shows on screen); zoomed insets stay at full resolution.
@@ -30,18 +31,23 @@ FULL_VIEW_MAX_PX = 800
 OVERLAY_COLOURS = {"kept thin": "lime", "lost thin": "magenta", "spurious": "cyan"}
 
 
-def thin_vessel_window(image: np.ndarray, mask: np.ndarray | None = None, size: int = 128) -> tuple[int, int]:
+def thin_vessel_window(
+    image: np.ndarray, mask: np.ndarray | None = None, size: int = 128, *, scale: float | None = None
+) -> tuple[int, int]:
     """Top-left corner of the ``size``² window richest in thin dark ridges (thin vessels).
 
-    Thin vessels show best in the green channel as dark ridges one or two pixels wide;
-    a small-scale Sato ridge filter averaged over windows finds where they are dense.
-    The search runs on a copy reduced to about 512 px so it stays fast on any photo.
+    Thin vessels show best in the green channel as dark ridges one or two pixels wide at
+    DRIVE's scale (``scale`` times that; default the image's own, ``vessels.image_scale``:
+    give a crop its photo's); a small-scale Sato ridge filter averaged over windows finds
+    where they are dense. The search runs on a copy reduced to about 512 px so it stays
+    fast on any photo.
     """
     height, width = image.shape[:2]
     size = min(size, height, width)
     step = max(1, max(height, width) // 512)
+    scale = image_scale(image) if scale is None else scale
     green = image[::step, ::step, 1 if image.shape[-1] >= 3 else 0]
-    ridges = sato(green, sigmas=[1.0], black_ridges=True)
+    ridges = sato(green, sigmas=[max(1.0, scale / step)], black_ridges=True)
     if mask is not None:
         # Stay well inside the field of view: its rim is a strong false ridge.
         inside = ndimage.binary_erosion(mask[::step, ::step], iterations=max(2, size // (2 * step)))
@@ -154,8 +160,10 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
     """The report's figures for one example image, written under ``folder``: comparison
     (Figure 2), error maps (Figure 3, the first two methods other than "noisy") and the
     vessel overlays; returns caption → PNG path."""
-    size = min(128, min(example.clean.shape[:2]) // 2)
-    zoom = (*thin_vessel_window(example.clean, example.mask, size), size)
+    # 128 px at DRIVE's scale: as much retina, so as many vessels, on any photo.
+    scale = image_scale(example.clean) if example.vessel_scale is None else example.vessel_scale
+    size = min(round(128 * scale), min(example.clean.shape[:2]) // 3)
+    zoom = (*thin_vessel_window(example.clean, example.mask, size, scale=scale), size)
     scores = {
         row["method"]: f"PSNR {row['psnr_fov']:.2f} dB, SSIM {row['ssim_fov']:.3f} (FOV)"
         for row in rows
