@@ -48,7 +48,9 @@ def scores(path: Path, crop: int | None, factors: list[float]) -> dict[str, list
     clean_vessels = segment_vessels(clean, mask, scale=scale)
     found = {}
     for name, output in outputs.items():
-        true = vessel_preservation(clean, output, expert=expert, fov=mask, scale=scale, clean_vessels=clean_vessels)["spurious_rate"]
+        true = vessel_preservation(
+            clean, output, expert=expert, fov=mask, scale=scale, clean_vessels=clean_vessels
+        )["spurious_rate"]
         guard = [hallucinated_vessels(output, bicubic, mask, scale=scale, reference_vessels=r)[1] for r in references]
         found[name] = [true, *guard]
     return found

@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--method", action="append", help=f"Upscalers (default: {', '.join(DEFAULT_METHODS)}).")
-    parser.add_argument("--back-project", type=int, default=0, help="Also score each upscaler back-projected this many steps.")
+    parser.add_argument("--back-project", type=int, default=0,
+                        help="Also score each upscaler back-projected this many steps.")
     parser.add_argument("--out", type=Path, default=Path("out/table-sr"), help="Where the unseen photo is written.")
     args = parser.parse_args()
     data, cutoff = args.shared / "data", 1 / (2 * args.scale)
@@ -88,7 +89,8 @@ def main() -> None:
             for method, restored in outputs.items():
                 scores[method].append((psnr(clean, restored), *band_psnr(clean, restored, cutoff)))
                 errors[method].append(band_mse(clean, restored, edges))
-        print(f"\n{name}: PSNR of the crop / of its error below / above c; bound {np.mean(bounds):.2f} (exact below, nothing above)")
+        print(f"\n{name}: PSNR of the crop / of its error below / above c; "
+              f"bound {np.mean(bounds):.2f} (exact below, nothing above)")
         print("| method | PSNR | below c | above c |\n|---|---|---|---|")
         for method in names:
             print(f"| {method} | " + " | ".join(f"{v:.2f}" for v in np.mean(scores[method], axis=0)) + " |")

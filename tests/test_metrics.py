@@ -206,7 +206,9 @@ def test_metrics_take_channels_on_any_axis(retina_pair: tuple[np.ndarray, np.nda
     mask = np.zeros(reference.shape[:2], bool)
     mask[10:100, 20:120] = True
     assert psnr(*first, channel_axis=0, mask=mask) == psnr(reference, noisy, mask=mask)
-    np.testing.assert_array_equal(ssim(*first, channel_axis=0, per_channel=True), ssim(reference, noisy, per_channel=True))
+    np.testing.assert_array_equal(
+        ssim(*first, channel_axis=0, per_channel=True), ssim(reference, noisy, per_channel=True)
+    )
     assert band_psnr(*first, 1 / 8, channel_axis=0) == band_psnr(reference, noisy, 1 / 8)
     assert image_quality(*first, channel_axis=0, mask=mask) == image_quality(reference, noisy, mask=mask)
     # An H×W image is grey whatever the axis says; channel_axis=None is for it alone.

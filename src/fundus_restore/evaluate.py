@@ -255,7 +255,8 @@ def _build_method(
         return Method(name, lambda low, sigma: bicubic_upsample(low, scale), fingerprint=f"bicubic x{scale}")
     if name in CLASSICAL_METHODS:
         if scale > 1:
-            raise ValueError(f"{name} does not upscale: with --scale, use it as a pipeline's first stage ({name}{PIPELINE_SEPARATOR}bicubic)")
+            raise ValueError(f"{name} does not upscale: with --scale, use it as a pipeline's first stage "
+                             f"({name}{PIPELINE_SEPARATOR}bicubic)")
         version = _package_version(name)
         return Method(name, CLASSICAL_METHODS[name], fingerprint=f"{name} {version}")
     try:
@@ -495,11 +496,13 @@ def evaluate_images(
                         if quality is None:
                             quality = image_quality(clean, restored, mask=mask)
                             if vessels:
-                                quality |= vessel_preservation(clean, restored, expert=expert, fov=mask, scale=vessel_scale,
-                                                               segmenter=segmenter, clean_vessels=clean_vessels())
+                                quality |= vessel_preservation(clean, restored, expert=expert, fov=mask,
+                                                               scale=vessel_scale, segmenter=segmenter,
+                                                               clean_vessels=clean_vessels())
                             if guard and method.guard_input is None:
                                 quality[INVENTED_VS_BICUBIC] = hallucinated_vessels(
-                                    restored, enlarged, fov=mask, scale=vessel_scale, reference_vessels=enlarged_vessels()
+                                    restored, enlarged, fov=mask, scale=vessel_scale,
+                                    reference_vessels=enlarged_vessels(),
                                 )[1]
                             elif guard:
                                 reference = bicubic_upsample(method.guard_input(noisy, sigma), scale)

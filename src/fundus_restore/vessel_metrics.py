@@ -96,7 +96,9 @@ def _spurious_centreline(
 ) -> tuple[np.ndarray, float]:
     """(The restored centreline pixels farther than ``tolerance`` px from every real vessel pixel,
     their fraction of the restored centreline); an empty restored centreline gives rate 0."""
-    restored_vessels, real_vessels = _same_shape(restored_vessels, real_vessels, ("restored vessels", "real vessels"), bool)
+    restored_vessels, real_vessels = _same_shape(
+        restored_vessels, real_vessels, ("restored vessels", "real vessels"), bool
+    )
     restored_centreline = centerline(restored_vessels)
     spurious = restored_centreline & ~_within(real_vessels, tolerance)
     return spurious, _fraction(spurious, restored_centreline) if restored_centreline.any() else 0.0
