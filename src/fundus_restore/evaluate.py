@@ -115,9 +115,10 @@ class ScoreCache:
         """``vessels``: the segmenter of the vessel measures, None without them; ``grey``: the
         photo scored in one channel (``load_clean``)."""
         # The defaults add nothing, so that scores cached before kernels and grey were selectable stay valid.
-        # A crop's vessel measures were taken at the crop's scale before they took the photo's.
+        # A crop's vessel measures (and a super-resolution photo's, cut to a multiple of the
+        # scale) were taken at the cut image's scale before they took the photo's.
         extra = ([] if lr_kernel == "bicubic" else [lr_kernel]) + (["grey"] if grey else [])
-        extra += ["photo-scale"] if crop_size is not None and vessels is not None else []
+        extra += ["photo-scale"] if (crop_size is not None or scale > 1) and vessels is not None else []
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels, scale,
                            method.name, method.fingerprint, *extra])
 
