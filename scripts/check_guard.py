@@ -76,9 +76,13 @@ def main() -> None:
             means = np.mean([photo[method] for photo in per_photo], axis=0)
             print(f"| {method} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
         rates = np.array([photo[m] for photo in per_photo for m in MODELS])
-        correlations = [np.corrcoef(rates[:, 0], rates[:, 1 + i])[0, 1] for i in range(len(args.factor))]
+        # A guard that is 0 on every photo has no correlation to give.
+        correlations = [
+            f"{np.corrcoef(rates[:, 0], rates[:, 1 + i])[0, 1]:+.2f}" if np.ptp(rates[:, 1 + i]) > 0 else "n/a (constant)"
+            for i in range(len(args.factor))
+        ]
         print("correlation with the true rate over the SR outputs: "
-              + ", ".join(f"x{f:g} {c:+.2f}" for f, c in zip(args.factor, correlations)))
+              + ", ".join(f"x{f:g} {c}" for f, c in zip(args.factor, correlations)))
 
 
 if __name__ == "__main__":
