@@ -177,6 +177,8 @@ def test_shape_mismatch_and_tiny_images_are_refused() -> None:
     # NaN would spread into a mean over photos that no longer says it lost one.
     with pytest.raises(ValueError, match="the restored contains NaN or infinite values"):
         psnr(np.zeros((4, 4, 3)), np.full((4, 4, 3), np.nan))
+    with pytest.raises(ValueError, match="sigma must be positive, got 0"):  # it said "win_size must be odd"
+        ssim(np.zeros((16, 16)), np.zeros((16, 16)), sigma=0)
     with pytest.raises(ValueError, match="data_range must be positive, got 0"):
         psnr(np.zeros((4, 4, 3)), np.zeros((4, 4, 3)), data_range=0)
 

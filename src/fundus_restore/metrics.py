@@ -92,6 +92,8 @@ def ssim_map(
     """
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"expected two N×C×H×W tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if gaussian_weights and not sigma > 0:
+        raise ValueError(f"the Gaussian window's sigma must be positive, got {sigma:g}")
     win_size = win_size or ssim_window_size(gaussian_weights=gaussian_weights, sigma=sigma)
     if win_size < 3 or win_size % 2 == 0:
         raise ValueError(f"win_size must be odd and at least 3, not {win_size}")
