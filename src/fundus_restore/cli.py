@@ -116,14 +116,14 @@ InitWeightsOption = Annotated[
 
 def _training_overrides(
     settings: list[str] | None, data: list[Path] | None, validate_on: list[Path] | None, init_weights: str | None,
-    **paths: Path | None,
+    paths: dict[str, Path | None] | None = None,
 ) -> dict[str, Any]:
     """The config overrides of ``--set`` and of the options that name a run's paths (which
     replace the configs' placeholders, as --set would, and win over a --set of the same key);
-    ``paths`` are further dotted keys."""
+    ``paths`` maps further dotted keys to paths."""
     named = {"data.train": data and [str(path) for path in data],
              "validation.among": validate_on and [str(path) for path in validate_on],
-             "model.init_weights": init_weights} | {key: path and str(path) for key, path in paths.items()}
+             "model.init_weights": init_weights} | {key: path and str(path) for key, path in (paths or {}).items()}
     return dict(parse_override(item) for item in settings or []) | {key: value for key, value in named.items() if value}
 
 
@@ -696,7 +696,7 @@ def train(
     from fundus_restore.train import TrainingError, train_from_config
 
     overrides = _training_overrides(set_, data, validate_on, init_weights,
-                                    **{"output": output, "perceptual.vgg_weights": vgg_weights})
+                                    {"output": output, "perceptual.vgg_weights": vgg_weights})
     try:
         weights = train_from_config(config, resume=resume, overrides=overrides)
     except (TrainingError, ImageFileError, WeightsError) as error:

@@ -439,6 +439,7 @@ def validation_crops(
     crops = []
     for index, path in enumerate(images):
         photograph = load_fov_crop(path, MIN_SCORED_SIZE, vessels=targets == "vessels", channels=channels)
+        vessel_scale = image_scale(photograph[0])  # the photograph's, which its crops keep
         for region, cut in zip(REGIONS, (centre_square, _rim_square), strict=True):
             clean, mask = cut(*photograph, crop)
             low = clean
@@ -451,5 +452,5 @@ def validation_crops(
             for protocol in protocols:
                 noisy = degrade_for_protocol(low, sigma, protocol, seed + index)
                 crops.append(ValidationCrop(path.name, region, protocol, sigma / 255.0, noisy, clean, mask,
-                                            image_scale(photograph[0])))
+                                            vessel_scale))
     return crops

@@ -382,8 +382,8 @@ class Example:
     restored: dict[str, np.ndarray]  # method name → its output
     mask: np.ndarray
     expert: np.ndarray | None
+    vessel_scale: float  # the photo's, for a crop too (``CleanPhoto``)
     segmenter: str = "hessian"  # the vessel segmenter of the evaluation
-    vessel_scale: float | None = None  # the photo's (``CleanPhoto``); None: the image's own
 
 
 def example_setting(sigmas: Sequence[float], protocols: Sequence[str]) -> tuple[float, str]:
@@ -516,8 +516,8 @@ def evaluate_images(
                     if on_step:
                         on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
                 if keep:
-                    on_example(Example(path.name, sigma, protocol, clean, enlarged, outputs, mask, expert, segmenter,
-                                       vessel_scale))
+                    on_example(Example(path.name, sigma, protocol, clean, enlarged, outputs, mask, expert,
+                                       vessel_scale, segmenter))
     return rows
 
 

@@ -161,7 +161,7 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
     (Figure 2), error maps (Figure 3, the first two methods other than "noisy") and the
     vessel overlays; returns caption → PNG path."""
     # 128 px at DRIVE's scale: as much retina, so as many vessels, on any photo.
-    scale = image_scale(example.clean) if example.vessel_scale is None else example.vessel_scale
+    scale = example.vessel_scale
     size = min(round(128 * scale), min(example.clean.shape[:2]) // 3)
     zoom = (*thin_vessel_window(example.clean, example.mask, size, scale=scale), size)
     scores = {
@@ -183,7 +183,7 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
         )
     overlays = {
         name: vessel_overlay(image, vessel_changes(
-            example.clean, image, expert=example.expert, fov=example.mask, scale=example.vessel_scale,
+            example.clean, image, expert=example.expert, fov=example.mask, scale=scale,
             segmenter=example.segmenter
         ))
         for name, image in example.restored.items()
