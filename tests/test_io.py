@@ -326,3 +326,16 @@ def test_an_8_bit_or_0_255_array_is_refused_where_a_unit_float_image_is_expected
         call((unit * 255).astype(np.uint8))
     with pytest.raises(ValueError, match=r"values reach 25\d(\.\d+)?: expected the \[0, 1\] scale \(divide 0-255 values by 255\)"):
         call(unit * 255)
+    # Normalised to [-1, 1], as many training pipelines do: silently far too dark before.
+    with pytest.raises(ValueError, match=r"\d+% of the \w+'s values are below -0.5: expected the \[0, 1\] scale \(map \[-1, 1\] values with \(x \+ 1\) / 2\)"):
+        call(unit * 2 - 1)
+
+
+def test_heavy_unclipped_noise_on_a_black_surround_keeps_the_unit_scale() -> None:
+    # sigma 100 of 255 on a photo whose black surround is 30 % of it: 3 % of values fall below -0.5.
+    from fundus_restore.io import checked_float_image
+
+    photo = np.full((200, 200, 3), 0.4, dtype=np.float32)
+    photo[:60] = 0.0
+    noisy = photo + np.random.default_rng(0).normal(0, 100 / 255, photo.shape).astype(np.float32)
+    assert checked_float_image(noisy) is noisy

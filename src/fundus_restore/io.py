@@ -131,12 +131,17 @@ def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
 
 # Unclipped noise takes a [0, 1] image a little past 1 (sigma 55: about 2 at 5 sigma); 0-255 values go far past.
 _UNIT_SCALE_LIMIT = 4.0
+# Below 0 it takes a few dark pixels (sigma 100 of 255: 3 % below -0.5, about 1.3 sigma under a black
+# surround of 30 %); an image on [-1, 1] has its surround and every dark pixel there.
+_NEGATIVE_LIMIT = -0.5
+_NEGATIVE_SHARE_LIMIT = 0.05
 
 
 def checked_float_image(image: np.ndarray, what: str = "image", data_range: float = 1.0) -> np.ndarray:
     """``image`` as an array, refused with a ValueError naming ``what`` unless it holds finite
     floats on about [0, ``data_range``]: integers (uint8 photos) and 0-255 floats would be read
-    as far too bright, and NaN would spread, giving silently wrong results."""
+    as far too bright, [-1, 1] floats as far too dark, and NaN would spread, giving silently
+    wrong results."""
     if not data_range > 0:
         raise ValueError(f"data_range must be positive, got {data_range:g}")
     image = np.asarray(image)
@@ -148,6 +153,10 @@ def checked_float_image(image: np.ndarray, what: str = "image", data_range: floa
     peak = image.max(initial=0.0)
     if peak > _UNIT_SCALE_LIMIT * data_range:
         raise ValueError(f"{what} values reach {peak:g}: expected the [0, {data_range:g}] scale (divide 0-255 values by 255)")
+    negative_share = np.count_nonzero(image < _NEGATIVE_LIMIT * data_range) / max(image.size, 1)
+    if negative_share > _NEGATIVE_SHARE_LIMIT:
+        raise ValueError(f"{negative_share:.0%} of the {what}'s values are below {_NEGATIVE_LIMIT * data_range:g}: "
+                         f"expected the [0, {data_range:g}] scale (map [-1, 1] values with (x + 1) / 2)")
     return image
 
 
