@@ -189,6 +189,32 @@ def test_score_cache_reuses_scores_and_recomputes_only_what_changed(clean_dir: P
     assert calls == ["clip"] and "clip" in examples[0].restored
 
 
+def test_scores_against_an_expert_map_are_not_reused_for_the_same_photo_without_one(tmp_path: Path):
+    from PIL import Image
+
+    photo = _fundus_like(64, 0)
+    drive_photo = tmp_path / "drive" / "test" / "images" / "01_test.png"
+    write_image(drive_photo, photo)
+    (tmp_path / "drive" / "test" / "1st_manual").mkdir()
+    expert = np.zeros((64, 64), dtype=np.uint8)
+    expert[:, 30:33] = 255  # one vertical vessel
+    Image.fromarray(expert).save(tmp_path / "drive" / "test" / "1st_manual" / "01_manual1.gif")
+    copied_photo = tmp_path / "copy" / "01_test.png"
+    write_image(copied_photo, photo)  # the same content, outside DRIVE's layout
+    calls: list[str] = []
+
+    def clip(noisy, sigma):
+        calls.append("clip")
+        return np.clip(noisy, 0, 1)
+
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    for path in (drive_photo, copied_photo):
+        evaluate_images([path], [Method("clip", clip, "v1")], protocols=("paper",), cache=cache)
+    assert len(calls) == 2  # measured against the clean photo's segmentation, not the expert map's scores
+    evaluate_images([copied_photo], [Method("clip", clip, "v1")], protocols=("paper",), cache=cache)
+    assert len(calls) == 2
+
+
 def test_model_fingerprint_changes_with_the_weights():
     model = create_model("dncnn", depth=3, width=8, batch_norm=False)
     before = weights_fingerprint(model)

@@ -97,7 +97,7 @@ class ScoreCache:
     one more method (or more images) computes only what is new.
 
     A score is keyed by the image's content, the noise setting, the crop, whether
-    vessel measures were asked for, the method's fingerprint and ``SCORES_VERSION``.
+    vessel measures were asked for and against what, the method's fingerprint and ``SCORES_VERSION``.
     """
 
     def __init__(self, path: Path) -> None:
@@ -111,14 +111,17 @@ class ScoreCache:
 
     @staticmethod
     def key(image_digest: str, sigma: float, protocol: str, noise_seed: int, crop_size: int | None,
-            vessels: str | None, scale: int, method: Method, lr_kernel: str = "bicubic", grey: bool = False) -> str:
+            vessels: str | None, scale: int, method: Method, lr_kernel: str = "bicubic", grey: bool = False,
+            expert: bool = False) -> str:
         """``vessels``: the segmenter of the vessel measures, None without them; ``grey``: the
-        photo scored in one channel (``load_clean``)."""
+        photo scored in one channel (``load_clean``); ``expert``: the vessel measures were taken
+        against an expert map (the same photo outside DRIVE's layout has none)."""
         # The defaults add nothing, so that scores cached before kernels and grey were selectable stay valid.
         # A crop's vessel measures (and a super-resolution photo's, cut to a multiple of the
         # scale) were taken at the cut image's scale before they took the photo's.
         extra = ([] if lr_kernel == "bicubic" else [lr_kernel]) + (["grey"] if grey else [])
-        extra += ["photo-scale"] if (crop_size is not None or scale > 1) and vessels is not None else []
+        if vessels is not None:
+            extra += (["photo-scale"] if crop_size is not None or scale > 1 else []) + (["expert"] if expert else [])
         return json.dumps([SCORES_VERSION, image_digest, sigma, protocol, noise_seed, crop_size, vessels, scale,
                            method.name, method.fingerprint, *extra])
 
@@ -486,7 +489,8 @@ def evaluate_images(
                 outputs: dict[str, np.ndarray] = {}
                 for method in methods:
                     key = ScoreCache.key(digest, sigma, protocol, seed + index, crop_size,
-                                         segmenter if vessels else None, scale, method, lr_kernel, clean.shape[2] == 1)
+                                         segmenter if vessels else None, scale, method, lr_kernel, clean.shape[2] == 1,
+                                         expert is not None)
                     quality = cache.get(key, (INVENTED_VS_BICUBIC,) if guard else ()) if cache is not None else None
                     if quality is None or keep:  # the figures' image is always restored
                         restored = method.restore(noisy, sigma)
