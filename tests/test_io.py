@@ -177,6 +177,80 @@ def test_list_images_reads_drives_layout(tmp_path: Path) -> None:
     assert list_images([tmp_path / "training"]) == [tmp_path / "training/images/21_training.tif"]
 
 
+def test_a_folder_named_images_in_an_archive_is_walked_like_any_other(tmp_path: Path) -> None:
+    # Only DRIVE's layout (images/ beside mask/ or 1st_manual/) expands to images/.
+    for name in ["top.png", "images/i.png", "patient/v.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = find_images([tmp_path], recursive=True)
+    assert [str(source.relative) for source in found] == ["images/i.png", "patient/v.png", "top.png"]
+
+
+def test_a_broken_link_is_listed_and_refused_by_name(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", np.zeros((4, 4)))
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    assert list_images([tmp_path]) == [tmp_path / "a.png", tmp_path / "broken.png"]
+    with pytest.raises(ImageFileError, match=r"broken\.png: a broken link \(to .*gone\.png\)$"):
+        read_image(tmp_path / "broken.png")
+
+
+def test_a_read_only_destination_gives_the_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    # On a read-only filesystem the partial file cannot be made, nor removed.
+    monkeypatch.setattr(Path, "open", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(ImageFileError, match=r"x\.png: cannot write file \(Read-only file system\)$"):
+        write_image(tmp_path / "x.png", np.zeros((4, 4)))
+
+
+def test_tiff_colour_types_are_read_as_the_colours_they_hold(tmp_path: Path) -> None:
+    rgb = (_levels((24, 24, 3), 8) * 255).astype(np.uint8)
+    grey = rgb[..., 1]
+    # Palette TIFFs (Pillow scales its 8-bit palette by 256, the standard by 257).
+    few_colours = Image.fromarray(rgb).quantize(16)
+    few_colours.save(tmp_path / "palette.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "palette.tif"), np.asarray(few_colours.convert("RGB")) / np.float32(255))
+    Image.fromarray(grey).convert("P").save(tmp_path / "grey-palette.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "grey-palette.tif", rgb=False), grey[..., None] / np.float32(255))
+    # White-is-zero grey.
+    tifffile.imwrite(tmp_path / "miniswhite.tif", 255 - grey, photometric="miniswhite")
+    np.testing.assert_array_equal(read_image(tmp_path / "miniswhite.tif", rgb=False), grey[..., None] / np.float32(255))
+    # CMYK, and several photographs in one file, are refused rather than misread.
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    with pytest.raises(ImageFileError, match=r"cmyk\.tif: CMYK samples; save the photograph as RGB$"):
+        read_image(tmp_path / "cmyk.tif")
+    tifffile.imwrite(tmp_path / "two.tif", rgb, photometric="rgb")
+    tifffile.imwrite(tmp_path / "two.tif", rgb, photometric="rgb", append=True)
+    with pytest.raises(ImageFileError, match=r"two\.tif: holds 2 images; only single-image TIFFs are read$"):
+        read_image(tmp_path / "two.tif")
+
+
+def test_a_grey_gif_stays_grey_and_an_animated_one_is_refused(tmp_path: Path) -> None:
+    grey = (_levels((24, 24), 8) * 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.gif")
+    np.testing.assert_array_equal(read_image(tmp_path / "grey.gif", rgb=False), grey[..., None] / np.float32(255))
+    frames = [Image.fromarray(grey), Image.fromarray(255 - grey)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageFileError, match=r"anim\.gif: holds 2 frames; only single images are read$"):
+        read_image(tmp_path / "anim.gif")
+
+
+def test_a_file_is_read_by_its_content_whatever_its_suffix(tmp_path: Path) -> None:
+    image = _levels((20, 30), 16)
+    write_image(tmp_path / "x.png", image, bit_depth=16)
+    (tmp_path / "x.png").rename(tmp_path / "png-named.jpg")
+    assert read_header(tmp_path / "png-named.jpg").bit_depth == 16
+    np.testing.assert_array_equal(read_image(tmp_path / "png-named.jpg", rgb=False)[..., 0], image)
+    write_image(tmp_path / "y.jpg", np.full((8, 8, 3), 0.5))
+    (tmp_path / "y.jpg").rename(tmp_path / "jpeg-named.png")
+    np.testing.assert_allclose(read_image(tmp_path / "jpeg-named.png"), 0.5, atol=2 / 255)
+
+
 def _truncated_png(path: Path) -> None:
     write_image(path, _levels((32, 32, 3), 8))
     data = path.read_bytes()

@@ -1,6 +1,6 @@
 """Reading and writing fundus photographs as float32 arrays on [0, 1].
 
-One decoder per format, chosen by suffix: PNG through imagecodecs (Pillow
+One decoder per format, chosen by the file's content: PNG through imagecodecs (Pillow
 silently reduces 16-bit RGB PNG to 8 bits), TIFF through tifffile (16-bit RGB,
 LZW as in DRIVE), JPEG/BMP/GIF through Pillow with the EXIF orientation applied.
 Every failure to read a file is an ``ImageFileError`` whose one-line message
@@ -34,6 +34,10 @@ class ImageFileError(ValueError):
     """An image file that cannot be read or written; the one-line message names the file and the problem."""
 
 
+class _UnsupportedImage(ValueError):
+    """A well-formed image file of a kind this package does not read (CMYK, several frames...)."""
+
+
 def _file_error(path: Path, problem: str) -> ImageFileError:
     # Decoder messages can span lines; keep the error to one line. (A plain one-message
     # exception also pickles, e.g. out of DataLoader workers.)
@@ -43,6 +47,8 @@ def _file_error(path: Path, problem: str) -> ImageFileError:
 def _checked_path(path: str | Path) -> Path:
     """``path`` after the checks every reader shares: a supported type, an existing regular file."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise _file_error(path, f"a broken link (to {os.readlink(path)})")
     if not path.exists():  # first: a mistyped folder has no image suffix either
         supported = path.suffix.lower() in SUPPORTED_SUFFIXES
         raise _file_error(path, "no such file" if supported else "no such file or folder")
@@ -71,37 +77,87 @@ def _read_bytes(path: str | Path) -> tuple[Path, bytes]:
     return path, data
 
 
+def _palette_colours(indices: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """``palette`` (N×3) looked up at ``indices``, grey (H×W) when every colour the image
+    uses is grey: a grey GIF or palette TIFF is a grey photograph."""
+    colours = palette[indices]
+    used = palette[np.unique(indices)]
+    return colours[..., 0] if (used == used[:, :1]).all() else colours
+
+
+def _tiff_palette(colormap: np.ndarray) -> np.ndarray:
+    """A TIFF colormap (3×N, 16-bit) as N×3 samples, 8-bit where it holds 8-bit colours
+    scaled by 257 (the standard) or by 256 (as Pillow writes them)."""
+    for factor in (257, 256):
+        if not (colormap % factor).any():
+            return (colormap // factor).astype(np.uint8).T
+    return colormap.astype(np.uint16).T
+
+
 def _decode_tiff(data: bytes) -> np.ndarray:
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        if len(tif.series) > 1:
+            raise _UnsupportedImage(f"holds {len(tif.series)} images; only single-image TIFFs are read")
         series = tif.series[0]
+        page = tif.pages[0]
         array = series.asarray()
         # Planar TIFFs store samples first; bring them last like every other format.
         if series.axes.endswith("SYX"):
             array = np.moveaxis(array, -3, -1)
+        photometric = page.photometric
+        if photometric == tifffile.PHOTOMETRIC.PALETTE:
+            return _palette_colours(array, _tiff_palette(page.colormap))
+        if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            if array.dtype == np.bool_:
+                return ~array
+            if not np.issubdtype(array.dtype, np.unsignedinteger):
+                raise _UnsupportedImage(f"white-is-zero samples of type {array.dtype}")
+            return np.iinfo(array.dtype).max - array
+        if photometric == tifffile.PHOTOMETRIC.SEPARATED:
+            raise _UnsupportedImage("CMYK samples; save the photograph as RGB")
     return array
 
 
 def _decode_pillow(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as opened:
+        frames = getattr(opened, "n_frames", 1)
+        if frames > 1:
+            raise _UnsupportedImage(f"holds {frames} frames; only single images are read")
         opened.load()
         image = ImageOps.exif_transpose(opened)
     if image.mode == "1":
         image = image.convert("L")
+    elif image.mode == "P" and not image.has_transparency_data:
+        palette = np.asarray(image.getpalette(), dtype=np.uint8).reshape(-1, 3)
+        return _palette_colours(np.asarray(image), palette)
+    elif image.mode in ("I;16", "I;16L", "I;16B"):
+        return np.asarray(image).astype(np.uint16)
     elif image.mode not in ("L", "LA", "RGB", "RGBA"):
-        # Palette, CMYK, YCbCr...: expand to RGB, keeping transparency as alpha (dropped later).
+        # Palette with transparency, CMYK, YCbCr...: expand to RGB, keeping transparency as alpha (dropped later).
         image = image.convert("RGBA" if image.has_transparency_data else "RGB")
     return np.asarray(image)
 
 
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+
+def _decoder_of(head: bytes) -> str:
+    """Which decoder reads a file starting with ``head``: by its content, not its name, so
+    that a PNG named .jpg is read as the PNG it is (Pillow would cut 16 bits to 8)."""
+    if head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if head.startswith(_TIFF_SIGNATURES):
+        return "tiff"
+    return "pillow"
+
+
 def _decode(path: Path, data: bytes) -> np.ndarray:
     """Raw samples (H×W or H×W×C, file dtype) of an image file."""
-    suffix = path.suffix.lower()
+    decode = {"png": imagecodecs.png_decode, "tiff": _decode_tiff, "pillow": _decode_pillow}[_decoder_of(data[:8])]
     try:
-        if suffix in _TIFF_SUFFIXES:
-            return _decode_tiff(data)
-        if suffix == ".png":
-            return imagecodecs.png_decode(data)
-        return _decode_pillow(data)
+        return decode(data)
+    except _UnsupportedImage as exc:
+        raise _file_error(path, str(exc)) from exc
     except Exception as exc:  # decoders raise many types (OSError, ValueError, PngError, ...) for bad content
         raise _file_error(path, f"truncated or corrupt image ({exc})") from exc
 
@@ -218,19 +274,21 @@ def read_header(path: str | Path) -> ImageHeader:
             raise _file_error(path, "empty file")
         file.seek(0)
         try:
-            return _parse_header(path.suffix.lower(), file)
+            return _parse_header(file)
         except Exception as exc:  # header parsers raise many types for bad content
             raise _file_error(path, f"cannot read image header ({exc})") from exc
 
 
-def _parse_header(suffix: str, file: BinaryIO) -> ImageHeader:
-    if suffix in _TIFF_SUFFIXES:
+def _parse_header(file: BinaryIO) -> ImageHeader:
+    decoder = _decoder_of(file.read(8))
+    file.seek(0)
+    if decoder == "tiff":
         with tifffile.TiffFile(file) as tif:
             page = tif.pages[0]
             # Any float TIFF (float64 too, as numpy writes by default) is read and written as float32.
             bits = 32 if np.issubdtype(page.dtype, np.floating) else 16 if page.dtype == np.uint16 else 8
             return ImageHeader(page.imagelength, page.imagewidth, bits)
-    if suffix == ".png":
+    if decoder == "png":
         # IHDR is always the first chunk: signature(8) length(4) "IHDR"(4) width(4) height(4) depth(1).
         data = file.read(25)
         if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 25:
@@ -297,7 +355,7 @@ def read_description(path: str | Path) -> str | None:
     ImageDescription, JPEG comment), or None when it holds none."""
     path, data = _read_bytes(path)
     try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
+        if _decoder_of(data[:8]) == "tiff":
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 description = tif.pages[0].description
                 # tifffile's own shape record is no description of ours.
@@ -349,14 +407,17 @@ def write_image(
         samples = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
     # The encoders take C-ordered samples only; a resized or transposed view is not.
     data = _encode(path, np.ascontiguousarray(samples), description)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("xb") as file:
             file.write(data)
         os.replace(partial, path)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only filesystem, where the partial file was never made
+            pass
         raise _file_error(path, f"cannot write file ({exc.strerror or exc})") from exc
     return path
 
@@ -370,7 +431,9 @@ class ImageSource(NamedTuple):
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES and not path.name.startswith(".")
+    # A broken link is listed, so that a batch reports it rather than skipping it unseen.
+    is_file = path.is_file() or (path.is_symlink() and not path.exists())
+    return is_file and path.suffix.lower() in SUPPORTED_SUFFIXES and not path.name.startswith(".")
 
 
 def _images_under(folder: Path, recursive: bool, exclude: Path | None) -> list[ImageSource]:
@@ -393,6 +456,12 @@ def _images_under(folder: Path, recursive: bool, exclude: Path | None) -> list[I
     return sorted(found, key=lambda source: source.relative.parts)
 
 
+def _is_drive_split(folder: Path) -> bool:
+    """A folder in DRIVE's layout: ``images/`` beside ``mask/`` or ``1st_manual/`` (not any
+    archive that happens to hold a subfolder named images)."""
+    return (folder / "images").is_dir() and ((folder / "mask").is_dir() or (folder / "1st_manual").is_dir())
+
+
 def find_images(
     paths: Iterable[str | Path], *, recursive: bool = False, exclude: Path | None = None
 ) -> list[ImageSource]:
@@ -406,7 +475,7 @@ def find_images(
     """
     found: list[ImageSource] = []
     for path in map(Path, paths):
-        if (path / "images").is_dir():
+        if _is_drive_split(path):
             path = path / "images"
         if path.is_dir():
             found.extend(_images_under(path, recursive, exclude))
