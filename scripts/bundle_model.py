@@ -73,13 +73,13 @@ def main() -> None:
     model = load_model(weights)
     if not all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters()):
         raise SystemExit(f"{weights}: non-finite weights")
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     bundled_card = BUNDLED_DIR / f"{args.name}.json"
     if bundled_card.exists():
         # Other parts of the package load bundled models by name (evaluate's vessel segmenter, the defaults).
         if not args.replace:
             parser.error(f"{args.name} is bundled already: pass --replace to replace it")
-        task = json.loads(bundled_card.read_text()).get("task")
+        task = json.loads(bundled_card.read_text(encoding="utf-8")).get("task")
         if task != card.get("task"):
             parser.error(f"{args.name} is bundled as a {task!r} model; this run's is {card.get('task')!r}")
     card["summary"] = args.summary
@@ -97,7 +97,7 @@ def main() -> None:
         save_model(model.half() if args.half else model, BUNDLED_DIR / f"{args.name}.safetensors")
     else:
         shutil.copyfile(weights, BUNDLED_DIR / f"{args.name}.safetensors")
-    (BUNDLED_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    (BUNDLED_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print(f"bundled {args.name}: {card['architecture']}, {card['parameters']} parameters, task {card['task']}")
 
 

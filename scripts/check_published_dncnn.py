@@ -64,7 +64,7 @@ def main() -> int:
         )
         print(f"{published.model}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     if args.csv:
-        with args.csv.open("w", newline="") as handle:
+        with args.csv.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(per_image[0]))
             writer.writeheader()
             writer.writerows(per_image)

@@ -87,9 +87,9 @@ def main() -> None:
         command += ["--grey"] if args.grey else []
         command += ["--sigma", str(args.sigma)] if args.sigma is not None else []
         subprocess.run(command, check=True)
-        table = (args.out / name / "results.md").read_text().splitlines()
+        table = (args.out / name / "results.md").read_text(encoding="utf-8").splitlines()
         joined += [f"## {name} ({', '.join(Path(f).name for f in files)})", "", *table[2:], ""]
-    (args.out / "tables.md").write_text("\n".join(joined))
+    (args.out / "tables.md").write_text("\n".join(joined), encoding="utf-8")
     print(f"wrote {args.out / 'tables.md'}")
 
 

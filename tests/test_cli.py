@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -363,9 +364,36 @@ def test_demo_with_an_unknown_model_says_so_in_one_line(tmp_path: Path):
     result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-m", "no-such-model"])
     assert result.exit_code == 2 and "no-such-model" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "demo").exists()
+    # An output folder that cannot be one is refused before the photo is denoised.
+    (tmp_path / "taken").write_text("a file")
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path / "taken"), "-m", "dncnn-small-demo"])
+    assert result.exit_code == 2 and result.output == f"error: --out {tmp_path / 'taken'}: a file, not a folder\n"
+
+
+def test_denoise_writes_a_photo_too_small_to_check_its_noise_level(tiny_model_file: Path, tmp_path: Path):
+    (tiny_model_file.with_suffix(".json")).write_text('{"recipe": {"noise": {"sigma": 25}}}')
+    write_image(tmp_path / "in" / "tiny.png", np.full((1, 1, 3), 0.5, np.float32))  # no 2×2 block
+    args = ["denoise", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_model_file)]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0 and (tmp_path / "out" / "tiny.png").is_file()
+    assert "tiny.png: noise level not checked:" in " ".join(result.output.split())
+
+
+def test_tables_are_written_in_utf_8_whatever_the_locale(tmp_path: Path):
+    # sigma is a Greek letter: under the C locale (or Windows' cp1252) the default encoding cannot write it.
+    write_image(tmp_path / "clean" / "eye.png", np.full((48, 48, 3), 0.5, np.float32))
+    command = [sys.executable, "-m", "fundus_restore", "evaluate", "--clean", str(tmp_path / "clean"),
+               "--report", str(tmp_path / "report"), "--method", "noisy", "--no-vessels", "--protocol", "camera"]
+    environment = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                   "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=environment)
+    assert result.returncode == 0, result.stderr
+    assert "σ" in (tmp_path / "report" / "results.md").read_text(encoding="utf-8")
 
 
 def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Path, tmp_path: Path):
+    from fundus_restore import __version__
+
     folder = tmp_path / "in"
     write_image(folder / "a.png", np.random.default_rng(0).random((40, 50, 3)), bit_depth=8)
     out = tmp_path / "out"
@@ -374,6 +402,9 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["a.hallucination.png", "a.png"]
     assert read_image(out / "a.hallucination.png").shape == (80, 100, 3)
+    assert read_description(out / "a.hallucination.png") == (  # a map is never taken for a photograph either
+        f"vessels absent from the bicubic upscale mapped by fundus-restore {__version__} (model sr)"
+    )
     assert "a.png: vessels invented vs bicubic" in result.output and "warning" not in result.output
     # A threshold of 0 turns any invented centreline into a warning naming the file; a share above 1 is no threshold.
     assert runner.invoke(app, [*args, "--check-threshold", "5"]).exit_code == 2

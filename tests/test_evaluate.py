@@ -61,6 +61,22 @@ def test_rows_and_summary_cover_every_image_sigma_protocol_and_method(clean_dir:
         assert len(list(csv.DictReader(handle))) == 8
 
 
+def test_photos_sharing_a_file_name_get_names_that_tell_them_apart(tmp_path: Path):
+    from fundus_restore.evaluate import image_labels
+
+    paths = [Path("visit 1/eye/x.png"), Path("visit 2/eye/x.png"), Path("visit 2/eye/y.png")]
+    assert image_labels(paths) == ["visit 1/eye/x.png", "visit 2/eye/x.png", "y.png"]
+    assert image_labels([Path("a/x.png"), Path("a/x.png")]) == ["x.png", "x.png"]  # one file given twice
+    for index in range(2):  # two different photos, one name
+        write_image(tmp_path / f"site {index}" / "eye.png", _fundus_like(64, index))
+    examples: list = []
+    rows = evaluate_images([tmp_path / "site 0" / "eye.png", tmp_path / "site 1" / "eye.png"], build_methods(["noisy"]),
+                           protocols=("camera",), vessels=False, on_example=examples.append)
+    # The report's figure finds the scores of the photo it shows by this name: not the other photo's.
+    assert [row["image"] for row in rows] == ["site 0/eye.png", "site 1/eye.png"]
+    assert examples[0].image == "site 0/eye.png"
+
+
 def test_evaluate_command_writes_the_tables(clean_dir: Path, tmp_path: Path):
     model = save_model(create_model("dncnn", depth=3, width=8, batch_norm=False), tmp_path / "m.safetensors")
     report = tmp_path / "report"
@@ -120,6 +136,10 @@ def test_evaluate_command_writes_a_self_contained_html_report(clean_dir: Path, t
     assert "camera" in page and "eye 0.png" in page  # the run settings
     assert page.count("src='data:image/png;base64,") >= 3
     assert {"comparison.png", "error_maps.png", "vessel_overlays.png"} <= {p.name for p in (report / "figures").iterdir()}
+    # Rewritten with only the noisy input, which has no error maps: the earlier run's are gone, not left mixed in.
+    result = CliRunner().invoke(app, [*args[:-1], "noisy", "--protocol", "camera", "--no-vessels"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (report / "figures").iterdir()} == {"comparison.png", "vessel_overlays.png"}
 
 
 def test_grey_scores_the_green_channel_and_a_grey_file_is_always_grey(clean_dir: Path, tmp_path: Path):
@@ -300,6 +320,9 @@ def test_evaluate_command_with_scale_writes_a_super_resolution_table(clean_dir: 
     assert result.exit_code == 0, result.output
     text = (report / "results.md").read_text()
     assert text.startswith("# Super-resolution x2") and "| 0 | paper | bicubic | 2 |" in text
+    page = (report / "report.html").read_text(encoding="utf-8")
+    assert "<h1>Super-resolution x2 evaluation</h1>" in page
+    assert "<figcaption>Clean, bicubic (eye 0.png, σ 0, camera noise)" in page  # the panels it shows: no noisy one
 
 
 def test_evaluate_on_noisy_small_photos_compares_restores_pipelines_by_default(clean_dir: Path, tmp_path: Path):
@@ -400,6 +423,13 @@ def test_evaluate_command_refuses_bad_settings_and_photos_in_one_line(
     result = CliRunner().invoke(app, ["evaluate", *filled, "--report", str(tmp_path / "report"), *method])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {message.format(tmp=tmp_path)}" and "Traceback" not in result.output
+
+
+def test_a_report_folder_that_cannot_be_one_is_refused_before_any_method_runs(clean_dir: Path, tmp_path: Path):
+    (tmp_path / "report").write_text("a file")
+    args = ["evaluate", "--clean", str(clean_dir), "--report", str(tmp_path / "report"), "--method", "cbm3d"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output == f"error: --report {tmp_path / 'report'}: a file, not a folder\n"
 
 
 def test_an_unknown_segmenter_is_refused_before_any_method_runs(clean_dir: Path):

@@ -71,8 +71,8 @@ RecursiveOption = Annotated[
     bool,
     typer.Option(
         "--recursive", "-r",
-        help="Also take the images in the folders' subfolders (not hidden ones, not the output folder); "
-        "the outputs mirror the tree.",
+        help="Also take the images in the folders' subfolders (not hidden ones, not the output folder, "
+        "not links to folders, which could loop); the outputs mirror the tree.",
     ),
 ]
 SkipExistingOption = Annotated[
@@ -243,9 +243,6 @@ def _run_batch(
     their outputs, and the exit status says if any failed (exit 1)."""
     from fundus_restore.io import ImageFileError, find_images
 
-    if out.exists() and not out.is_dir():  # else every photo would fail on it, one by one
-        _report_error(f"--out {out}: a file, not a folder")
-        raise typer.Exit(2)
     found = find_images(inputs, recursive=recursive, exclude=out)
     if not found:
         _report_error("no image files found in the given inputs")
@@ -259,6 +256,7 @@ def _run_batch(
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         _report_error(problems[0] + more)
         raise typer.Exit(2)
+    _make_output_folder("--out", out)  # else every photo would fail on it, one by one
     failures: list[str] = []
     with _BatchLog(log) as batch_log, _progress() as progress:
         if skip_existing:
@@ -292,6 +290,19 @@ def _run_batch(
     console.print(summary)
     if failures:
         raise typer.Exit(1)
+
+
+def _make_output_folder(option: str, folder: Path) -> None:
+    """Create ``folder`` (the folder ``option`` names) before any work, or end the command
+    (exit 2) with one line where it cannot be: a file there, a read-only disk."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        _report_error(f"{option} {folder}: a file, not a folder")
+        raise typer.Exit(2) from None
+    except OSError as error:
+        _report_error(f"{option} {folder}: cannot create the folder ({error.strerror or error})")
+        raise typer.Exit(2) from None
 
 
 def _provenance(action: str, job: _Job) -> str:
@@ -449,7 +460,11 @@ def _check_noise_level(job: _Job, image: np.ndarray, network: nn.Module, sigma: 
     from fundus_restore.inference import noise_level_mismatch
 
     # The mask only when the model's card gives a range and no estimate is at hand.
-    mismatch = noise_level_mismatch(image, network, fov_mask, sigma=sigma)
+    try:
+        mismatch = noise_level_mismatch(image, network, fov_mask, sigma=sigma)
+    except ValueError as error:  # an advice, not a reason to fail the photo: e.g. too small to estimate
+        job.warn(f"noise level not checked: {error}")
+        return
     if mismatch is not None:
         job.warn(mismatch)
 
@@ -485,7 +500,8 @@ def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, th
     reference = bicubic_upsample(image, upscaled.shape[0] // image.shape[0])
     hallucinated, rate = hallucinated_vessels(upscaled, reference)
     map_path = job.outputs[1]
-    write_image(map_path, _hallucination_map(upscaled, hallucinated))
+    write_image(map_path, _hallucination_map(upscaled, hallucinated),
+                description=_provenance("vessels absent from the bicubic upscale mapped", job))
     console.print(f"{escape(str(job.source))}: vessels invented vs bicubic {rate:.3f}")
     job.record["invented_vs_bicubic"] = f"{rate:.4f}"
     if rate > threshold:
@@ -793,7 +809,7 @@ def evaluate(
     and an HTML report with figures of the first photo."""
     from fundus_restore.evaluate import (
         DEFAULT_GREY_METHODS, DEFAULT_METHODS, DEFAULT_NOISY_UPSCALE_METHODS, DEFAULT_UPSCALE_METHODS, MIN_SCORED_SIZE,
-        Example, ScoreCache, build_methods, check_settings, evaluate_images, write_tables,
+        Example, ScoreCache, build_methods, check_settings, evaluate_images, image_labels, write_tables,
     )
     from fundus_restore.io import ImageFileError, list_images, read_header_of_size
     from fundus_restore.report import write_html_report
@@ -802,6 +818,7 @@ def evaluate(
     if not files:
         _report_error(f"no image files in --clean {' '.join(map(str, clean))}")
         raise typer.Exit(1)
+    _make_output_folder("--report", report)
     sigma = sigma or [25.0 if scale == 1 else 0.0]
     if scale > 1:
         defaults = DEFAULT_NOISY_UPSCALE_METHODS if any(sigma) else DEFAULT_UPSCALE_METHODS
@@ -836,20 +853,22 @@ def evaluate(
     except ValueError as error:  # pixel data found corrupt past a sound header, a field of view too small, a NaN output
         _report_error(str(error))
         raise typer.Exit(1) from None
-    markdown, _ = write_tables(rows, report, title="Denoising" if scale == 1 else f"Super-resolution x{scale}")
+    title = "Denoising" if scale == 1 else f"Super-resolution x{scale}"
+    markdown, _ = write_tables(rows, report, title=title)
     settings = {
         "sigmas": ", ".join(f"{s:g}" for s in sigma),
         "noise protocols": ", ".join(protocol),
         "seed": str(seed),
         "methods": ", ".join(m.name for m in chosen),
-        "images": f"{len(files)}: " + ", ".join(f.name for f in files),
+        "images": f"{len(files)}: " + ", ".join(image_labels(files)),
         "crop": "whole field of view" if crop is None else f"central {crop}²",
         "channels": "grey: the green channel of colour photos" if grey else "colour; grey files grey",
         "vessel segmenter": segmenter,
         "task": "denoising" if scale == 1 else f"super-resolution x{scale} (input: antialiased {lr_kernel} shrink, then noise)",
     }
-    write_html_report(rows, report, settings=settings, example=examples[0] if examples else None)
-    print(markdown.read_text())
+    write_html_report(rows, report, settings=settings, example=examples[0] if examples else None,
+                      title=f"{title} evaluation")
+    print(markdown.read_text(encoding="utf-8"))
     console.print(f"wrote {report}/results.md, summary.csv, per_image.csv, report.html, figures/")
 
 
@@ -876,6 +895,7 @@ def demo(
     mask = fov_mask(clean)
     noisy = add_gaussian_noise(clean, sigma, seed=seed)
     network = _runnable(lambda: load_denoiser(model), tile, device)
+    _make_output_folder("--out", out)  # before the minute of denoising, not after it
     name = getattr(network, "name", str(model))
     console.print(f"denoising the {clean.shape[1]}×{clean.shape[0]} retina photo (sigma {sigma:g}) with {name} …")
     restored = denoise_image(noisy, network, tile=tile, device=device)
@@ -886,7 +906,6 @@ def demo(
     for label, quality in (("noisy", before), (name, after)):
         print(f"{label:{width}}{quality['psnr']:8.2f}{quality['ssim']:8.4f}{quality['psnr_fov']:10.2f}{quality['ssim_fov']:10.4f}")
 
-    out.mkdir(parents=True, exist_ok=True)
     write_image(out / "noisy.png", noisy)
     write_image(out / "restored.png", restored)
     size = 160

@@ -104,7 +104,7 @@ class ScoreCache:
         self.path = Path(path)
         self.scores: dict[str, dict[str, float]] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     entry = json.loads(line)
                     self.scores[entry["key"]] = entry["scores"]
@@ -134,7 +134,7 @@ class ScoreCache:
     def put(self, key: str, scores: dict[str, float]) -> None:
         self.scores[key] = scores
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:  # one line per score: a killed run keeps what it measured
+        with self.path.open("a", encoding="utf-8") as handle:  # one line per score: a killed run keeps what it measured
             handle.write(json.dumps({"key": key, "scores": scores}) + "\n")
 
 
@@ -428,6 +428,23 @@ def check_settings(
         raise ValueError("the learned segmenter (unet) takes colour photos: use the hessian segmenter to score grey")
 
 
+def image_labels(paths: Sequence[Path]) -> list[str]:
+    """Each photo's name in the tables: its file name, or, where two photos share it (two
+    folders may both hold ``01.png``), as many of its last path parts as tell them apart."""
+    labels = [path.name for path in paths]
+    depth = 1
+    while True:
+        files_named: dict[str, set[Path]] = defaultdict(set)
+        for label, path in zip(labels, paths):
+            files_named[label].add(path)
+        clashing = [i for i, label in enumerate(labels) if len(files_named[label]) > 1]  # one file given twice is one
+        depth += 1
+        if not clashing or all(depth > len(paths[i].parts) for i in clashing):
+            return labels
+        for i in clashing:
+            labels[i] = "/".join(paths[i].parts[-depth:])
+
+
 def evaluate_images(
     paths: Iterable[Path],
     methods: Sequence[Method],
@@ -467,7 +484,8 @@ def evaluate_images(
     guard = vessels and scale > 1
     rows: list[dict[str, float | str]] = []
     shown_setting = example_setting(sigmas, protocols)
-    for index, path in enumerate(paths):
+    paths = list(paths)
+    for index, (path, label) in enumerate(zip(paths, image_labels(paths))):
         digest = file_digest(path) if cache is not None else ""
         clean, mask, expert, vessel_scale = load_clean(path, crop_size, grey)
         low = clean
@@ -516,11 +534,11 @@ def evaluate_images(
                                 )[1]
                             if cache is not None:
                                 cache.put(key, {k: float(v) for k, v in quality.items()})
-                    rows.append({"image": path.name, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
+                    rows.append({"image": label, "sigma": sigma, "protocol": protocol, "method": method.name, **quality})
                     if on_step:
-                        on_step(f"{path.name} σ{sigma:g} {protocol} {method.name}")
+                        on_step(f"{label} σ{sigma:g} {protocol} {method.name}")
                 if keep:
-                    on_example(Example(path.name, sigma, protocol, clean, enlarged, outputs, mask, expert,
+                    on_example(Example(label, sigma, protocol, clean, enlarged, outputs, mask, expert,
                                        vessel_scale, segmenter))
     return rows
 
@@ -558,7 +576,7 @@ def write_tables(rows: Sequence[dict[str, float | str]], report_dir: Path, title
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(values) + " |" for values in body]
     markdown = report_dir / "results.md"
-    markdown.write_text("\n".join(lines) + "\n")
+    markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return markdown, summary_csv
 
 
@@ -576,7 +594,7 @@ def summary_table(summary: Sequence[dict[str, float | str]]) -> tuple[list[str],
 
 
 def _write_csv(rows: Sequence[dict[str, float | str]], path: Path) -> Path:
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)

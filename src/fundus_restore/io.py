@@ -438,7 +438,8 @@ def _is_image(path: Path) -> bool:
 
 def _images_under(folder: Path, recursive: bool, exclude: Path | None) -> list[ImageSource]:
     """The images in ``folder`` (and, if ``recursive``, in every non-hidden folder beneath it
-    but ``exclude``), sorted by their path under ``folder``."""
+    but ``exclude``; links to folders are not followed, as they could loop), sorted by their
+    path under ``folder``."""
     if not recursive:
         return [ImageSource(child, Path(child.name)) for child in sorted(folder.iterdir()) if _is_image(child)]
     excluded = None if exclude is None else exclude.resolve()

@@ -104,7 +104,7 @@ def card_beside(weights: Path) -> dict[str, Any]:
     if not card.is_file():
         return {}
     try:
-        return json.loads(card.read_text())
+        return json.loads(card.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise WeightsError(f"{card}: unreadable model card ({error})") from None
 

@@ -156,6 +156,10 @@ def vessel_overlay(image: np.ndarray, changes: VesselChanges) -> np.ndarray:
     return overlay
 
 
+# What example_figures writes: a report rewritten into its folder removes what it no longer draws.
+FIGURE_FILES = ("comparison.png", "error_maps.png", "vessel_overlays.png")
+
+
 def example_figures(example: Example, rows: Sequence[dict[str, float | str]], folder: Path) -> dict[str, Path]:
     """The report's figures for one example image, written under ``folder``: comparison
     (Figure 2), error maps (Figure 3, the first two methods other than "noisy") and the
@@ -170,16 +174,17 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
         if (row["image"], row["sigma"], row["protocol"]) == (example.image, example.sigma, example.protocol)
     }
     setting = f"{example.image}, σ {example.sigma:g}, {example.protocol} noise"
+    panels = ", ".join(["Clean", *example.restored])
     figures = {
-        f"Clean, noisy and each method ({setting}); the yellow window is shown at full resolution below": comparison_figure(
-            {"clean": example.clean, **example.restored}, folder / "comparison.png", zoom=zoom, captions=scores
+        f"{panels} ({setting}); the yellow window is shown at full resolution below": comparison_figure(
+            {"clean": example.clean, **example.restored}, folder / FIGURE_FILES[0], zoom=zoom, captions=scores
         )
     }
     compared = {name: image for name, image in example.restored.items() if name != "noisy"}
     if compared:
         two = dict(list(compared.items())[:2])
         figures[f"Per-channel absolute error of {' and '.join(two)} ({setting})"] = error_maps_figure(
-            example.clean, two, folder / "error_maps.png"
+            example.clean, two, folder / FIGURE_FILES[1]
         )
     overlays = {
         name: vessel_overlay(image, vessel_changes(
@@ -190,7 +195,7 @@ def example_figures(example: Example, rows: Sequence[dict[str, float | str]], fo
     }
     legend = ", ".join(f"{label} {colour}" for label, colour in OVERLAY_COLOURS.items())
     figures[f"Thin vessels per method ({legend}; {setting})"] = comparison_figure(
-        overlays, folder / "vessel_overlays.png", zoom=zoom, legend=OVERLAY_COLOURS
+        overlays, folder / FIGURE_FILES[2], zoom=zoom, legend=OVERLAY_COLOURS
     )
     return figures
 
@@ -207,6 +212,8 @@ def write_html_report(
     figures embedded as base64 PNG (one self-contained file); the PNGs also go to
     ``report_dir/figures/``."""
     report_dir = Path(report_dir)
+    for name in FIGURE_FILES:  # an earlier run's figures, which this report may not redraw
+        (report_dir / "figures" / name).unlink(missing_ok=True)
     figures = example_figures(example, rows, report_dir / "figures") if example else {}
     header, body = summary_table(summarise(rows))
     parts = [

@@ -56,7 +56,7 @@ def run_trial(
     settings = {**overrides, "output": str(trial_output), "loss.weights": list(weights),
                 "loss.vessel_weight": vessel_weight, "validation.vessels": True}
     train(config, overrides=settings)
-    validation = json.loads((trial_output / "model.json").read_text())["validation"]
+    validation = json.loads((trial_output / "model.json").read_text(encoding="utf-8"))["validation"]
     return TrialResult(number, weights, vessel_weight, _centre_mean(validation, "psnr"),
                        _centre_mean(validation, "thin_recall"), _centre_mean(validation, "thin_contrast_retention"),
                        str(trial_output))
@@ -95,11 +95,11 @@ def search_loss_weights(
         result = run_trial(config, overrides, trial.number + 1, output, weights, vessel_weight, train)
         results.append(result)
         trial.set_constraint("psnr_deficit", floor - result.psnr)  # feasible when <= 0: PSNR within tolerance
-        with log.open("a") as handle:
+        with log.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(asdict(result)) + "\n")
         return result.vessel_score
 
-    with log.open("w") as handle:
+    with log.open("w", encoding="utf-8") as handle:
         handle.write(json.dumps(asdict(results[0])) + "\n")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed)

@@ -233,7 +233,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML config; one with ``base: OTHER.yaml`` (relative to it) overrides that file's values."""
     path = Path(path)
     try:
-        given = yaml.safe_load(path.read_text())
+        given = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
         raise TrainingError(f"{path}: cannot read the config ({error})") from None
     if not isinstance(given, dict):
@@ -498,7 +498,7 @@ def _lines_up_to(path: Path, step: int | None, step_of: Callable[[str], int]) ->
     if step is None or not path.exists():
         return []
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             if step_of(line) <= step:
                 kept.append(line)
@@ -519,15 +519,15 @@ class ScalarLog:
         self.csv_path, self.jsonl_path = directory / "scalars.csv", directory / "scalars.jsonl"
         csv_lines = _lines_up_to(self.csv_path, resume_step, lambda line: int(line.split(",")[1]))
         json_lines = _lines_up_to(self.jsonl_path, resume_step, lambda line: int(json.loads(line)["step"]))
-        self.csv_path.write_text("".join(line + "\n" for line in [self.CSV_HEADER, *csv_lines]))
-        self.jsonl_path.write_text("".join(line + "\n" for line in json_lines))
+        self.csv_path.write_text("".join(line + "\n" for line in [self.CSV_HEADER, *csv_lines]), encoding="utf-8")
+        self.jsonl_path.write_text("".join(line + "\n" for line in json_lines), encoding="utf-8")
         self.events = EventFileWriter(directory, start_step=0 if resume_step is None else resume_step + 1)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         now = time.time()
-        with open(self.csv_path, "a") as handle:
+        with open(self.csv_path, "a", encoding="utf-8") as handle:
             handle.writelines(f"{now:.3f},{step},{tag},{value:.7g}\n" for tag, value in scalars.items())
-        with open(self.jsonl_path, "a") as handle:
+        with open(self.jsonl_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, "wall_time": round(now, 3), **scalars}) + "\n")
         self.events.add_scalars(step, scalars, now)
 
@@ -1097,7 +1097,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
     if main:
         crops = run_validation_crops(config, validation_images)  # a bad validation photo stops it before any file
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
 
     stream = _patch_stream(config, train_images, trainer.step, placement)
@@ -1149,7 +1149,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
             scores = trainer.validate(crops, final)
         save_model(final, weights)
         card = _model_card(trainer, final, train_images, validation_images, scores, calibration)
-        (output / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+        (output / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     if placement.world_size > 1:
         dist.barrier()  # the other ranks return once rank 0 has written the model
     return weights
