@@ -84,6 +84,69 @@ def test_bad_files_are_refused(tmp_path: Path, name: str, content: bytes | None,
         load_model(path)
 
 
+def _with_state(tmp_path: Path, name: str, state: dict, config: dict) -> Path:
+    metadata = {"architecture": "dncnn", "config": json.dumps(config)}
+    save_file(state, str(tmp_path / name), metadata=metadata)
+    return tmp_path / name
+
+
+def test_weights_of_no_float_type_or_beyond_float32_are_refused(tmp_path: Path):
+    config = {"depth": 3, "width": 4, "batch_norm": False}
+    state = create_model("dncnn", **config).state_dict()
+    as_int8 = {key: value.round().to(torch.int8) for key, value in state.items()}
+    integers = _with_state(tmp_path, "int8.safetensors", as_int8, config)
+    with pytest.raises(WeightsError, match=r"int8\.safetensors: weight '.+' holds torch.int8 samples, not floating"):
+        load_model(integers)
+    huge = {k: v.double() for k, v in state.items()}
+    huge["body.0.weight"][0, 0, 0, 0] = 1e300  # finite as a double, infinite as the float32 the model holds
+    with pytest.raises(WeightsError, match=r"NaN or infinite values in weight 'body.0.weight' \(as float32\)"):
+        load_model(_with_state(tmp_path, "huge.safetensors", huge, config))
+    # A config asking for a huge network is refused by the weights' shapes, before any memory is asked for.
+    with pytest.raises(WeightsError, match=r"wide\.safetensors: weights do not fit"):
+        load_model(_with_state(tmp_path, "wide.safetensors", state, config | {"width": 10**8}))
+    with pytest.raises(WeightsError, match=r"negative\.safetensors: cannot build the model"):
+        load_model(_with_state(tmp_path, "negative.safetensors", state, config | {"width": -1}))
+
+
+def test_a_pickle_is_never_loaded_and_the_message_says_why(tmp_path: Path):
+    torch.save(create_model("dncnn", depth=3, width=4, batch_norm=False).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match=r"w\.pt: a PyTorch pickle, not safetensors weights: it is not loaded"):
+        load_model(tmp_path / "w.pt")
+
+
+def test_a_bundled_name_is_not_hidden_by_a_folder_of_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dncnn-small-demo").mkdir()  # e.g. an output folder named after its model
+    assert load_model("dncnn-small-demo").name == "dncnn-small-demo"
+    with pytest.raises(WeightsError, match="not a bundled model"):
+        load_model("../weights/dncnn-small-demo")  # a path, not a name: never looked up among the bundled files
+    with pytest.raises(WeightsError, match="an empty model name"):
+        load_model("")
+
+
+@pytest.mark.parametrize(
+    ("card", "problem"),
+    [([1, 2], "a JSON list, not an object"), ({"recipe": None}, "its recipe and the recipe's noise must be objects"),
+     ({"recipe": {"noise": {"sigma": "25"}}}, r"recipe\.noise\.sigma '25' is neither a number nor \[low, high\]"),
+     ({"recipe": {"noise": {"sigma": [25]}}}, r"recipe\.noise\.sigma \[25\] is neither"),
+     ({"task": "denoising"}, "task 'denoising' is none of denoise, upscale"),
+     ({"architecture": "srresnet"}, r"describes a 'srresnet', the weights are a 'dncnn' \(a stale card\?\)")],
+)
+def test_a_card_that_does_not_describe_its_weights_is_refused_naming_it(tmp_path: Path, card, problem: str):
+    path = save_model(create_model("dncnn", depth=3, width=4, batch_norm=False), tmp_path / "w.safetensors")
+    (tmp_path / "w.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match=rf"w\.json: .*{problem}"):
+        load_model(path)
+
+
+def test_a_segmenter_without_its_card_is_no_denoiser(tmp_path: Path):
+    from fundus_restore.inference import load_denoiser
+
+    path = save_model(load_model("vessels-unet"), tmp_path / "segmenter.safetensors")  # its card left behind
+    with pytest.raises(ValueError, match="segmenter is not a denoiser: its task is 'segment-vessels'"):
+        load_denoiser(path)
+
+
 def test_file_without_architecture_is_refused(tmp_path: Path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(WeightsError, match="architecture"):

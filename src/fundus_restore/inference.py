@@ -312,11 +312,10 @@ def default_upscale_model_name(scale: int | None = None) -> str:
 
 def check_denoiser(network: nn.Module) -> nn.Module:
     """``network`` if it is a denoiser; a super-resolution model or a vessel segmenter
-    (by its card's task, or for a model without one by a ``scale`` in its config) is
-    refused with a ``ValueError``, since its output is no denoised photograph."""
-    task = getattr(network, "task", None)
-    if task is None:
-        task = "upscale" if getattr(network, "config", {}).get("scale", 1) > 1 else "denoise"
+    (by its card's task, or for a model without one by its architecture's) is refused
+    with a ``ValueError``, since its output is no denoised photograph. A module of no
+    registered architecture is taken as a denoiser."""
+    task = getattr(network, "task", "denoise")
     if task != "denoise":
         raise ValueError(f"{model_name(network)} is not a denoiser: its task is {task!r}")
     return network

@@ -38,6 +38,12 @@ DEFAULT_SMALL_PHOTO_MODEL = "resunet-retina-green-blind-small"
 WEIGHTLESS_MODELS = ("cbm3d",)
 
 
+# Checkpoint files of torch.save: pickles, never loaded from a user's path.
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+# The sample types weights are stored in; integers or float8 would load into nonsense.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class WeightsError(ValueError):
     """A weights file that cannot be used; the message names the file and the problem."""
 
@@ -104,9 +110,36 @@ def card_beside(weights: Path) -> dict[str, Any]:
     if not card.is_file():
         return {}
     try:
-        return json.loads(card.read_text(encoding="utf-8"))
+        content = json.loads(card.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise WeightsError(f"{card}: unreadable model card ({error})") from None
+    problem = _card_problem(content)
+    if problem:
+        raise WeightsError(f"{card}: not a model card: {problem}")
+    return content
+
+
+TASKS = ("denoise", "upscale", "segment-vessels", "discriminate")
+
+
+def _card_problem(card: Any) -> str | None:
+    """What is wrong with the fields of a model card this package reads, or None."""
+    if not isinstance(card, dict):
+        return f"a JSON {type(card).__name__}, not an object"
+    if card.get("task", "denoise") not in TASKS:
+        return f"task {card['task']!r} is none of {', '.join(TASKS)}"
+    recipe = card.get("recipe", {})
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("noise", {}), dict):
+        return "its recipe and the recipe's noise must be objects"
+    sigma = recipe.get("noise", {}).get("sigma")
+    pair = isinstance(sigma, list) and len(sigma) == 2 and all(map(_is_number, sigma))
+    if sigma is not None and not _is_number(sigma) and not pair:
+        return f"recipe.noise.sigma {sigma!r} is neither a number nor [low, high]"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def training_noise_range(card: dict[str, Any]) -> tuple[float, float] | None:
@@ -119,16 +152,19 @@ def training_noise_range(card: dict[str, Any]) -> tuple[float, float] | None:
 
 
 def resolve_weights(name_or_path: str | Path) -> Path:
-    """Path of the weights file for a bundled name or a user's file."""
+    """Path of the weights file for a bundled name or a user's file. A bundled name wins
+    over a folder of that name (an output folder named after its model, say)."""
+    text = str(name_or_path)
+    if not text:
+        raise WeightsError("an empty model name")
+    if text in list_models():
+        return BUNDLED_DIR / f"{text}.safetensors"
     path = Path(name_or_path)
     if path.suffix == ".safetensors" or path.exists():
         if not path.is_file():
             raise WeightsError(f"{path}: no such weights file")
         return path
-    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
-    if not bundled.is_file():
-        raise WeightsError(f"{name_or_path}: not a bundled model ({', '.join(list_models()) or 'none'}) nor a file")
-    return bundled
+    raise WeightsError(f"{name_or_path}: not a bundled model ({', '.join(list_models()) or 'none'}) nor a file")
 
 
 def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -139,12 +175,19 @@ def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str
         raise ValueError(f"{type(model).__name__} has no registered architecture name")
     metadata = {"architecture": architecture, "config": json.dumps(model.config), **(extra_metadata or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    # Written by Python, not safetensors' save_file, which creates the file owner-only (0600)
-    # whatever the umask: a lab's shared weights must stay readable to the others.
-    partial.write_bytes(safetensors_bytes(state, metadata=metadata))
-    partial.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written by Python, not safetensors' save_file, which creates the file owner-only (0600)
+        # whatever the umask: a lab's shared weights must stay readable to the others.
+        partial.write_bytes(safetensors_bytes(state, metadata=metadata))
+        partial.replace(path)
+    except OSError:
+        try:
+            partial.unlink(missing_ok=True)  # no stray partial file beside a failed write
+        except OSError:
+            pass
+        raise
     return path
 
 
@@ -157,6 +200,12 @@ def read_metadata(path: Path) -> dict[str, str]:
             raise WeightsError(
                 f"{path}: a MATLAB file, not safetensors weights: convert it with "
                 f"fundus-restore import-weights {path.name} -o {path.stem}.safetensors"
+            ) from None
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise WeightsError(
+                f"{path}: a PyTorch pickle, not safetensors weights: it is not loaded, as unpickling an untrusted "
+                "file can run code; where you trust it, load its state dict into the model and save it with "
+                "fundus_restore.save_model"
             ) from None
         raise WeightsError(f"{path}: unreadable safetensors file ({error})") from None
 
@@ -179,14 +228,15 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
         raise WeightsError(f"{path}: no 'architecture' in its metadata; write it with fundus_restore.save_model")
     try:
         config = json.loads(metadata.get("config", "{}"))
-        model = create_model(metadata["architecture"], **config)
-    except (ValueError, TypeError) as error:
+        if not isinstance(config, dict):
+            raise ValueError(f"config {metadata['config']} is not a JSON object")
+        # First without memory (the meta device): a config of a huge width is refused by the
+        # weights' shapes, not by the allocation it asks for.
+        with torch.device("meta"):
+            expected = create_model(metadata["architecture"], **config).state_dict()
+    except (ValueError, TypeError, RuntimeError) as error:
         raise WeightsError(f"{path}: cannot build the model ({error})") from None
     state = load_file(str(path))
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise WeightsError(f"{path}: NaN or infinite values in weight {key!r}")
-    expected = model.state_dict()
     mismatches = {
         "missing": [key for key in expected if key not in state],
         "unexpected": [key for key in state if key not in expected],
@@ -196,10 +246,20 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     if found:
         raise WeightsError(f"{path}: weights do not fit architecture {metadata['architecture']!r} "
                            f"({metadata.get('config', '{}')}): {'; '.join(found)}")
+    for key, tensor in state.items():
+        if expected[key].is_floating_point() and tensor.dtype not in WEIGHT_DTYPES:
+            raise WeightsError(f"{path}: weight {key!r} holds {tensor.dtype} samples, not floating point weights")
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():  # as float32: 1e300 is inf
+            raise WeightsError(f"{path}: NaN or infinite values in weight {key!r} (as float32)")
+    model = create_model(metadata["architecture"], **config)
     model.load_state_dict(state)
+    card = card_beside(path)
+    if card.get("architecture", metadata["architecture"]) != metadata["architecture"]:
+        raise WeightsError(f"{path.with_suffix('.json')}: the card beside {path.name} describes a "
+                           f"{card['architecture']!r}, the weights are a {metadata['architecture']!r} (a stale card?)")
     # Every training run writes model.safetensors: its folder is what tells one run's model from another's.
     name = f"{path.parent.name}/{path.stem}" if path.stem == "model" and path.parent.name else path.stem
-    return _described(model, name, card_beside(path), device)
+    return _described(model, name, card, device)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -225,7 +285,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def _described(model: nn.Module, name: str, card: dict[str, Any], device: str | torch.device) -> nn.Module:
     """``model`` named ``name`` and described by its ``card``, in eval mode on ``device``."""
     model.name = name  # shown in reports and progress bars
-    model.task = card.get("task")  # denoise, upscale or segment-vessels; None without a card
+    model.task = card.get("task", model.task)  # denoise, upscale or segment-vessels; without a card, the architecture's
     # An upscaler trained on a denoiser's outputs (data.lr_denoiser) is best fed by that denoiser.
     model.lr_denoiser = card.get("recipe", {}).get("lr_denoiser")
     # What the model expects of its input, for the noise-level check of the command line.

@@ -17,17 +17,22 @@ from torch import nn
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_architecture(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_architecture(
+    name: str, task: str = "denoise"
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Class decorator that makes an architecture buildable by ``name``.
 
-    The class gets ``architecture = name``; its instances must keep their constructor
-    keyword arguments in ``self.config`` so that weights files can rebuild them.
+    The class gets ``architecture = name`` and ``task`` (denoise, upscale, segment-vessels
+    or discriminate: what its output is, where no model card says); its instances must
+    keep their constructor keyword arguments in ``self.config`` so that weights files can
+    rebuild them.
     """
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is registered twice")
         builder.architecture = name  # type: ignore[attr-defined]
+        builder.task = task  # type: ignore[attr-defined]
         _ARCHITECTURES[name] = builder
         return builder
 

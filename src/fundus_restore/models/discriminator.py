@@ -31,7 +31,7 @@ DENSE_WIDTH = 1024
 NEGATIVE_SLOPE = 0.2
 
 
-@register_architecture("srgan-discriminator")
+@register_architecture("srgan-discriminator", task="discriminate")
 class SRGANDiscriminator(nn.Module):
     def __init__(self, channels: int = 3, width: int = 64) -> None:
         super().__init__()

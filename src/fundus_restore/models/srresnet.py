@@ -85,7 +85,7 @@ def upsampler_x2(width: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.PixelShuffle(2), nn.PReLU(width))
 
 
-@register_architecture("srresnet")
+@register_architecture("srresnet", task="upscale")
 class SRResNet(nn.Module):
     def __init__(
         self,

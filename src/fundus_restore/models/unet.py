@@ -35,7 +35,7 @@ def _double_conv(inputs: int, outputs: int, batch_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@register_architecture("unet")
+@register_architecture("unet", task="segment-vessels")
 class VesselUNet(nn.Module):
     def __init__(self, channels: int = 3, widths: tuple[int, ...] | list[int] = WIDTHS, batch_norm: bool = True) -> None:
         super().__init__()
