@@ -207,6 +207,10 @@ def test_import_weights_round_trip(tmp_path: Path):
     assert result.exit_code == 0, result.output
     model = load_model(out)
     assert model.config["depth"] == 20 and model.config["channels"] == 3
+    # Run again, it keeps the file unless told to replace it.
+    again = runner.invoke(app, ["import-weights", str(mat), "-o", str(out)])
+    assert again.exit_code == 2 and again.output == f"error: {out}: exists; replace it with --overwrite\n"
+    assert runner.invoke(app, ["import-weights", str(mat), "-o", str(out), "--overwrite"]).exit_code == 0
 
 
 def test_import_weights_rejects_a_corrupt_file(tmp_path: Path):

@@ -98,6 +98,19 @@ def test_official_method_without_weights_is_skipped_by_default_and_refused_when_
         build_methods(["cdncnn-b"], skip_missing=False)
 
 
+def test_official_weights_must_be_the_imported_colour_cdncnn(tmp_path: Path):
+    from fundus_restore.matconvnet import CONVERTED_BY
+    from fundus_restore.pretrained import WeightsError
+
+    # Any other model would be tabled as cdncnn-b.
+    with pytest.raises(WeightsError, match="dncnn-retina-green.safetensors: not official DnCNN weights imported by"):
+        build_methods(["cdncnn-b"], official_weights="dncnn-retina-green", skip_missing=False)
+    grey = create_model("dncnn", channels=1, depth=3, width=8, batch_norm=False)
+    imported_grey = save_model(grey, tmp_path / "grey.safetensors", extra_metadata={"converted_by": CONVERTED_BY})
+    with pytest.raises(WeightsError, match=r"grey\.safetensors: official weights for 1-channel \(grey\) images"):
+        build_methods(["cdncnn-b"], official_weights=imported_grey, skip_missing=False)
+
+
 def test_drive_photos_are_scored_against_their_expert_vessel_maps(drive_dir: Path):
     from fundus_restore.evaluate import load_clean
 

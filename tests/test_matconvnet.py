@@ -151,6 +151,46 @@ def _assert_refused(path: Path, problem: str) -> None:
     assert str(path) in message and problem in message and "\n" not in message
 
 
+def _replace_first_filters(path: Path, **dataset) -> Path:
+    """``path`` with its first layer's filters replaced by a dataset of ``dataset``'s arguments."""
+    with h5py.File(path, "r+") as file:
+        del file["#refs#/w0_0"]
+        file["#refs#"].create_dataset("w0_0", **dataset)
+    return path
+
+
+def test_a_filter_beyond_float32_and_a_huge_declared_array_are_refused(tmp_path: Path) -> None:
+    layers = tiny_dncnn_layers()
+    overflow = write_simplenn(tmp_path / "overflow.mat", layers)
+    filters = np.asarray(layers[0]["weights"][0], np.float64).T.copy()
+    filters.flat[0] = 1e39  # a double: finite, but infinite as the float32 the model holds
+    _assert_refused(_replace_first_filters(overflow, data=filters), "layer 1 has NaN or infinite weights (as float32)")
+    # A few bytes of header may declare terabytes: refused before any is read.
+    huge = _replace_first_filters(write_simplenn(tmp_path / "huge.mat", layers),
+                                  shape=(10**6, 10**6), dtype=np.float32, chunks=(8, 8))
+    _assert_refused(huge, "layer 1 filters declares 1000000×1000000 values, far more than a DnCNN holds")
+
+
+def test_import_refuses_to_write_over_a_file_or_to_another_format(tmp_path: Path) -> None:
+    source = write_simplenn(tmp_path / "tiny.mat", tiny_dncnn_layers(channels=3))
+    for out, problem in [(source, "the output must be a .safetensors file"),  # the official file itself
+                         (tmp_path / "w.pt", "the output must be a .safetensors file"),
+                         (tmp_path, "the output must be a .safetensors file")]:
+        with pytest.raises(WeightsError, match=f"^{out}: {problem}$"):
+            import_weights(source, out)
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(WeightsError, match="folder.safetensors: a folder, not a weights file$"):
+        import_weights(source, tmp_path / "folder.safetensors")
+    written = import_weights(source, tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=r"w\.safetensors: exists; replace it with --overwrite$"):
+        import_weights(source, written)
+    assert import_weights(source, written, overwrite=True) == written
+    (tmp_path / "file").write_text("x")  # a file where the output's folder should be
+    with pytest.raises(WeightsError, match=r"x\.safetensors: cannot write the weights \(.+\)$"):
+        import_weights(source, tmp_path / "file" / "x.safetensors")
+    assert not list(tmp_path.rglob("*.partial"))
+
+
 def test_text_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "notes.mat"
     path.write_text("not a MAT-file\n")

@@ -124,7 +124,9 @@ def _training_overrides(
     named = {"data.train": data and [str(path) for path in data],
              "validation.among": validate_on and [str(path) for path in validate_on],
              "model.init_weights": init_weights} | {key: path and str(path) for key, path in (paths or {}).items()}
-    return dict(parse_override(item) for item in settings or []) | {key: value for key, value in named.items() if value}
+    # Not "if value": --init-weights "" is a mistake to report, not an option left out.
+    given = {key: value for key, value in named.items() if value is not None}
+    return dict(parse_override(item) for item in settings or []) | given
 
 
 def _progress() -> Progress:
@@ -651,13 +653,14 @@ def degrade(
 def import_weights(
     mat_file: Annotated[Path, typer.Argument(help="Official DnCNN MatConvNet .mat file (your own copy).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
     """Convert official DnCNN MatConvNet weights to a safetensors file usable with --model."""
     from fundus_restore.matconvnet import import_weights as convert
     from fundus_restore.pretrained import WeightsError
 
     try:
-        written = convert(mat_file, out)
+        written = convert(mat_file, out, overwrite=overwrite)
     except WeightsError as error:
         _report_error(str(error))
         raise typer.Exit(2) from None

@@ -303,10 +303,23 @@ def _package_version(method_name: str) -> str:
 
 
 def _load_official(path: Path):
-    from fundus_restore.matconvnet import load_matconvnet_dncnn
-    from fundus_restore.pretrained import load_model
+    """The official colour CDnCNN-B from its MatConvNet file or from what import-weights made of it;
+    anything else is refused, as its row would be labelled cdncnn-b."""
+    from fundus_restore.matconvnet import CONVERTED_BY, load_matconvnet_dncnn
+    from fundus_restore.pretrained import WeightsError, load_model, read_metadata, resolve_weights
 
-    return load_matconvnet_dncnn(path) if Path(path).suffix == ".mat" else load_model(path)
+    if Path(path).suffix.lower() == ".mat":
+        model = load_matconvnet_dncnn(path)
+    else:
+        weights = resolve_weights(path)
+        if read_metadata(weights).get("converted_by") != CONVERTED_BY:
+            raise WeightsError(f"{weights}: not official DnCNN weights imported by fundus-restore import-weights "
+                               "(--official-weights takes GD_Color_Blind.mat or its import)")
+        model = load_model(weights)
+    if model.config.get("channels") != 3:
+        raise WeightsError(f"{path}: official weights for {model.config.get('channels')}-channel (grey) images; "
+                           "the colour CDnCNN-B is GD_Color_Blind.mat")
+    return model
 
 
 def centre_square(image: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:

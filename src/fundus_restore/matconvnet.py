@@ -20,6 +20,7 @@ that reproduces them (``scripts/check_published_dncnn.py``).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,21 @@ def _matlab_array(node: h5py.Dataset | h5py.Group, what: str) -> np.ndarray:
         raise _FormatProblem(f"{what} is not a numeric array")
     if node.attrs.get("MATLAB_empty", 0):
         # MATLAB stores an empty array as its dimensions instead of its data.
-        return np.zeros(tuple(int(d) for d in node[()].ravel()), dtype=np.float32)
+        shape = tuple(int(d) for d in node[()].ravel())
+        _check_size(shape, what)
+        return np.zeros(shape, dtype=np.float32)
+    _check_size(node.shape, what)
     return np.asarray(node[()]).T
+
+
+# The official DnCNNs hold 0.7 M weights; a dataset declaring far more is no DnCNN, and
+# reading it could ask for terabytes (a few bytes of header can declare any size).
+_MAX_ARRAY_SIZE = 10**8
+
+
+def _check_size(shape: tuple[int, ...], what: str) -> None:
+    if math.prod(shape) > _MAX_ARRAY_SIZE:
+        raise _FormatProblem(f"{what} declares {'×'.join(map(str, shape))} values, far more than a DnCNN holds")
 
 
 def _matlab_string(node: h5py.Dataset | h5py.Group, what: str) -> str:
@@ -106,14 +120,16 @@ def _read_conv(file: h5py.File, layer: h5py.Group, where: str) -> ConvWeights:
         raise _FormatProblem(f"{where} has {height}×{width} filters, DnCNN needs {KERNEL_SIZE}×{KERNEL_SIZE}")
     if bias.size != outputs:
         raise _FormatProblem(f"{where} has {bias.size} biases for {outputs} filters")
-    if not (np.isfinite(filters).all() and np.isfinite(bias).all()):
-        raise _FormatProblem(f"{where} has NaN or infinite weights")
     _require_option(layer, "stride", 1, where)
     _require_option(layer, "pad", (KERNEL_SIZE - 1) // 2, where)
     _require_option(layer, "dilate", 1, where)
     # MATLAB H×W×in×out -> PyTorch out×in×H×W; both correlate, so no filter flip.
-    weight = np.ascontiguousarray(filters.transpose(3, 2, 0, 1), dtype=np.float32)
-    return ConvWeights(weight=weight, bias=bias.astype(np.float32))
+    with np.errstate(over="ignore"):  # a double beyond float32's range becomes inf, refused below
+        weight = np.ascontiguousarray(filters.transpose(3, 2, 0, 1), dtype=np.float32)
+        bias = bias.astype(np.float32)
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise _FormatProblem(f"{where} has NaN or infinite weights (as float32)")
+    return ConvWeights(weight=weight, bias=bias)
 
 
 def _read_layers(file: h5py.File) -> list[ConvWeights]:
@@ -157,8 +173,8 @@ def read_simplenn_convs(path: str | Path) -> list[ConvWeights]:
             return _read_layers(file)
     except _FormatProblem as problem:
         raise WeightsError(f"{path}: {problem}") from None
-    except (KeyError, TypeError, ValueError, OSError) as error:
-        # h5py's own errors on a damaged file: truncation, dangling references, bad datasets.
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError) as error:
+        # h5py's own errors on a damaged file: truncation, dangling references, bad datasets, a broken heap.
         raise WeightsError(f"{path}: damaged or unreadable MAT-file ({type(error).__name__}: {error})") from None
 
 
@@ -189,20 +205,34 @@ def load_matconvnet_dncnn(path: str | Path) -> DnCNN:
     return model.eval()
 
 
-def import_weights(mat_path: str | Path, out_path: str | Path) -> Path:
+# What an imported file's metadata says made it: how --official-weights knows an import.
+CONVERTED_BY = "fundus_restore.matconvnet.import_weights"
+
+
+def import_weights(mat_path: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
     """Convert an official DnCNN MatConvNet file into a self-describing safetensors file.
 
-    ``fundus_restore.load_model(out_path)`` then gives the same network.
+    ``fundus_restore.load_model(out_path)`` then gives the same network. An existing
+    ``out_path`` is replaced only with ``overwrite``.
     """
-    mat_path = Path(mat_path)
+    mat_path, out_path = Path(mat_path), Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise WeightsError(f"{out_path}: the output must be a .safetensors file")
+    if out_path.is_dir():
+        raise WeightsError(f"{out_path}: a folder, not a weights file")
+    if out_path.exists() and not overwrite:
+        raise WeightsError(f"{out_path}: exists; replace it with --overwrite")
     model = load_matconvnet_dncnn(mat_path)
     metadata = {
         "source": "MatConvNet simplenn DnCNN weights (Zhang et al., IEEE TIP 2017)",
         "source_file": mat_path.name,
         "source_sha256": hashlib.sha256(mat_path.read_bytes()).hexdigest(),
-        "converted_by": "fundus_restore.matconvnet.import_weights",
+        "converted_by": CONVERTED_BY,
     }
-    return save_model(model, out_path, extra_metadata=metadata)
+    try:
+        return save_model(model, out_path, extra_metadata=metadata)
+    except OSError as error:  # a read-only disk, a file where a folder should be...
+        raise WeightsError(f"{out_path}: cannot write the weights ({error.strerror or error})") from None
 
 
 @dataclass(frozen=True)
