@@ -35,6 +35,20 @@ def test_unknown_architecture_names_the_known_ones():
         create_model("no-such-net")
 
 
+@pytest.mark.parametrize(
+    ("architecture", "sizes", "problem"),
+    [("dncnn", {"width": 0}, "width must be a positive whole number, got 0"),
+     ("dncnn", {"channels": -3}, "channels must be a positive whole number, got -3"),
+     ("srresnet", {"scale": 2.0}, "scale must be a positive whole number, got 2.0"),
+     ("resunet", {"widths": [0, 0]}, r"widths must be a list of positive whole numbers, got \[0, 0\]"),
+     ("srgan-discriminator", {"width": True}, "width must be a positive whole number, got True")],
+)
+def test_a_size_that_builds_no_runnable_network_is_refused(architecture: str, sizes: dict, problem: str):
+    # Built, such a network failed only when run (a 0-channel convolution), or inside torch.
+    with pytest.raises(ValueError, match=f"^{architecture}: {problem}$"):
+        create_model(architecture, **sizes)
+
+
 def test_network_predicts_the_noise_and_subtracts_it():
     model = create_model("dncnn", depth=3, width=4, batch_norm=False).eval()
     for module in model.modules():

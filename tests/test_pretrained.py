@@ -118,7 +118,7 @@ def test_a_bundled_name_is_not_hidden_by_a_folder_of_that_name(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dncnn-small-demo").mkdir()  # e.g. an output folder named after its model
     assert load_model("dncnn-small-demo").name == "dncnn-small-demo"
-    with pytest.raises(WeightsError, match="not a bundled model"):
+    with pytest.raises(WeightsError, match="no such model or weights file"):
         load_model("../weights/dncnn-small-demo")  # a path, not a name: never looked up among the bundled files
     with pytest.raises(WeightsError, match="an empty model name"):
         load_model("")
@@ -153,8 +153,9 @@ def test_file_without_architecture_is_refused(tmp_path: Path):
         load_model(tmp_path / "plain.safetensors")
 
 
-def test_unknown_name_lists_the_bundled_models():
-    with pytest.raises(WeightsError, match=default_model_name()):
+def test_unknown_name_lists_the_models_by_task():
+    listed = rf"denoise: cbm3d \(classical\), .*{default_model_name()}.*; upscale: .*srresnet"
+    with pytest.raises(WeightsError, match=rf"no-such-model: no such model or weights file; the models by task are {listed}"):
         load_model("no-such-model")
 
 

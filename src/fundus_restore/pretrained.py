@@ -164,7 +164,16 @@ def resolve_weights(name_or_path: str | Path) -> Path:
         if not path.is_file():
             raise WeightsError(f"{path}: no such weights file")
         return path
-    raise WeightsError(f"{name_or_path}: not a bundled model ({', '.join(list_models()) or 'none'}) nor a file")
+    raise WeightsError(f"{name_or_path}: no such model or weights file; the models by task are {models_by_task()}")
+
+
+def models_by_task() -> str:
+    """The bundled and classical models grouped by task, for messages:
+    'denoise: cbm3d (classical), A, B; upscale: ...'."""
+    names: dict[str, list[str]] = {"denoise": [f"{name} (classical)" for name in WEIGHTLESS_MODELS]}
+    for name in list_models():
+        names.setdefault(model_card(name).get("task", "denoise"), []).append(name)
+    return "; ".join(f"{task}: {', '.join(found)}" for task, found in names.items())
 
 
 def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:

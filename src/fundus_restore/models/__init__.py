@@ -39,13 +39,25 @@ def register_architecture(
     return decorate
 
 
+# The size arguments the architectures share: a zero or fractional one builds a network
+# that fails only when run (a 0-channel convolution), or, negative, fails inside torch.
+SIZE_ARGUMENTS = ("channels", "depth", "width", "widths", "blocks", "scale")
+
+
 def create_model(architecture: str, **kwargs: Any) -> nn.Module:
-    """Build an untrained model of a registered architecture."""
+    """Build an untrained model of a registered architecture; its size arguments
+    (``SIZE_ARGUMENTS``) must be positive whole numbers (a list of them for ``widths``)."""
     try:
         builder = _ARCHITECTURES[architecture]
     except KeyError:
         known = ", ".join(sorted(_ARCHITECTURES))
         raise ValueError(f"unknown architecture {architecture!r}; known: {known}") from None
+    for name in SIZE_ARGUMENTS:
+        value = kwargs.get(name, 1)
+        sizes = value if isinstance(value, (list, tuple)) else [value]
+        if not sizes or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+            raise ValueError(f"{architecture}: {name} must be {'a list of ' if name == 'widths' else 'a '}"
+                             f"positive whole number{'s' if name == 'widths' else ''}, got {value!r}")
     return builder(**kwargs)
 
 
