@@ -345,8 +345,24 @@ def test_config_mistakes_are_named_before_training(photo_dir: Path, tmp_path: Pa
         ("data.workers", -1, r"data.workers must be a whole number \(0: read in the training process\), got -1"),
         ("device", "tpu", r"device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
         ("data.patch_size", "abc", "data.patch_size must be a positive whole number of pixels, got 'abc'"),
-        ("loss.weights", 3, r"loss.weights must be a list of numbers, one per channel \(e.g. \[1, 3, 2\]\), got 3"),
+        ("loss.weights", 3,
+         r"loss.weights must be a list of numbers of at least 0, one per channel \(e.g. \[1, 3, 2\]\), got 3"),
+        ("loss.weights", [-1, 3, 2], r"loss.weights must be a list of numbers of at least 0, .*got \[-1, 3, 2\]"),
         ("schedule.warmup", 8, r"schedule.warmup \(8 steps\) must be shorter than the run \(steps: 8\)"),
+        # True is an int to Python: steps=true ran one step, batch_size=true batches of one.
+        ("steps", True, "steps must be a whole number of at least 1, got True"),
+        ("batch_size", True, "batch_size must be a whole number of at least 1, got True"),
+        ("time_limit_minutes", True, "time_limit_minutes must be a positive number of minutes or null, got True"),
+        ("seed", -1, "seed must be a whole number of at least 0, got -1"),
+        ("validation.holdout", "abc", "validation.holdout must be a whole number of at least 0, got 'abc'"),
+        ("validation.crop", 0, "validation.crop must be a whole number of at least 16, got 0"),
+        ("validation.sigma", -5, "validation.sigma must be a number of at least 0, got -5"),
+        ("optimizer.weight_decay", -1, "optimizer.weight_decay must be a number of at least 0, got -1"),
+        ("loss.vessel_weight", -5, "loss.vessel_weight must be a number of at least 0, got -5"),
+        # A step decay of zero intervals ran at 100 times the rate; a cosine "decay" to above lr raised it.
+        ("schedule.intervals", 0, "schedule.intervals must be a whole number of at least 1, got 0"),
+        ("schedule", {"decay": "cosine", "lr_min": 1},
+         r"schedule.lr_min must lie in \[0, optimizer.lr\] for cosine decay"),
     ]:
         with pytest.raises(TrainingError, match=problem):
             train_from_config(tiny_config(photo_dir, tmp_path / "run", **{key: value}))
@@ -421,6 +437,60 @@ def test_resume_refuses_a_changed_recipe_and_says_how_more_steps_move_the_rate(
     assert "resuming with changed settings: data.workers, steps, validate_every" in said
     assert "the exponential decay is laid out anew over 6 steps: at step 4 the learning rate moves from 0.0001 to 0.000311" in said
     assert load_checkpoint(output / "checkpoint.pt")["step"] == 6
+
+
+def test_resume_refuses_other_photographs_other_initial_weights_and_fewer_steps(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "run"
+    init = save_model(create_model("dncnn", depth=3, width=8), tmp_path / "init.safetensors")
+    train_from_config(tiny_config(photo_dir, output, steps=4, **{"model.init_weights": str(init)}))
+    resumed = tiny_config(photo_dir, output, steps=6, **{"model.init_weights": str(init)})
+    # Another split: the photo held out would be trained on, and one trained on reported as held out.
+    with pytest.raises(TrainingError, match=r"--resume trains on the photographs the run started with, but the "
+                                            r"validation photographs are others"):
+        train_from_config(resumed | {"validation": {"holdout": 2, "crop": 32}}, resume=True)
+    Image.fromarray(smooth_fundus(48, 9)).save(photo_dir / "added.png")
+    with pytest.raises(TrainingError, match="but photos added or removed: added.png; start a new run"):
+        train_from_config(resumed, resume=True)
+    (photo_dir / "added.png").unlink()
+    # The card would name weights the run did not start from.
+    save_model(create_model("dncnn", depth=3, width=8), init, extra_metadata={"other": "weights"})
+    with pytest.raises(TrainingError, match=r"the initial weights file \(model.init_weights\) has changed"):
+        train_from_config(resumed, resume=True)
+    with pytest.raises(TrainingError, match="steps 3 is below the step the checkpoint has reached, 4"):
+        train_from_config(tiny_config(photo_dir, output, steps=3, **{"model.init_weights": str(init)}), resume=True)
+    assert load_checkpoint(output / "checkpoint.pt")["step"] == 4
+
+
+def test_a_model_diverged_to_finite_values_stops_the_run_in_one_message(photo_dir: Path, tmp_path: Path) -> None:
+    from fundus_restore.train import run_validation_crops, training_split
+
+    config = load_config(tiny_config(photo_dir, tmp_path / "run"))
+    trainer = Trainer(config, Placement(0, 1, torch.device("cpu")))
+    crops = run_validation_crops(config, training_split(config)[1])
+
+    class Diverged(torch.nn.Module):  # a loss of thousands: outputs far off the image scale, but finite
+        def forward(self, x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+            return x * 50 - 20
+
+    with pytest.raises(TrainingError, match=r"^step 0: validation cannot score the model's output, which has "
+                                            r"likely diverged \(.*\); training stopped and no checkpoint had been "
+                                            r"written yet"):
+        trainer.scored(crops, Diverged())
+
+
+def test_a_config_whose_bases_loop_and_a_set_value_that_is_no_yaml_are_named(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nsteps: 4\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(TrainingError, match=r"a\.yaml: its chain of base configs comes back to it$"):
+        load_config(tmp_path / "a.yaml")
+    from typer.testing import CliRunner
+
+    from fundus_restore.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "a.yaml"), "--set", "data.sigma=[10"])
+    assert result.exit_code == 2 and "--set 'data.sigma=[10': the value is no YAML" in " ".join(result.output.split())
 
 
 def test_overrides_replace_config_values(photo_dir: Path, tmp_path: Path) -> None:

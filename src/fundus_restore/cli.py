@@ -679,6 +679,15 @@ def list_models() -> None:
         print(f"{name}\tclassical denoiser (no weights), told each photo's estimated noise level")
 
 
+def _training_errors() -> tuple[type[Exception], ...]:
+    """What a training run (or a search's trial) reports in one line: its config, its photos, its weights."""
+    from fundus_restore.io import ImageFileError
+    from fundus_restore.pretrained import WeightsError
+    from fundus_restore.train import TrainingError
+
+    return TrainingError, ImageFileError, WeightsError
+
+
 def parse_override(item: str) -> tuple[str, object]:
     """``key.sub=value`` from ``--set``, the value read as YAML."""
     import yaml
@@ -686,7 +695,10 @@ def parse_override(item: str) -> tuple[str, object]:
     key, separator, value = item.partition("=")
     if not separator or not key:
         raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise typer.BadParameter(f"--set {item!r}: the value is no YAML ({' '.join(str(error).split())})") from None
 
 
 @app.command()
@@ -710,15 +722,13 @@ def train(
     The options name the run's paths; they replace the config's placeholders, as --set would
     (and win over a --set of the same key).
     """
-    from fundus_restore.io import ImageFileError
-    from fundus_restore.pretrained import WeightsError
-    from fundus_restore.train import TrainingError, train_from_config
+    from fundus_restore.train import train_from_config
 
     overrides = _training_overrides(set_, data, validate_on, init_weights,
                                     {"output": output, "perceptual.vgg_weights": vgg_weights})
     try:
         weights = train_from_config(config, resume=resume, overrides=overrides)
-    except (TrainingError, ImageFileError, WeightsError) as error:
+    except _training_errors() as error:
         _report_error(str(error))
         raise typer.Exit(1) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote it
@@ -743,13 +753,12 @@ def search_loss(
 ) -> None:
     """Search channel weights and vessel weight for thin-vessel recall and contrast at fixed PSNR."""
     from fundus_restore.search import best_trial, search_loss_weights
-    from fundus_restore.train import TrainingError
 
     overrides = _training_overrides(set_, data, validate_on, init_weights)
     try:
         results = search_loss_weights(config, out, trials=trials, overrides=overrides, psnr_tolerance=psnr_tolerance,
                                       timeout_minutes=timeout_minutes)
-    except TrainingError as error:
+    except _training_errors() as error:
         _report_error(str(error))
         raise typer.Exit(1) from None
     for result in results:

@@ -155,6 +155,8 @@ DECAYS = ("none", "step", "exponential", "cosine")
 PRECISIONS = ("auto", "bfloat16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT = "checkpoint.pt"
+# The smallest validation crop: room for SSIM's window and the U-Nets' 8-pixel grid.
+MIN_VALIDATION_CROP = 16
 
 
 class TrainingError(RuntimeError):
@@ -229,9 +231,11 @@ def _overlay(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, _bases: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config; one with ``base: OTHER.yaml`` (relative to it) overrides that file's values."""
     path = Path(path)
+    if path.resolve() in _bases:
+        raise TrainingError(f"{path}: its chain of base configs comes back to it")
     try:
         given = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
@@ -239,7 +243,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(given, dict):
         raise TrainingError(f"{path}: not a YAML mapping of config keys")
     base = given.pop("base", None)
-    return given if base is None else _overlay(read_config_file(path.parent / base), given)
+    return given if base is None else _overlay(read_config_file(path.parent / base, (*_bases, path.resolve())), given)
 
 
 def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -266,22 +270,37 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         raise TrainingError(f"mixed_precision must be one of {PRECISIONS}, got {merged['mixed_precision']!r}")
     if merged["device"] not in DEVICES:
         raise TrainingError(f"device must be one of {DEVICES}, got {merged['device']!r}")
-    for key in ("steps", "batch_size", "log_every", "validate_every", "checkpoint_every"):
-        if not isinstance(merged[key], int) or merged[key] < 1:
-            raise TrainingError(f"{key} must be a positive integer, got {merged[key]!r}")
-    if not isinstance(merged["calibration_patches"], int) or merged["calibration_patches"] < 0:
-        raise TrainingError(f"calibration_patches must be a whole number, got {merged['calibration_patches']!r}")
-    if not isinstance(schedule["warmup"], int) or schedule["warmup"] < 0:
-        raise TrainingError(f"schedule.warmup must be a whole number of steps, got {schedule['warmup']!r}")
+    validation = merged["validation"]
+    # (key, value, least value): whole numbers, not booleans (True is an int to Python: steps=true ran one step).
+    whole_numbers = (
+        ("steps", merged["steps"], 1), ("batch_size", merged["batch_size"], 1), ("log_every", merged["log_every"], 1),
+        ("validate_every", merged["validate_every"], 1), ("checkpoint_every", merged["checkpoint_every"], 1),
+        ("calibration_patches", merged["calibration_patches"], 0), ("seed", merged["seed"], 0),
+        ("schedule.warmup", schedule["warmup"], 0), ("schedule.intervals", schedule["intervals"], 1),
+        ("validation.holdout", validation["holdout"], 0), ("validation.seed", validation["seed"], 0),
+        ("validation.crop", validation["crop"], MIN_VALIDATION_CROP),
+    )
+    for key, value, least in whole_numbers:
+        if not _is_whole(value) or value < least:
+            raise TrainingError(f"{key} must be a whole number of at least {least}, got {value!r}")
+    if schedule["decay"] == "cosine" and not 0 <= schedule["lr_min"] <= lr:  # above lr, the "decay" raised the rate
+        raise TrainingError(
+            f"schedule.lr_min must lie in [0, optimizer.lr] for cosine decay, got {schedule['lr_min']!r}"
+        )
+    for key, value in (("optimizer.weight_decay", merged["optimizer"]["weight_decay"]),
+                       ("loss.vessel_weight", merged["loss"]["vessel_weight"]),
+                       ("validation.sigma", validation["sigma"])):
+        if not _is_number(value) or value < 0:
+            raise TrainingError(f"{key} must be a number of at least 0, got {value!r}")
     if schedule["warmup"] >= merged["steps"]:  # the ramp would end past the decay: the rate never reaches lr
         raise TrainingError(f"schedule.warmup ({schedule['warmup']} steps) must be shorter than the run "
                             f"(steps: {merged['steps']}); lower it with --set schedule.warmup=N")
     for key, value, unit in (("optimizer.clip_grad_norm", merged["optimizer"]["clip_grad_norm"], "number"),
                              ("time_limit_minutes", merged["time_limit_minutes"], "number of minutes")):
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        if value is not None and not (_is_number(value) and value > 0):
             raise TrainingError(f"{key} must be a positive {unit} or null, got {value!r}")
     data = merged["data"]
-    if not isinstance(data["workers"], int) or data["workers"] < 0:
+    if not _is_whole(data["workers"]) or data["workers"] < 0:
         raise TrainingError(
             f"data.workers must be a whole number (0: read in the training process), got {data['workers']!r}"
         )
@@ -291,11 +310,13 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
             f"data.targets {data['targets']!r} trains with loss.name {expected_loss!r} "
             f"(targets: clean | vessels), got loss.name {merged['loss']['name']!r}"
         )
-    if not isinstance(data["patch_size"], int) or data["patch_size"] < 1:
+    if not _is_whole(data["patch_size"]) or data["patch_size"] < 1:
         raise TrainingError(f"data.patch_size must be a positive whole number of pixels, got {data['patch_size']!r}")
     weights = merged["loss"]["weights"]
-    if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
-        raise TrainingError(f"loss.weights must be a list of numbers, one per channel (e.g. [1, 3, 2]), got {weights!r}")
+    if not isinstance(weights, list) or not all(_is_number(w) and w >= 0 for w in weights) or not any(weights):
+        raise TrainingError(
+            f"loss.weights must be a list of numbers of at least 0, one per channel (e.g. [1, 3, 2]), got {weights!r}"
+        )
     kept = data["channels"]
     channels = 3 if kept is None else len(kept)  # photos are read as RGB, grey ones too
     if data["targets"] == "clean" and len(merged["loss"]["weights"]) != channels:
@@ -310,7 +331,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         )
     if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
-    if not isinstance(data["scale"], int) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
+    if not _is_whole(data["scale"]) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
         raise TrainingError(f"data.scale must be a positive integer dividing data.patch_size, got {data['scale']!r}")
     if data["lr_denoiser"] is not None and (data["scale"] == 1 or not np.any(data["sigma"])):
         raise TrainingError("data.lr_denoiser restores noisy small inputs: it needs data.scale > 1 and data.sigma > 0")
@@ -319,6 +340,14 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     except (ValueError, TypeError) as error:
         raise TrainingError(f"data: {error}") from None
     return merged
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -740,14 +769,26 @@ class Trainer:
     def _check_finite(self, number: float, what: str) -> float:
         """``number``, the same on every rank; a NaN or infinity stops training."""
         if not math.isfinite(number):
-            checkpoint = Path(self.config["output"]) / CHECKPOINT
-            kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.exists()
-                    else f"no checkpoint had been written yet (checkpoint_every: {self.config['checkpoint_every']})")
-            raise TrainingError(
-                f"step {self.step + 1}: the {what} is {number}; training stopped and {kept} "
-                "(lower optimizer.lr or check the training images)"
-            )
+            raise self.stopped(f"step {self.step + 1}: the {what} is {number}")
         return number
+
+    def stopped(self, why: str) -> TrainingError:
+        """The error that stops a run gone wrong: ``why``, what is kept, and what to do."""
+        checkpoint = Path(self.config["output"]) / CHECKPOINT
+        kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.exists()
+                else f"no checkpoint had been written yet (checkpoint_every: {self.config['checkpoint_every']})")
+        # --resume continues as configured, so it would diverge again: a lower rate is a new run.
+        return TrainingError(f"{why}; training stopped and {kept} (start a new run with a lower optimizer.lr, "
+                             "or check the training images)")
+
+    def scored(self, crops: list[ValidationCrop], model: nn.Module | None = None) -> dict[str, float]:
+        """``validate``, stopping the run with ``stopped`` where the output cannot be scored:
+        a model that diverged to large finite values returns far off the image scale."""
+        try:
+            return self.validate(crops, model)
+        except ValueError as error:
+            raise self.stopped(f"step {self.step}: validation cannot score the model's output, which has "
+                               f"likely diverged ({error})") from None
 
     @torch.no_grad()
     def validate(self, crops: list[ValidationCrop], model: nn.Module | None = None) -> dict[str, float]:
@@ -924,6 +965,9 @@ def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, cons
     if not checkpoint.exists():
         raise TrainingError(f"{checkpoint}: no checkpoint to resume from")
     state = load_checkpoint(checkpoint)
+    if config["steps"] < state["step"]:
+        raise TrainingError(f"{output}: steps {config['steps']} is below the step the checkpoint has reached, "
+                            f"{state['step']}; resume with steps of at least {state['step']}")
     before = _dotted(state["config"])
     changed = sorted(key for key, value in _dotted(config).items() if before.get(key) != value)
     refused = [key for key in changed if key not in RESUMABLE_CHANGES and key.split(".")[0] not in RESUMABLE_CHANGES]
@@ -1064,8 +1108,24 @@ def train_from_config(
         return _run(settings, resume, placement, console)
 
 
+def _check_resumed_run(output: Path, state: Mapping[str, Any], run_record: Mapping[str, Any]) -> None:
+    """Refuse to resume on other photographs or from other initial weights than the checkpoint's run:
+    a photo held out would be trained on, one trained on reported as held out, and the card would
+    name weights the run did not start from. (Checkpoints written before the record was kept pass.)"""
+    if "split" in state and state["split"] != run_record["split"]:
+        before, now = state["split"], run_record["split"]
+        moved = sorted({*before["train"], *before["validation"]} ^ {*now["train"], *now["validation"]})
+        what = f"photos added or removed: {', '.join(Path(p).name for p in moved[:3])}" if moved else (
+            "the validation photographs are others (validation.holdout, among, files or seed changed)")
+        raise TrainingError(f"{output}: --resume trains on the photographs the run started with, but {what}; "
+                            "start a new run for another split")
+    if state.get("init_weights_sha256", run_record["init_weights_sha256"]) != run_record["init_weights_sha256"]:
+        raise TrainingError(f"{output}: the initial weights file (model.init_weights) has changed since the run "
+                            "started; resume with the file it started from")
+
+
 def _validate(trainer: Trainer, crops: list[ValidationCrop], log: ScalarLog, console: Console) -> dict[str, float]:
-    scores = trainer.validate(crops)
+    scores = trainer.scored(crops)
     log.write(trainer.step, scores)
     measure = "dice" if trainer.segmentation else "psnr"
     shown = (f"{tag.removeprefix(f'val/{measure}_')} {value:.{4 if trainer.segmentation else 2}f}"
@@ -1090,7 +1150,11 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
     state = _resume_state(config, resume, placement.world_size, console)
     train_images, validation_images = training_split(config)
     trainer = Trainer(config, placement)
+    # What a checkpoint records beyond the trainer's state, for --resume to check it trains on as before.
+    run_record = {"split": {"train": [str(p) for p in train_images], "validation": [str(p) for p in validation_images]},
+                  "init_weights_sha256": trainer.init_weights_sha256}
     if state is not None:
+        _check_resumed_run(output, state, run_record)
         trainer.load_state(state)
     main = placement.is_main
     crops: list[ValidationCrop] = []
@@ -1136,7 +1200,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
             if main and crops and (step % config["validate_every"] == 0 or last):
                 scores = _validate(trainer, crops, log, progress.console)
             if main and (step % config["checkpoint_every"] == 0 or last):
-                save_atomically(trainer.state(), output / CHECKPOINT)
+                save_atomically(trainer.state() | run_record, output / CHECKPOINT)
             if out_of_time:
                 progress.console.print(f"step {step}: time limit of {config['time_limit_minutes']} minutes reached")
                 break
@@ -1146,7 +1210,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         final = trainer.final_model()
         calibration = calibrate_on_training_data(final, config, train_images, trainer.step) if trainer.calibrates else None
         if crops and (calibration or not scores):  # the model as saved (or a resumed finished run's)
-            scores = trainer.validate(crops, final)
+            scores = trainer.scored(crops, final)
         save_model(final, weights)
         card = _model_card(trainer, final, train_images, validation_images, scores, calibration)
         (output / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
