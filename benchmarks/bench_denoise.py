@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="rounds of runs; each method's best time counts")
     parser.add_argument("--model", action="append", default=[], help="also time denoise with this model (name or file)")
     args = parser.parse_args()
+    if min(args.size, args.bm3d_size, args.repeat) < 1:
+        parser.error("--size, --bm3d-size and --repeat must be at least 1")
 
     clean, source = test_image(args.size)
     noisy = add_gaussian_noise(clean, SIGMA, seed=0)

@@ -69,6 +69,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (then cuDNN picks kernels by timing them)")
     parser.add_argument("--json", type=Path, help="Also write the rates here: {network: {mode: patches/s}}.")
     args = parser.parse_args()
+    if min(args.threads, args.batch, args.steps) < 1:
+        parser.error("--threads, --batch and --steps must be at least 1")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this PyTorch sees no CUDA device")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True

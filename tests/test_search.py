@@ -48,6 +48,20 @@ def test_a_search_past_its_timeout_starts_no_more_trials(tmp_path: Path) -> None
     assert len((tmp_path / "search" / "trials.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_search_the_package_cannot_run_is_refused_before_its_baseline(tmp_path: Path) -> None:
+    from fundus_restore.train import TrainingError
+
+    config = search_config(tmp_path)
+    with pytest.raises(TrainingError, match="the search needs trials >= 0 and psnr_tolerance >= 0, got -1 and 0.1"):
+        search_loss_weights(config, tmp_path / "search", trials=-1)
+    # Its space weighs green and blue against red: a grey model trained the baseline, then died on trial 1.
+    grey = config | {"data": config["data"] | {"channels": [1]}, "loss": {"weights": [1]},
+                     "model": {"architecture": "dncnn", "kwargs": {"depth": 3, "width": 8, "channels": 1}}}
+    with pytest.raises(TrainingError, match=r"weighs R, G and B; this config trains on 1 channel\(s\)"):
+        search_loss_weights(grey, tmp_path / "search", trials=1)
+    assert not (tmp_path / "search").exists()
+
+
 def test_best_trial_respects_the_psnr_tolerance() -> None:
     def result(number: int, psnr: float, recall: float) -> TrialResult:
         return TrialResult(number, (1, 3, 2), 0.0, psnr, recall, 0.5, "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,9 +82,17 @@ def search_loss_weights(
     except ImportError:
         raise TrainingError("the loss search needs Optuna: pip install 'fundus-restore[search]'") from None
     output, overrides = Path(output), dict(overrides or {})
+    if trials < 0 or psnr_tolerance < 0:
+        raise TrainingError(
+            f"the search needs trials >= 0 and psnr_tolerance >= 0, got {trials} and {psnr_tolerance:g}"
+        )
+    started = time.monotonic()  # the time limit counts the baseline too
     base = load_config(config, overrides)
     if base["data"]["targets"] != "clean":
         raise TrainingError("the loss search tunes a restoration model's loss, not a segmenter's")
+    if len(base["loss"]["weights"]) != 3:  # the search space weighs green and blue against red
+        raise TrainingError(f"the loss search weighs R, G and B; this config trains on {len(base['loss']['weights'])} "
+                            "channel(s)")
     log = output / "trials.jsonl"
     output.mkdir(parents=True, exist_ok=True)
     results = [run_trial(config, overrides, 0, output, tuple(base["loss"]["weights"]), 0.0, train)]
@@ -103,7 +112,7 @@ def search_loss_weights(
         handle.write(json.dumps(asdict(results[0])) + "\n")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed)
-    timeout = None if timeout_minutes is None else 60 * timeout_minutes
+    timeout = None if timeout_minutes is None else max(60 * timeout_minutes - (time.monotonic() - started), 0.0)
     optuna.create_study(direction="maximize", sampler=sampler).optimize(objective, n_trials=trials, timeout=timeout)
     return results
 
