@@ -419,6 +419,16 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(photo_
     train_from_config(config)
     with pytest.raises(TrainingError, match="holds a checkpoint of an earlier run"):
         train_from_config(config)
+    (tmp_path / "run" / "checkpoint.pt").unlink()  # a finished run, its checkpoint cleaned away: its model stays
+    with pytest.raises(TrainingError, match="holds the model of an earlier run; choose another output"):
+        train_from_config(config)
+    # Cards and the search's log are standard JSON: a measure with nothing to measure is null, not a bare NaN.
+    from fundus_restore.train import strict_json
+
+    assert strict_json({"thin_recall": float("nan"), "scores": [1.5, float("inf")]}) == (
+        '{"thin_recall": null, "scores": [1.5, null]}'
+    )
+    json.loads((tmp_path / "run" / "model.json").read_text(), parse_constant=lambda name: pytest.fail(name))
 
 
 def test_resume_refuses_a_changed_recipe_and_says_how_more_steps_move_the_rate(

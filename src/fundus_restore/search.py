@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fundus_restore.train import TrainingError, load_config, train_from_config
+from fundus_restore.train import TrainingError, load_config, strict_json, train_from_config
 
 PROTOCOLS = ("paper", "camera")
 
@@ -43,8 +43,11 @@ class TrialResult:
         return sum(v if math.isfinite(v) else 0.0 for v in (self.thin_recall, self.thin_contrast_retention))
 
 
-def _centre_mean(validation: Mapping[str, float], measure: str) -> float:
-    return sum(validation[f"{measure}_{p}_centre"] for p in PROTOCOLS) / len(PROTOCOLS)
+def _centre_mean(validation: Mapping[str, float | None], measure: str) -> float:
+    """The mean over the protocols of a centre-crop measure; null (nothing to measure, e.g. no
+    thin vessel) reads as NaN."""
+    values = [validation[f"{measure}_{p}_centre"] for p in PROTOCOLS]
+    return sum(math.nan if value is None else value for value in values) / len(values)
 
 
 def run_trial(
@@ -105,11 +108,11 @@ def search_loss_weights(
         results.append(result)
         trial.set_constraint("psnr_deficit", floor - result.psnr)  # feasible when <= 0: PSNR within tolerance
         with log.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(asdict(result)) + "\n")
+            handle.write(strict_json(asdict(result)) + "\n")
         return result.vessel_score
 
     with log.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps(asdict(results[0])) + "\n")
+        handle.write(strict_json(asdict(results[0])) + "\n")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed)
     timeout = None if timeout_minutes is None else max(60 * timeout_minutes - (time.monotonic() - started), 0.0)

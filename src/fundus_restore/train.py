@@ -342,6 +342,21 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     return merged
 
 
+def strict_json(value: Any, **options: Any) -> str:
+    """``value`` as standard JSON: a NaN or infinite number (a measure with nothing to
+    measure) becomes null, which every JSON parser reads, where Python's bare NaN is not JSON."""
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(entry) for entry in item]
+        return item
+
+    return json.dumps(finite(value), allow_nan=False, **options)
+
+
 def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -961,6 +976,8 @@ def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, cons
     if not resume:
         if checkpoint.exists():
             raise TrainingError(f"{output}: holds a checkpoint of an earlier run; resume it or choose another output")
+        if (output / "model.safetensors").exists():  # a finished run whose checkpoint was removed
+            raise TrainingError(f"{output}: holds the model of an earlier run; choose another output")
         return None
     if not checkpoint.exists():
         raise TrainingError(f"{checkpoint}: no checkpoint to resume from")
@@ -1213,7 +1230,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
             scores = trainer.scored(crops, final)
         save_model(final, weights)
         card = _model_card(trainer, final, train_images, validation_images, scores, calibration)
-        (output / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        (output / "model.json").write_text(strict_json(card, indent=2) + "\n", encoding="utf-8")
     if placement.world_size > 1:
         dist.barrier()  # the other ranks return once rank 0 has written the model
     return weights
