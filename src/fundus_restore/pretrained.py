@@ -132,13 +132,14 @@ def _card_problem(card: Any) -> str | None:
     if not isinstance(recipe, dict) or not isinstance(recipe.get("noise", {}), dict):
         return "its recipe and the recipe's noise must be objects"
     sigma = recipe.get("noise", {}).get("sigma")
-    pair = isinstance(sigma, list) and len(sigma) == 2 and all(map(_is_number, sigma))
-    if sigma is not None and not _is_number(sigma) and not pair:
+    pair = isinstance(sigma, list) and len(sigma) == 2 and all(map(is_number, sigma))
+    if sigma is not None and not is_number(sigma) and not pair:
         return f"recipe.noise.sigma {sigma!r} is neither a number nor [low, high]"
     return None
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float read from JSON or YAML, not a boolean (True is an int to Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -260,12 +261,12 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
             raise WeightsError(f"{path}: weight {key!r} holds {tensor.dtype} samples, not floating point weights")
         if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():  # as float32: 1e300 is inf
             raise WeightsError(f"{path}: NaN or infinite values in weight {key!r} (as float32)")
-    model = create_model(metadata["architecture"], **config)
-    model.load_state_dict(state)
     card = card_beside(path)
     if card.get("architecture", metadata["architecture"]) != metadata["architecture"]:
         raise WeightsError(f"{path.with_suffix('.json')}: the card beside {path.name} describes a "
                            f"{card['architecture']!r}, the weights are a {metadata['architecture']!r} (a stale card?)")
+    model = create_model(metadata["architecture"], **config)
+    model.load_state_dict(state)
     # Every training run writes model.safetensors: its folder is what tells one run's model from another's.
     name = f"{path.parent.name}/{path.stem}" if path.stem == "model" and path.parent.name else path.stem
     return _described(model, name, card, device)

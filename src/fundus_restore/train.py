@@ -79,7 +79,9 @@ from fundus_restore.inference import input_channels
 from fundus_restore.vessel_metrics import dice, segmentation_auc, vessel_preservation
 from fundus_restore.perceptual import VESSEL_FEATURES, PerceptualLoss, discriminator_loss, generator_loss
 from fundus_restore.models import create_model
-from fundus_restore.pretrained import WeightsError, card_beside, count_parameters, load_model, resolve_weights, save_model
+from fundus_restore.pretrained import (
+    WeightsError, card_beside, count_parameters, is_number, load_model, resolve_weights, save_model,
+)
 from fundus_restore.tfevents import EventFileWriter
 
 # Every key a config may have, with its default. Unknown keys are refused (a typo
@@ -290,14 +292,14 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     for key, value in (("optimizer.weight_decay", merged["optimizer"]["weight_decay"]),
                        ("loss.vessel_weight", merged["loss"]["vessel_weight"]),
                        ("validation.sigma", validation["sigma"])):
-        if not _is_number(value) or value < 0:
+        if not is_number(value) or value < 0:
             raise TrainingError(f"{key} must be a number of at least 0, got {value!r}")
     if schedule["warmup"] >= merged["steps"]:  # the ramp would end past the decay: the rate never reaches lr
         raise TrainingError(f"schedule.warmup ({schedule['warmup']} steps) must be shorter than the run "
                             f"(steps: {merged['steps']}); lower it with --set schedule.warmup=N")
     for key, value, unit in (("optimizer.clip_grad_norm", merged["optimizer"]["clip_grad_norm"], "number"),
                              ("time_limit_minutes", merged["time_limit_minutes"], "number of minutes")):
-        if value is not None and not (_is_number(value) and value > 0):
+        if value is not None and not (is_number(value) and value > 0):
             raise TrainingError(f"{key} must be a positive {unit} or null, got {value!r}")
     data = merged["data"]
     if not _is_whole(data["workers"]) or data["workers"] < 0:
@@ -313,7 +315,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
     if not _is_whole(data["patch_size"]) or data["patch_size"] < 1:
         raise TrainingError(f"data.patch_size must be a positive whole number of pixels, got {data['patch_size']!r}")
     weights = merged["loss"]["weights"]
-    if not isinstance(weights, list) or not all(_is_number(w) and w >= 0 for w in weights) or not any(weights):
+    if not isinstance(weights, list) or not all(is_number(w) and w >= 0 for w in weights) or not any(weights):
         raise TrainingError(
             f"loss.weights must be a list of numbers of at least 0, one per channel (e.g. [1, 3, 2]), got {weights!r}"
         )
@@ -359,10 +361,6 @@ def strict_json(value: Any, **options: Any) -> str:
 
 def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- pieces
