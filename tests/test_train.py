@@ -380,6 +380,7 @@ def test_a_photo_too_small_for_a_patch_is_named_in_one_line(photo_dir: Path, tmp
     Image.fromarray(smooth_fundus(12, 9)).save(photo_dir / "tiny.png")
     with pytest.raises(ImageFileError, match=r"^\S*tiny\.png: 12×12 pixels, smaller than the 16² a patch needs$"):
         train_from_config(tiny_config(photo_dir, tmp_path / "run", **{"validation.holdout": 0}))
+    assert not (tmp_path / "run").exists()  # refused before the run folder, its config and logs are written
     (photo_dir / "tiny.png").unlink()
     # A field of view (about 43² in these 48² frames) smaller than the patch is found by the
     # DataLoader worker reading it, which skips such photos; with none left, the message still

@@ -1172,14 +1172,15 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         _check_resumed_run(output, state, run_record)
         trainer.load_state(state)
     main = placement.is_main
+    # A training photo too small for a patch, or a bad validation photo, stops it before any file is written.
+    stream = _patch_stream(config, train_images, trainer.step, placement)
     crops: list[ValidationCrop] = []
     if main:
-        crops = run_validation_crops(config, validation_images)  # a bad validation photo stops it before any file
+        crops = run_validation_crops(config, validation_images)
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
 
-    stream = _patch_stream(config, train_images, trainer.step, placement)
     workers = config["data"]["workers"]
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=placement.device.type == "cuda")
     patches_per_step = config["batch_size"] * placement.world_size
