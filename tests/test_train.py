@@ -392,6 +392,21 @@ def test_a_photo_too_small_for_a_patch_is_named_in_one_line(photo_dir: Path, tmp
         train_from_config(config)
 
 
+def test_a_skipped_training_photo_is_warned_about_in_one_line_on_the_command_line(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    (photo_dir / "broken.png").write_bytes((photo_dir / "photo0.png").read_bytes()[:200])  # truncated
+    config = tiny_config(photo_dir, tmp_path / "run", steps=8, **{"validation.holdout": 0, "data.workers": 1})
+    (tmp_path / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
+    finished = subprocess.run([sys.executable, "-m", "fundus_restore", "train", str(tmp_path / "run.yaml")],
+                              capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    said = " ".join(finished.stderr.split())
+    # From the DataLoader worker too: "warning: ...", not Python's file, line and source line.
+    assert "warning: training goes on without it: " in said and "broken.png" in said
+    assert "UserWarning" not in said and "warnings.warn(" not in said
+
+
 def test_a_corrupt_validation_photo_stops_the_run_before_its_folder_is_made(photo_dir: Path, tmp_path: Path) -> None:
     broken = photo_dir / "photo3.png"
     broken.write_bytes(broken.read_bytes()[:200])  # header intact, pixels cut off

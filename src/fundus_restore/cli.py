@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -933,7 +934,16 @@ def demo(
     console.print(f"wrote {figure}")
 
 
+def _warn_in_one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for the command line: ``warning: MESSAGE``, as the commands'
+    own warnings read, not Python's file, line number and source line."""
+    _report_error(str(message), "warning")
+
+
 def main() -> None:
+    # Before any work: DataLoader workers forked later inherit it (a skipped training photo warns there).
+    warnings.showwarning = _warn_in_one_line
     app()
 
 
