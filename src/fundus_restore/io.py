@@ -407,19 +407,28 @@ def write_image(
         samples = np.round(np.clip(image, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
     # The encoders take C-ordered samples only; a resized or transposed view is not.
     data = _encode(path, np.ascontiguousarray(samples), description)
+    try:
+        write_file_atomically(path, data)
+    except OSError as exc:
+        raise _file_error(path, f"cannot write file ({exc.strerror or exc})") from exc
+    return path
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """``data`` written to ``path`` whole or not at all (parent folders created): a hidden
+    partial file renamed into place, removed when the write fails, whose ``OSError`` is raised."""
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("xb") as file:
             file.write(data)
         os.replace(partial, path)
-    except OSError as exc:
+    except OSError:
         try:
             partial.unlink(missing_ok=True)
         except OSError:  # e.g. a read-only filesystem, where the partial file was never made
             pass
-        raise _file_error(path, f"cannot write file ({exc.strerror or exc})") from exc
-    return path
+        raise
 
 
 class ImageSource(NamedTuple):

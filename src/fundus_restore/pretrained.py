@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
+from fundus_restore.io import write_file_atomically
 from fundus_restore.models import create_model
 
 BUNDLED_DIR = Path(__file__).parent / "weights"
@@ -185,19 +186,9 @@ def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str
         raise ValueError(f"{type(model).__name__} has no registered architecture name")
     metadata = {"architecture": architecture, "config": json.dumps(model.config), **(extra_metadata or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written by Python, not safetensors' save_file, which creates the file owner-only (0600)
-        # whatever the umask: a lab's shared weights must stay readable to the others.
-        partial.write_bytes(safetensors_bytes(state, metadata=metadata))
-        partial.replace(path)
-    except OSError:
-        try:
-            partial.unlink(missing_ok=True)  # no stray partial file beside a failed write
-        except OSError:
-            pass
-        raise
+    # Written by Python, not safetensors' save_file, which creates the file owner-only (0600)
+    # whatever the umask: a lab's shared weights must stay readable to the others.
+    write_file_atomically(path, safetensors_bytes(state, metadata=metadata))
     return path
 
 
