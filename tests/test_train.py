@@ -405,6 +405,25 @@ def test_a_skipped_training_photo_is_warned_about_in_one_line_on_the_command_lin
     # From the DataLoader worker too: "warning: ...", not Python's file, line and source line.
     assert "warning: training goes on without it: " in said and "broken.png" in said
     assert "UserWarning" not in said and "warnings.warn(" not in said
+    # Found by the worker, known to the training process: the card and the last line leave it out.
+    assert "trained without 1 of the 5 training photographs, which could not be used (model.json lists why): broken.png" in said
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert "broken.png" not in card["training_data"]["images"] and len(card["training_data"]["images"]) == 4
+    assert [s["image"] for s in card["training_data"]["skipped_images"]] == ["broken.png"]
+    assert card["summary"].endswith("on 4 fundus photographs")
+
+
+def test_a_skipped_training_photo_stays_out_of_the_card_of_a_resumed_run(photo_dir: Path, tmp_path: Path) -> None:
+    (photo_dir / "broken.png").write_bytes((photo_dir / "photo0.png").read_bytes()[:200])  # truncated
+    config = tiny_config(photo_dir, tmp_path / "run", steps=8, **{"validation.holdout": 0})
+    with pytest.warns(UserWarning, match=r"training goes on without it: .*broken\.png"):
+        train_from_config(config)
+    # Resumed where it ended, the run meets no photo again: the checkpoint remembers the skipped one.
+    train_from_config(config | {"steps": 8}, resume=True)
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert "broken.png" not in card["training_data"]["images"]
+    skipped = card["training_data"]["skipped_images"]
+    assert [s["image"] for s in skipped] == ["broken.png"] and "broken.png" in skipped[0]["problem"]
 
 
 def test_a_corrupt_validation_photo_stops_the_run_before_its_folder_is_made(photo_dir: Path, tmp_path: Path) -> None:
@@ -900,7 +919,8 @@ def test_two_processes_train_as_one_process_on_both_ranks_batches(photo_dir: Pat
     for step in range(settings["steps"]):
         first, second = (stream.batch(step) for stream in streams)
         assert not torch.equal(first.clean, second.clean)  # the ranks train on different patches
-        losses.append(trainer.train_step(*(torch.cat(pair) for pair in zip(first, second, strict=True)))["loss"])
+        joined = (torch.cat((first[field], second[field])) for field in range(3))  # noisy, clean, sigma
+        losses.append(trainer.train_step(*joined)["loss"])
 
     np.testing.assert_allclose([loss for _, loss in logged(output, "train/loss")], losses, rtol=1e-5)
     expected, actual = trainer.final_model().state_dict(), load_file(output / "model.safetensors")

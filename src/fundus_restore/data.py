@@ -161,11 +161,14 @@ class PatchSettings:
 
 class PatchBatch(NamedTuple):
     """Input (``noisy``: N×C×P/s×P/s) and target (``clean``: N×C×P×P) float32 tensors,
-    and each patch's noise sigma on the [0, 1] scale; s is the scale (1 for denoising)."""
+    and each patch's noise sigma on the [0, 1] scale; s is the scale (1 for denoising).
+    ``skipped`` holds (path, problem) for each photograph found unusable while the batch
+    was drawn, so that the process training on it (not only the worker) knows."""
 
     noisy: torch.Tensor
     clean: torch.Tensor
     sigma: torch.Tensor
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def split_images(
@@ -312,15 +315,18 @@ class PatchStream(IterableDataset):
         positions = [(group * per_group + j) * streams + stream_id for j in range(per_group)]
         # Drop the previous group before reading the next, so that at most one group is held.
         self._group = {p: self._group[p] for p in positions if p in self._group}
+        skipped: list[tuple[str, str]] = []
         for position in positions:
             if position not in self._group:
-                self._group[position] = self._load(position)
+                self._group[position] = self._load(position, skipped)
         rng = np.random.default_rng((self.seed, _BATCH, stream_id, lane_step))
-        return self._degrade([self._group[positions[i % per_group]] for i in range(self.batch_size)], rng)
+        batch = self._degrade([self._group[positions[i % per_group]] for i in range(self.batch_size)], rng)
+        return batch._replace(skipped=tuple(skipped))
 
-    def _load(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, position: int, skipped: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
         """The image at ``position`` of the endless sequence of seeded shuffles of all images
-        (by area: seeded draws, with replacement, in proportion to pixel count)."""
+        (by area: seeded draws, with replacement, in proportion to pixel count); the photographs
+        that could not be used in its place are added to ``skipped``."""
         epoch, offset = divmod(position, len(self.images))
         rng = np.random.default_rng((self.seed, _ORDER, epoch))
         if self._draw_weights is None:
@@ -340,6 +346,7 @@ class PatchStream(IterableDataset):
                 break
             except ImageFileError as error:
                 problem = str(error)
+                skipped.append((str(path), problem))
                 warnings.warn(f"training goes on without it: {problem}", stacklevel=2)
         else:
             raise ImageFileError(f"none of the {len(self.images)} training photographs can be used; the last: {problem}")

@@ -692,6 +692,8 @@ class Trainer:
         self.autocast = precision == "bfloat16" or (precision == "auto" and placement.device.type == "cuda")
         self.step = 0
         self.train_seconds = 0.0  # time spent in training steps, over all resumed runs
+        # Training photographs found unusable (path -> problem), by any rank: the card leaves them out.
+        self.skipped_photos: dict[str, str] = {}
 
     def _build_discriminator(self) -> None:
         device, lr = self.placement.device, self.adversarial["lr"] or self.config["optimizer"]["lr"]
@@ -851,7 +853,15 @@ class Trainer:
                 "workers": self.config["data"]["workers"],
             },
             "config": dict(self.config),
+            "skipped_photos": self.skipped_photos,
         } | self._discriminator_state()
+
+    def share_skipped_photos(self) -> None:
+        """Every rank's skipped photographs, known to every rank (a collective call)."""
+        if self.placement.world_size > 1:
+            found: list[dict[str, str]] = [{} for _ in range(self.placement.world_size)]
+            dist.all_gather_object(found, self.skipped_photos)
+            self.skipped_photos = {path: problem for rank in found for path, problem in sorted(rank.items())}
 
     def _discriminator_state(self) -> dict[str, Any]:
         if self.discriminator is None:
@@ -872,6 +882,7 @@ class Trainer:
             self.discriminator_scheduler.load_state_dict(state["discriminator_scheduler"])
         _restore_random_states(state["random"])
         self.step, self.train_seconds = int(state["step"]), float(state["train_seconds"])
+        self.skipped_photos = dict(state.get("skipped_photos", {}))
 
     def final_model(self) -> nn.Module:
         """The trained model for inference, batch norm folded where the model can."""
@@ -1020,15 +1031,18 @@ def _model_card(
     config = trainer.config
     data = config["data"]
     patches = trainer.step * config["batch_size"] * trainer.placement.world_size
+    used = [p for p in train_images if str(p) not in trainer.skipped_photos]
     return {
         "task": "segment-vessels" if trainer.segmentation else "denoise" if data["scale"] == 1 else "upscale",
-        "summary": f"{model.architecture} trained {trainer.step} steps on {len(train_images)} fundus photographs",
+        "summary": f"{model.architecture} trained {trainer.step} steps on {len(used)} fundus photographs",
         "architecture": model.architecture,
         "config": model.config,
         "parameters": count_parameters(model),
         "training_data": {
             "sources": data["train"],
-            "images": [p.name for p in train_images],
+            "images": [p.name for p in used],
+            "skipped_images": [{"image": Path(path).name, "problem": problem}
+                               for path, problem in trainer.skipped_photos.items()],
             "validation_images": [p.name for p in validation_images],
         },
         "recipe": {
@@ -1197,6 +1211,7 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
             started = time.perf_counter()
             batch = _next_batch(batches)
             losses = trainer.train_step(batch.noisy, batch.clean, batch.sigma)
+            trainer.skipped_photos.update(batch.skipped)
             loss = losses["loss"]
             elapsed = time.perf_counter() - started
             trainer.train_seconds += elapsed
@@ -1215,8 +1230,10 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
             last = step == config["steps"] or out_of_time  # the model is written after this step
             if main and crops and (step % config["validate_every"] == 0 or last):
                 scores = _validate(trainer, crops, log, progress.console)
-            if main and (step % config["checkpoint_every"] == 0 or last):
-                save_atomically(trainer.state() | run_record, output / CHECKPOINT)
+            if step % config["checkpoint_every"] == 0 or last:
+                trainer.share_skipped_photos()
+                if main:
+                    save_atomically(trainer.state() | run_record, output / CHECKPOINT)
             if out_of_time:
                 progress.console.print(f"step {step}: time limit of {config['time_limit_minutes']} minutes reached")
                 break
@@ -1230,6 +1247,10 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
         save_model(final, weights)
         card = _model_card(trainer, final, train_images, validation_images, scores, calibration)
         (output / "model.json").write_text(strict_json(card, indent=2) + "\n", encoding="utf-8")
+        if trainer.skipped_photos:
+            names = ", ".join(Path(path).name for path in trainer.skipped_photos)
+            console.print(f"trained without {len(trainer.skipped_photos)} of the {len(train_images)} training "
+                          f"photographs, which could not be used (model.json lists why): {names}")
     if placement.world_size > 1:
         dist.barrier()  # the other ranks return once rank 0 has written the model
     return weights
