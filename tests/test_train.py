@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from fundus_restore import train
 from fundus_restore.data import PatchBatch
 from fundus_restore.io import ImageFileError
 from fundus_restore.losses import ChannelWeightedMSE
@@ -464,6 +465,38 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(photo_
         '{"thin_recall": null, "scores": [1.5, null]}'
     )
     json.loads((tmp_path / "run" / "model.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+
+
+def test_a_run_is_refused_in_a_folder_another_run_is_training_in(
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "run"
+    config = tiny_config(photo_dir, output, steps=3)
+    train_from_config(config)
+    written = (output / "checkpoint.pt").read_bytes()
+    busy = "another run is training in this folder; wait for it to end or choose another output"
+    with train._lock_run_folder(output):  # as the other run holds it (a lock per open file, even in one process)
+        with pytest.raises(TrainingError, match=busy):
+            train_from_config(config | {"steps": 6}, resume=True)
+    assert (output / "checkpoint.pt").read_bytes() == written
+    train_from_config(config | {"steps": 6}, resume=True)  # once it has ended
+    assert torch.load(output / "checkpoint.pt", weights_only=True)["step"] == 6
+
+    # Two new runs into one new folder: the one that locks it first trains, the other stops before writing.
+    fresh = tmp_path / "fresh"
+    held = []
+    reading_validation_photos = train.run_validation_crops
+
+    def other_run_takes_the_folder(*args: Any) -> Any:
+        fresh.mkdir()
+        held.append(train._lock_run_folder(fresh))
+        return reading_validation_photos(*args)
+
+    monkeypatch.setattr(train, "run_validation_crops", other_run_takes_the_folder)
+    with pytest.raises(TrainingError, match=busy):
+        train_from_config(tiny_config(photo_dir, fresh, steps=3))
+    assert sorted(p.name for p in fresh.iterdir()) == [".lock"]
+    held[0].close()
 
 
 def test_resume_refuses_a_changed_recipe_and_says_how_more_steps_move_the_rate(

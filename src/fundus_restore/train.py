@@ -51,13 +51,14 @@ import os
 import pickle
 import platform
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -83,6 +84,11 @@ from fundus_restore.pretrained import (
     WeightsError, card_beside, count_parameters, is_number, load_model, resolve_weights, save_model,
 )
 from fundus_restore.tfevents import EventFileWriter
+
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
 
 # Every key a config may have, with its default. Unknown keys are refused (a typo
 # would otherwise silently train with the default). ``model.kwargs`` is free-form.
@@ -157,6 +163,7 @@ DECAYS = ("none", "step", "exponential", "cosine")
 PRECISIONS = ("auto", "bfloat16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT = "checkpoint.pt"
+RUN_LOCK = ".lock"  # held by the run training in the folder
 # The smallest validation crop: room for SSIM's window and the U-Nets' 8-pixel grid.
 MIN_VALIDATION_CROP = 16
 
@@ -983,10 +990,7 @@ def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, cons
     output = Path(config["output"])
     checkpoint = output / CHECKPOINT
     if not resume:
-        if checkpoint.exists():
-            raise TrainingError(f"{output}: holds a checkpoint of an earlier run; resume it or choose another output")
-        if (output / "model.safetensors").exists():  # a finished run whose checkpoint was removed
-            raise TrainingError(f"{output}: holds the model of an earlier run; choose another output")
+        _refuse_earlier_run(output)
         return None
     if not checkpoint.exists():
         raise TrainingError(f"{checkpoint}: no checkpoint to resume from")
@@ -1017,6 +1021,31 @@ def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, cons
     if (stream["world_size"], stream["workers"]) != (world_size, config["data"]["workers"]):
         console.print("[yellow]note:[/] process or worker count changed: batches from here on differ from the original run")
     return state
+
+
+def _refuse_earlier_run(output: Path) -> None:
+    """A new run does not write over an earlier run's checkpoint or model."""
+    if (output / CHECKPOINT).exists():
+        raise TrainingError(f"{output}: holds a checkpoint of an earlier run; resume it or choose another output")
+    if (output / "model.safetensors").exists():  # a finished run whose checkpoint was removed
+        raise TrainingError(f"{output}: holds the model of an earlier run; choose another output")
+
+
+def _lock_run_folder(output: Path) -> IO[str]:
+    """Hold ``output``'s lock file until the returned handle is closed or this process ends,
+    however it ends (the operating system lets go then): a second run in the same folder is
+    refused, not interleaved with this one's checkpoints and logs."""
+    handle = (output / RUN_LOCK).open("a", encoding="utf-8")
+    try:
+        if sys.platform == "win32":
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise TrainingError(f"{output}: another run is training in this folder; "
+                            "wait for it to end or choose another output") from None
+    return handle
 
 
 def _model_card(
@@ -1176,6 +1205,15 @@ def _past(deadline: float | None, placement: Placement) -> bool:
 
 def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Console) -> Path:
     output = Path(config["output"])
+    with ExitStack() as held:
+        # The main process holds the folder from before it reads a checkpoint until the model is written.
+        lock = held.enter_context(_lock_run_folder(output)) if placement.is_main and output.is_dir() else None
+        return _run_locked(config, resume, placement, console, lock, held)
+
+
+def _run_locked(config: dict[str, Any], resume: bool, placement: Placement, console: Console,
+                lock: IO[str] | None, held: ExitStack) -> Path:
+    output = Path(config["output"])
     state = _resume_state(config, resume, placement.world_size, console)
     train_images, validation_images = training_split(config)
     trainer = Trainer(config, placement)
@@ -1192,6 +1230,9 @@ def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Co
     if main:
         crops = run_validation_crops(config, validation_images)
         output.mkdir(parents=True, exist_ok=True)
+        if lock is None:  # a new folder: whichever run made it, the first to lock it trains
+            held.enter_context(_lock_run_folder(output))
+            _refuse_earlier_run(output)  # a run that took it first may have ended since
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
 
