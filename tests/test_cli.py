@@ -682,16 +682,16 @@ def test_search_loss_takes_the_same_path_options_as_train(tmp_path: Path, monkey
     seen = {}
 
     def stop_after_reading(config: Path, out: Path, **options: object) -> None:
-        seen.update(options["overrides"])
+        seen.update(options["overrides"], resume=options["resume"])
         raise TrainingError("stopped by the test")
 
     monkeypatch.setattr(search, "search_loss_weights", stop_after_reading)
     result = runner.invoke(app, ["search-loss", "configs/dncnn-finetune-green.yaml", "-o", str(tmp_path / "search"),
                                  "--data", "photos", "--data", "more", "--validate-on", "photos",
-                                 "--init-weights", "GD_Color_Blind.mat", "--set", "steps=50"])
+                                 "--init-weights", "GD_Color_Blind.mat", "--set", "steps=50", "--resume"])
     assert result.exit_code == 1 and "stopped by the test" in result.output
     assert seen == {"steps": 50, "data.train": ["photos", "more"], "validation.among": ["photos"],
-                    "model.init_weights": "GD_Color_Blind.mat"}
+                    "model.init_weights": "GD_Color_Blind.mat", "resume": True}
 
 
 def test_sigma_is_told_to_a_denoiser_that_takes_it_and_refused_for_a_blind_one(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,43 @@ def test_best_trial_respects_the_psnr_tolerance() -> None:
     results = [result(0, 36.0, 0.2), result(1, 35.8, 0.9), result(2, 35.95, 0.4)]
     assert best_trial(results).number == 2  # trial 1 loses 0.2 dB, more than the 0.1 allowed
     assert best_trial(results, psnr_tolerance=0.5).number == 1
+
+
+def test_a_stopped_search_resumes_as_if_it_had_not_stopped(tmp_path: Path) -> None:
+    from fundus_restore.train import TrainingError, train_from_config
+
+    # Steps without a decay: a trial resumed from its checkpoint at step 2 ends as one run of 4 steps.
+    config = search_config(tmp_path) | {"steps": 4, "schedule": {"decay": "none"}}
+    whole = search_loss_weights(config, tmp_path / "whole", trials=3)
+
+    def stopped_in_trial_2(config: dict, *, overrides: dict, resume: bool = False) -> Path:
+        output = Path(overrides["output"])
+        if output.name != "trial-002":
+            return train_from_config(config, overrides=overrides, resume=resume)
+        train_from_config(config, overrides=overrides | {"steps": 2})  # its checkpoint at step 2, then killed:
+        (output / "model.safetensors").unlink()
+        (output / "model.json").unlink()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search_loss_weights(config, tmp_path / "parts", trials=3, train=stopped_in_trial_2)
+    assert len((tmp_path / "parts" / "trials.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(TrainingError, match="holds an earlier search; resume it"):
+        search_loss_weights(config, tmp_path / "parts", trials=3)
+    with pytest.raises(TrainingError, match="but steps changed; start a new search"):
+        search_loss_weights(config | {"steps": 6}, tmp_path / "parts", trials=3, resume=True)
+    with pytest.raises(TrainingError, match="no search to resume"):
+        search_loss_weights(config, tmp_path / "none", trials=3, resume=True)
+
+    calls = []
+
+    def counted(*args: object, **kwargs: object) -> Path:
+        calls.append(Path(kwargs["overrides"]["output"]).name)
+        return train_from_config(*args, **kwargs)
+
+    resumed = search_loss_weights(config, tmp_path / "parts", trials=3, resume=True, train=counted)
+    assert calls == ["trial-002", "trial-003"]  # the logged baseline and trial 1 are not run again
+    # The same weights suggested and the same scores measured (NaN where no thin vessel is measured).
+    np.testing.assert_equal([asdict(replace(r, output="")) for r in resumed], [asdict(replace(r, output="")) for r in whole])
+    logged = [json.loads(line)["number"] for line in (tmp_path / "parts" / "trials.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 3]

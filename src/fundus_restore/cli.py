@@ -751,6 +751,9 @@ def search_loss(
     data: TrainDataOption = None,
     validate_on: ValidateOnOption = None,
     init_weights: InitWeightsOption = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the stopped search in --out; its logged trials are not run again.")
+    ] = False,
 ) -> None:
     """Search channel weights and vessel weight for thin-vessel recall and contrast at fixed PSNR."""
     from fundus_restore.search import best_trial, search_loss_weights
@@ -758,7 +761,7 @@ def search_loss(
     overrides = _training_overrides(set_, data, validate_on, init_weights)
     try:
         results = search_loss_weights(config, out, trials=trials, overrides=overrides, psnr_tolerance=psnr_tolerance,
-                                      timeout_minutes=timeout_minutes)
+                                      timeout_minutes=timeout_minutes, resume=resume)
     except _training_errors() as error:
         _report_error(str(error))
         raise typer.Exit(1) from None

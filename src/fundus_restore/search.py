@@ -8,6 +8,10 @@ validating with the vessel measures on (``validation.vessels``); the objective i
 the validation thin-vessel recall plus thin-vessel contrast retention (centre crops,
 both noise protocols), under the constraint that PSNR stays within ``psnr_tolerance``
 of the baseline trial (the config's own weights, run first).
+
+A stopped search resumes: the logged trials are replayed to the same seeded sampler
+(which suggests the same weights again, without training), the interrupted trial's
+run resumes from its checkpoint, and the search goes on as if it had not stopped.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fundus_restore.train import TrainingError, load_config, strict_json, train_from_config
+from fundus_restore.train import CHECKPOINT, TrainingError, dotted_config, load_config, strict_json, train_from_config
 
 PROTOCOLS = ("paper", "camera")
 
@@ -54,12 +58,14 @@ def run_trial(
     config: str | Path, overrides: Mapping[str, Any], number: int, output: Path,
     weights: tuple[float, float, float], vessel_weight: float,
     train: Callable[..., Path] = train_from_config,
+    resume: bool = False,
 ) -> TrialResult:
-    """Fine-tune with the given loss weights; returns its validation scores."""
+    """Fine-tune with the given loss weights (``resume``: from the trial's checkpoint, where
+    a stopped search left one); returns its validation scores."""
     trial_output = output / f"trial-{number:03d}"
     settings = {**overrides, "output": str(trial_output), "loss.weights": list(weights),
                 "loss.vessel_weight": vessel_weight, "validation.vessels": True}
-    train(config, overrides=settings)
+    train(config, overrides=settings, resume=resume and (trial_output / CHECKPOINT).exists())
     validation = json.loads((trial_output / "model.json").read_text(encoding="utf-8"))["validation"]
     return TrialResult(number, weights, vessel_weight, _centre_mean(validation, "psnr"),
                        _centre_mean(validation, "thin_recall"), _centre_mean(validation, "thin_contrast_retention"),
@@ -75,11 +81,13 @@ def search_loss_weights(
     psnr_tolerance: float = 0.1,
     seed: int = 0,
     timeout_minutes: float | None = None,
+    resume: bool = False,
     train: Callable[..., Path] = train_from_config,
 ) -> list[TrialResult]:
     """Run the baseline (the config's weights, no vessel weighting) and ``trials`` Optuna
     trials, starting no trial once ``timeout_minutes`` have passed (for a fixed slot on a
-    borrowed machine); writes ``OUTPUT/trials.jsonl`` and returns every result, baseline first."""
+    borrowed machine); writes ``OUTPUT/trials.jsonl`` and returns every result, baseline first.
+    ``resume`` continues a stopped search in ``output`` (``trials`` counts its trials done)."""
     try:
         import optuna
     except ImportError:
@@ -97,27 +105,71 @@ def search_loss_weights(
         raise TrainingError(f"the loss search weighs R, G and B; this config trains on {len(base['loss']['weights'])} "
                             "channel(s)")
     log = output / "trials.jsonl"
-    output.mkdir(parents=True, exist_ok=True)
-    results = [run_trial(config, overrides, 0, output, tuple(base["loss"]["weights"]), 0.0, train)]
+    logged = _search_so_far(output, {"config": base, "psnr_tolerance": psnr_tolerance, "seed": seed}, resume)
+
+    def finished(number: int, weights: tuple[float, ...], vessel_weight: float) -> TrialResult:
+        """Trial ``number``'s result: the logged one, or a new run's, logged."""
+        if number < len(logged):
+            result = logged[number]
+            if (result.weights, result.vessel_weight) != (weights, vessel_weight):
+                raise TrainingError(f"{log}: trial {number} was run with other weights than the sampler suggests "
+                                    "now (another Optuna version?); start a new search")
+            return result
+        result = run_trial(config, overrides, number, output, weights, vessel_weight, train, resume)
+        with log.open("a", encoding="utf-8") as handle:
+            handle.write(strict_json(asdict(result)) + "\n")
+        return result
+
+    results = [finished(0, tuple(base["loss"]["weights"]), 0.0)]
     floor = results[0].psnr - psnr_tolerance
 
     def objective(trial: optuna.Trial) -> float:
         weights = (1.0, trial.suggest_float("green", 1.0, 6.0), trial.suggest_float("blue", 0.5, 4.0))
         vessel_weight = trial.suggest_float("vessel_weight", 0.0, 8.0)
-        result = run_trial(config, overrides, trial.number + 1, output, weights, vessel_weight, train)
+        result = finished(trial.number + 1, weights, vessel_weight)
         results.append(result)
         trial.set_constraint("psnr_deficit", floor - result.psnr)  # feasible when <= 0: PSNR within tolerance
-        with log.open("a", encoding="utf-8") as handle:
-            handle.write(strict_json(asdict(result)) + "\n")
         return result.vessel_score
 
-    with log.open("w", encoding="utf-8") as handle:
-        handle.write(strict_json(asdict(results[0])) + "\n")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    replayed = min(max(len(logged) - 1, 0), trials)  # logged trials take no time: outside the timeout
+    study.optimize(objective, n_trials=replayed)
     timeout = None if timeout_minutes is None else max(60 * timeout_minutes - (time.monotonic() - started), 0.0)
-    optuna.create_study(direction="maximize", sampler=sampler).optimize(objective, n_trials=trials, timeout=timeout)
+    study.optimize(objective, n_trials=trials - replayed, timeout=timeout)
     return results
+
+
+def _search_so_far(output: Path, settings: Mapping[str, Any], resume: bool) -> list[TrialResult]:
+    """The trials a stopped search in ``output`` logged (none for a new search, whose folder is
+    made); a new search is refused where one ran, and a resumed one whose settings changed."""
+    record, log = output / "search.json", output / "trials.jsonl"
+    settings = json.loads(strict_json(settings))  # as read back from the file
+    if not resume:
+        if record.exists() or log.exists():
+            raise TrainingError(f"{output}: holds an earlier search; resume it (--resume) or choose another --out")
+        output.mkdir(parents=True, exist_ok=True)
+        record.write_text(strict_json(settings, indent=2) + "\n", encoding="utf-8")
+        return []
+    if not record.exists():
+        raise TrainingError(f"{record}: no search to resume")
+    before = json.loads(record.read_text(encoding="utf-8"))
+    was, now = dotted_config(before["config"]) | before, dotted_config(settings["config"]) | settings
+    changed = sorted(key for key in {*was, *now} - {"config"} if was.get(key) != now.get(key))
+    if changed:
+        raise TrainingError(f"{output}: --resume continues the search as it was set up, but {', '.join(changed)} "
+                            "changed; start a new search in another folder")
+    lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+    return [_logged_result(json.loads(line)) for line in lines if line.strip()]
+
+
+def _logged_result(entry: Mapping[str, Any]) -> TrialResult:
+    """A ``TrialResult`` from its line of the log (null measures read back as NaN)."""
+    measures = {key: math.nan if entry[key] is None else entry[key] for key in ("psnr", "thin_recall",
+                                                                               "thin_contrast_retention")}
+    return TrialResult(entry["number"], tuple(entry["weights"]), entry["vessel_weight"], output=entry["output"],
+                       **measures)
 
 
 def best_trial(results: list[TrialResult], psnr_tolerance: float = 0.1) -> TrialResult:

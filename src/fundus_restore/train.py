@@ -210,7 +210,7 @@ def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _dotted(config: Mapping[str, Any]) -> dict[str, Any]:
+def dotted_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` as dotted keys one section deep (``{"optimizer.lr": 1e-3, "steps": 20}``)."""
     return {f"{key}.{leaf}" if isinstance(value, Mapping) else key: item
             for key, value in config.items()
@@ -998,8 +998,8 @@ def _resume_state(config: Mapping[str, Any], resume: bool, world_size: int, cons
     if config["steps"] < state["step"]:
         raise TrainingError(f"{output}: steps {config['steps']} is below the step the checkpoint has reached, "
                             f"{state['step']}; resume with steps of at least {state['step']}")
-    before = _dotted(state["config"])
-    changed = sorted(key for key, value in _dotted(config).items() if before.get(key) != value)
+    before = dotted_config(state["config"])
+    changed = sorted(key for key, value in dotted_config(config).items() if before.get(key) != value)
     refused = [key for key in changed if key not in RESUMABLE_CHANGES and key.split(".")[0] not in RESUMABLE_CHANGES]
     if refused:
         raise TrainingError(
