@@ -43,6 +43,14 @@ def test_image_without_surround_is_all_fov() -> None:
     assert fov_mask(np.full((8, 8), 0.5, dtype=np.float32)).all()
 
 
+def test_a_crop_inside_the_disc_that_holds_the_optic_disc_is_all_fov() -> None:
+    # The bright optic disc (0.77) on darker retina (0.34): 2.3× apart, as a disc on its surround
+    # would be, but the retina is far from black.
+    image = np.full((120, 120, 3), [0.34, 0.17, 0.08], dtype=np.float32)
+    image[_disc(120, 120, (60, 60), 25)] = [0.77, 0.55, 0.35]
+    assert fov_mask(image).all()
+
+
 def test_grey_image_works() -> None:
     truth = _disc(80, 80, (40, 40), 30)
     assert _iou(fov_mask(truth.astype(np.float32) * 0.6), truth) > 0.97

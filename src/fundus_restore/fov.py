@@ -28,6 +28,10 @@ _LOG_OFFSET = 1.0 / 255.0
 # under noise of sigma 50), while a crop from inside the disc splits into classes at
 # most 1.7× apart. Below this contrast there is no surround and all is field of view.
 _MIN_SURROUND_CONTRAST = 2.0
+# ...and near black: a crop from inside the disc that holds the bright optic disc splits
+# 2–3× apart, but its dark class, the retina, has a median of 0.29 or more, where a real
+# surround's stays below 0.23 even under noise of sigma 50 (max of the channels).
+_MAX_SURROUND_LEVEL = 0.25
 
 
 def _intensity(image: np.ndarray) -> np.ndarray:
@@ -61,7 +65,8 @@ def fov_mask(image: np.ndarray) -> np.ndarray:
         return np.ones(intensity.shape, dtype=bool)
     threshold = float(np.exp(threshold_otsu(np.log(intensity + _LOG_OFFSET))) - _LOG_OFFSET)
     dark = intensity <= threshold
-    if np.median(intensity[~dark]) < _MIN_SURROUND_CONTRAST * np.median(intensity[dark]):
+    surround_level = np.median(intensity[dark])
+    if surround_level > _MAX_SURROUND_LEVEL or np.median(intensity[~dark]) < _MIN_SURROUND_CONTRAST * surround_level:
         return np.ones(intensity.shape, dtype=bool)
     return ndimage.binary_fill_holes(_largest_component(~dark))
 
