@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from .metrics import psnr
-from .vessels import centerline, checked_fov, classify_widths, disc, green_channel, image_scale, segment_vessels
+from .vessels import centerline, checked_fov, classify_widths, disc, green_channel, segment_vessels, vessel_scale
 
 TOLERANCE_PX = 1.5
 # The background ring around vessels: from just outside the vessel edge (thin vessels'
@@ -190,7 +190,7 @@ def _segmented_pair(
     """Checked float32 images, FOV, scale and the vessel maps both measures and drawings use."""
     clean, restored = _same_shape(clean, restored, ("clean", "restored"))
     fov = checked_fov(clean, fov)
-    scale = image_scale(clean) if scale is None else scale
+    scale = vessel_scale(clean, fov) if scale is None else scale
     if clean_vessels is None:
         clean_vessels = segment_vessels(clean, fov, scale=scale, method=segmenter)
     reference = real = clean_vessels
@@ -292,7 +292,7 @@ def hallucinated_vessels(
     """
     upscaled, reference_upscaled = _same_shape(upscaled, reference_upscaled, ("upscaled", "reference"))
     fov = checked_fov(reference_upscaled, fov)
-    scale = image_scale(upscaled) if scale is None else scale
+    scale = vessel_scale(upscaled, fov) if scale is None else scale
     if reference_vessels is None:
         reference_vessels = segment_vessels(reference_upscaled, fov, scale=scale)
     return _spurious_centreline(segment_vessels(upscaled, fov, scale=scale), reference_vessels, TOLERANCE_PX * scale)

@@ -14,10 +14,13 @@ from 0.93 to 0.85, because every weak thin vessel gets the same zero as backgrou
 
 Every size is given at DRIVE's scale (565 px wide) and multiplied by ``scale``, by
 default the image width over 565, so a 2196-px-wide photo is filtered at 3.9× the sigmas.
+That default takes the image for a whole photograph: for a crop, give the whole
+photograph's scale (a crop that is all field of view is warned about).
 """
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -49,6 +52,19 @@ THIN_MAX_PX = 3.0
 def image_scale(image: np.ndarray) -> float:
     """The size of an image relative to DRIVE's: its width over 565 px."""
     return np.asarray(image).shape[1] / DRIVE_WIDTH
+
+
+def vessel_scale(image: np.ndarray, fov: np.ndarray) -> float:
+    """The default ``scale`` of the vessel functions: ``image_scale``, which takes the image for a
+    whole photograph. An image that is all field of view is a crop from inside the disc, whose
+    width says nothing of the photograph's: warned, as its vessels would be sized wrongly."""
+    scale = image_scale(image)
+    if fov.all():
+        width = np.shape(image)[1]
+        warnings.warn(f"the image is all field of view (a crop from inside the disc?): its vessels are sized as in "
+                      f"a whole photograph {width} px wide (scale {scale:.2f}); for a crop give scale=, the whole "
+                      f"photograph's width / {DRIVE_WIDTH}", stacklevel=3)
+    return scale
 
 
 def green_channel(image: np.ndarray) -> np.ndarray:
@@ -100,7 +116,7 @@ def vesselness(image: np.ndarray, mask: np.ndarray | None = None, *, scale: floa
     image width / 565).
     """
     fov = checked_fov(image, mask)
-    scale = image_scale(image) if scale is None else scale
+    scale = vessel_scale(image, fov) if scale is None else scale
     normalised = _normalised_green(image, fov)
     response = np.zeros(normalised.shape, dtype=np.float32)
     for sigma in HESSIAN_SIGMAS:
@@ -134,7 +150,7 @@ def learned_vesselness(
         raise ValueError(f"the learned segmenter takes H×W×3 colour images, got shape {np.shape(image)} "
                          "(the Hessian segmenter takes grey ones)")
     fov = checked_fov(image, mask)
-    scale = image_scale(image) if scale is None else scale
+    scale = vessel_scale(image, fov) if scale is None else scale
     height, width = np.shape(image)[:2]
     shrunk = np.asarray(image, dtype=np.float32)
     if abs(scale - 1) > 0.05:
@@ -166,11 +182,12 @@ def segment_vessels(
     tuned on DRIVE training); ``"unet"``: the learned segmenter's probability above
     ``threshold`` (default 0.5).
     """
-    scale = image_scale(image) if scale is None else scale
+    fov = checked_fov(image, mask)
+    scale = vessel_scale(image, fov) if scale is None else scale
     if method == "hessian":
-        vessels = vesselness(image, mask, scale=scale) > (DEFAULT_THRESHOLD if threshold is None else threshold)
+        vessels = vesselness(image, fov, scale=scale) > (DEFAULT_THRESHOLD if threshold is None else threshold)
     elif method == "unet":
-        vessels = learned_vesselness(image, mask, scale=scale) > (0.5 if threshold is None else threshold)
+        vessels = learned_vesselness(image, fov, scale=scale) > (0.5 if threshold is None else threshold)
     else:
         raise ValueError(f"unknown segmentation method {method!r}: {' or '.join(SEGMENTERS)}")
     return remove_small_objects(vessels, max_size=round(_MIN_COMPONENT_PX * scale**2))
