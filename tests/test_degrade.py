@@ -221,3 +221,14 @@ def test_noise_estimate_names_a_grey_image_without_channel_axis_none_and_a_mask_
     assert estimate_noise_sigma(image[..., 1], channel_axis=None) > 0
     with pytest.raises(ValueError, match=r"mask of shape \(16, 32\) does not match the image's \(32, 32\)"):
         estimate_noise_sigma(image, np.ones((16, 32), dtype=bool))
+
+
+def test_noise_estimate_and_noise_refuse_what_they_would_get_wrong() -> None:
+    photo = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    # A uint8 photo (or 0-255 floats) read as [0, 1] would be estimated 255 times noisier.
+    with pytest.raises(ValueError, match=r"expected a float image on the \[0, 1\] scale, got dtype uint8"):
+        estimate_noise_sigma(photo)
+    with pytest.raises(ValueError, match=r"image values reach 25\d: expected the \[0, 1\] scale"):
+        estimate_noise_sigma(photo.astype(np.float32))
+    with pytest.raises(ValueError, match=r"sigma is a standard deviation \(0-255 scale\), got nan"):
+        add_gaussian_noise(photo / 255.0, float("nan"))

@@ -31,7 +31,7 @@ def add_gaussian_noise(
     A Generator is used, and advanced, as given; ``None`` draws fresh entropy.
     ``clip`` clips the result to [0, 1]. Returns float32.
     """
-    if sigma < 0:
+    if not sigma >= 0:  # NaN too
         raise ValueError(f"sigma is a standard deviation (0-255 scale), got {sigma:g}")
     image = checked_float_image(image).astype(np.float32, copy=False)
     noise = np.random.default_rng(seed).standard_normal(image.shape, dtype=np.float32)
@@ -91,7 +91,7 @@ def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, *, c
     image. Vessel edges are rare enough that the median ignores them; a noise-free
     photo reads about 0.5–2 (its JPEG grain and fine texture).
     """
-    pixels = np.asarray(image, dtype=np.float32)
+    pixels = np.asarray(checked_float_image(image), dtype=np.float32)  # a uint8 photo would read 255 times noisier
     if pixels.ndim != (2 if channel_axis is None else 3):
         wanted = "H×W (channel_axis=None)" if channel_axis is None else "H×W×C (an H×W image: channel_axis=None)"
         raise ValueError(f"expected an {wanted} image, got shape {pixels.shape}")
