@@ -42,6 +42,11 @@ def test_mask_limits_the_mean_to_marked_pixels() -> None:
     torch.testing.assert_close(channel_weighted_mse(restored, target, (1, 3, 2), mask=mask), inside)
     empty = torch.zeros_like(mask)
     assert channel_weighted_mse(restored, target, mask=empty).item() == 0.0
+    # Float weights give a weighted mean whatever their total: a uniform weight is the plain loss.
+    for weight in (1e-3, 1.0, 7.0):
+        uniform = torch.full((2, 1, 8, 9), weight)
+        torch.testing.assert_close(channel_weighted_mse(restored, target, (1, 3, 2), mask=uniform),
+                                   channel_weighted_mse(restored, target, (1, 3, 2)))
 
 
 def test_module_calls_the_function_and_backpropagates() -> None:
@@ -90,3 +95,15 @@ def test_vessel_weight_counts_errors_on_vessels_more() -> None:
     torch.testing.assert_close(plain(on_vessel, target), plain(off_vessel, target))
     assert weighted(on_vessel, target) > 2 * weighted(off_vessel, target)
     assert torch.equal(ChannelWeightedMSE((1, 3, 2), vessel_weight=0.0)(on_vessel, target), plain(on_vessel, target))
+
+
+def test_vessel_weight_works_on_grey_images_as_on_their_green_channel() -> None:
+    from fundus_restore.losses import ChannelWeightedMSE
+
+    target = torch.full((1, 3, 48, 48), 0.6)
+    target[..., 23:26] = 0.4
+    restored = target + 0.05 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    grey, colour = ChannelWeightedMSE((1,), vessel_weight=4.0), ChannelWeightedMSE((0, 1, 0), vessel_weight=4.0)
+    torch.testing.assert_close(grey(restored[:, 1:2], target[:, 1:2]), colour(restored, target))
+    with pytest.raises(ValueError, match=r"N×3×H×W colour or N×1×H×W grey images, got shape \(1, 2, 48, 48\)"):
+        ChannelWeightedMSE((1, 1), vessel_weight=4.0)(restored[:, :2], target[:, :2])

@@ -50,7 +50,8 @@ def channel_weighted_mse(
         per_channel = squared_error.mean(dim=(0, 2, 3))
     else:
         mask = mask.reshape(restored.shape[0], 1, *restored.shape[2:]).to(squared_error.dtype)
-        per_channel = (squared_error * mask).sum(dim=(0, 2, 3)) / mask.sum().clamp(min=1.0)
+        # The true total weight, however small; an all-zero mask makes 0 / tiny = 0.
+        per_channel = (squared_error * mask).sum(dim=(0, 2, 3)) / mask.sum().clamp(min=torch.finfo(mask.dtype).tiny)
     return (normalised * per_channel).sum()
 
 

@@ -38,7 +38,8 @@ def _gaussian_derivatives(sigma: float) -> torch.Tensor:
 class RidgeFeatures(nn.Module):
     """Vessel-aware features with no learnt weights: for each Hessian scale sigma, the
     scale-normalised largest Hessian eigenvalue sigma²·λ₁ of the green channel (large on
-    dark lines, i.e. vessels, of width about 2·sigma). N×3×H×W in, N×S×H×W out.
+    dark lines, i.e. vessels, of width about 2·sigma). N×3×H×W in (or N×1×H×W, a grey
+    red-free image, its own green), N×S×H×W out.
 
     ``scale`` multiplies the sigmas (``fundus_restore.vessels.HESSIAN_SIGMAS`` at DRIVE
     scale) for photographs of another resolution.
@@ -59,7 +60,9 @@ class RidgeFeatures(nn.Module):
         return F.conv2d(filtered, cols.view(1, 1, 1, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        green = x[:, 1:2].float()
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"ridge features take N×3×H×W colour or N×1×H×W grey images, got shape {tuple(x.shape)}")
+        green = (x[:, 1:2] if x.shape[1] == 3 else x).float()
         responses = []
         for index, sigma in enumerate(self.sigmas):
             gaussian, first, second = getattr(self, f"kernels{index}")
@@ -77,7 +80,7 @@ def vessel_weight_map(
     images: torch.Tensor, vessel_weight: float, ridge_features: RidgeFeatures | None = None
 ) -> torch.Tensor:
     """Per-pixel loss weights N×1×H×W: 1 + ``vessel_weight`` × how much each pixel of
-    ``images`` (N×3×H×W, the clean targets) is vessel, from 0 (no ridge) to 1 (a ridge
+    ``images`` (N×3×H×W or grey N×1×H×W, the clean targets) is vessel, from 0 (no ridge) to 1 (a ridge
     of ``RIDGE_SATURATION`` or more, at any scale). No gradient flows through it.
     A loss called every step passes its own ``ridge_features`` (built once, on its device)."""
     ridge_features = RidgeFeatures().to(images.device) if ridge_features is None else ridge_features
