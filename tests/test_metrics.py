@@ -218,3 +218,22 @@ def test_metrics_take_channels_on_any_axis(retina_pair: tuple[np.ndarray, np.nda
     assert psnr(*grey, channel_axis=None) == psnr(*grey) == psnr(reference[..., 1:2], noisy[..., 1:2])
     with pytest.raises(ValueError, match="channel_axis=None"):
         psnr(reference, noisy, channel_axis=None)
+
+
+def test_a_soft_mask_is_refused_not_read_as_every_pixel_above_zero() -> None:
+    from fundus_restore.degrade import estimate_noise_sigma
+    from fundus_restore.vessel_metrics import dice
+
+    rng = np.random.default_rng(1)
+    clean = rng.random((64, 64, 3)).astype(np.float32)
+    noisy = np.clip(clean + 0.05 * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+    weights = np.full((64, 64), 0.01)
+    weights[16:48, 16:48] = 1.0
+    soft = r"the mask holds values other than 0 and 1 \(e\.g\. 0\.01\): threshold a soft mask first \(mask > 0\.5\)"
+    for measure in (psnr, ssim, estimate_noise_sigma):
+        with pytest.raises(ValueError, match=soft):
+            measure(clean, noisy, mask=weights) if measure is not estimate_noise_sigma else measure(noisy, weights)
+    with pytest.raises(ValueError, match=r"the truth holds values other than 0 and 1"):
+        dice(weights > 0.5, weights)
+    # 0/1 numbers are a mask like bools.
+    assert psnr(clean, noisy, mask=(weights > 0.5).astype(np.uint8)) == psnr(clean, noisy, mask=weights > 0.5)

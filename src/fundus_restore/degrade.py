@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from fundus_restore.io import checked_float_image
+from fundus_restore.io import checked_bool_mask, checked_float_image
 
 
 def add_gaussian_noise(
@@ -105,7 +105,7 @@ def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, *, c
     detail = (corners[0] - corners[1] - corners[2] + corners[3]) / 2
     inside = np.ones(detail.shape[:2], dtype=bool)
     if mask is not None:
-        blocks = np.asarray(mask, dtype=bool)
+        blocks = checked_bool_mask(mask)
         inside = np.logical_and.reduce([blocks[row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)])
         if not inside.any():
             raise ValueError("the mask holds no whole 2×2 block to estimate noise on")

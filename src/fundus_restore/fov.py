@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from fundus_restore.io import checked_float_image
+from fundus_restore.io import checked_bool_mask, checked_float_image
 
 # Median filter size before thresholding: removes pixel noise and keeps the disc edge in place.
 _MEDIAN_SIZE = 3
@@ -87,7 +87,7 @@ def fov_bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     are taller than the photo) the square is clipped to the image rather than
     padded with invented black, so height and width may then differ.
     """
-    mask = np.asarray(mask, dtype=bool)
+    mask = checked_bool_mask(mask, "field-of-view mask")
     if mask.ndim != 2:
         raise ValueError(f"expected an H×W mask, got shape {mask.shape}")
     rows = np.flatnonzero(mask.any(axis=1))
@@ -105,7 +105,7 @@ def crop_to_fov(image: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.n
     square, removing the black background around the disc. Returns (image, mask)."""
     if mask is None:
         mask = fov_mask(image)
-    mask = np.asarray(mask, dtype=bool)
+    mask = checked_bool_mask(mask, "field-of-view mask")
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
     top, left, height, width = fov_bounding_box(mask)

@@ -216,6 +216,19 @@ def checked_float_image(image: np.ndarray, what: str = "image", data_range: floa
     return image
 
 
+def checked_bool_mask(mask: np.ndarray, what: str = "mask") -> np.ndarray:
+    """``mask`` as a bool array, refused with a ValueError naming ``what`` unless it holds
+    only 0 and 1 (or False and True): a soft mask (a probability map, a resized mask's
+    fringe) would otherwise count every pixel above 0 as inside."""
+    array = np.asarray(mask)
+    if array.dtype != bool:
+        soft = array[(array != 0) & (array != 1)]
+        if soft.size:
+            raise ValueError(f"the {what} holds values other than 0 and 1 (e.g. {soft.flat[0]:g}): "
+                             "threshold a soft mask first (mask > 0.5)")
+    return array.astype(bool, copy=False)
+
+
 def channels_last(image: np.ndarray, channel_axis: int | None) -> np.ndarray:
     """``image`` as H×W×C: with ``channel_axis=None`` an H×W grey image gains a channel
     axis; otherwise its channel axis moves last (a view, not a copy)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import fft
 
-from fundus_restore.io import channels_last, checked_float_image
+from fundus_restore.io import channels_last, checked_bool_mask, checked_float_image
 
 _K1 = 0.01
 _K2 = 0.03
@@ -128,7 +128,7 @@ def _as_tensors(
 def _checked_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor | None:
     if mask is None:
         return None
-    mask = np.asarray(mask, dtype=bool)
+    mask = checked_bool_mask(mask)
     if mask.shape != shape:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {shape}")
     return torch.from_numpy(mask)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from .io import checked_bool_mask
 from .metrics import psnr
 from .vessels import centerline, checked_fov, classify_widths, disc, green_channel, segment_vessels, vessel_scale
 
@@ -41,9 +42,9 @@ _THIN_BAND_PX = 3.0
 def _same_shape(
     first: np.ndarray, second: np.ndarray, names: tuple[str, str], dtype: type = np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays as ``dtype``, refused when their shapes differ."""
-    first = np.asarray(first, dtype=dtype)
-    second = np.asarray(second, dtype=dtype)
+    """Both arrays as ``dtype`` (bool: refused unless 0/1, ``checked_bool_mask``), refused when their shapes differ."""
+    first, second = ((checked_bool_mask(a, name) if dtype is bool else np.asarray(a, dtype=dtype))
+                     for a, name in zip((first, second), names, strict=True))
     if first.shape != second.shape:
         raise ValueError(f"{names[0]} {first.shape} and {names[1]} {second.shape} differ in shape")
     return first, second
@@ -195,7 +196,7 @@ def _segmented_pair(
         clean_vessels = segment_vessels(clean, fov, scale=scale, method=segmenter)
     reference = real = clean_vessels
     if expert is not None:
-        expert = np.asarray(expert, dtype=bool)
+        expert = checked_bool_mask(expert, "expert vessel map")
         if expert.shape != fov.shape:
             raise ValueError(f"expert map shape {expert.shape} does not match image shape {fov.shape}")
         reference = expert & fov

@@ -31,7 +31,7 @@ from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 from skimage.morphology import remove_small_objects, skeletonize
 
 from .fov import fov_mask
-from .io import checked_float_image
+from .io import checked_bool_mask, checked_float_image
 
 DRIVE_WIDTH = 565
 LEARNED_SEGMENTER = "vessels-unet"
@@ -82,7 +82,7 @@ def checked_fov(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     if mask is None:
         return fov_mask(image)  # which checks the image
     checked_float_image(image)
-    mask = np.asarray(mask, dtype=bool)
+    mask = checked_bool_mask(mask, "field-of-view mask")
     if mask.shape != np.asarray(image).shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {np.asarray(image).shape[:2]}")
     if not mask.any():
