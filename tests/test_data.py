@@ -329,6 +329,9 @@ def test_gain_brightens_clean_patches_into_saturation_and_paper_noise_crosses_it
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="sigma"):
         PatchSettings(sigma=(30.0, 10.0))
+    with pytest.raises(ValueError, match=r"sigma must be a value or a range \[low, high\], got \[5, 25, 50\]"):
+        PatchSettings(sigma=[5, 25, 50])
+    assert PatchSettings(sigma=np.float32(25)).sigma_range == (25.0, 25.0)  # a numpy number is a value
     with pytest.raises(ValueError, match="clip_probability"):
         PatchSettings(clip_probability=1.5)
     with pytest.raises(ValueError, match="gain"):

@@ -176,3 +176,21 @@ def test_the_learned_segmenter_refuses_a_grey_image_in_one_line() -> None:
 
     with pytest.raises(ValueError, match=r"the learned segmenter takes H×W×3 colour images, got shape \(64, 64\)"):
         learned_vesselness(np.full((64, 64), 0.5, dtype=np.float32))
+
+
+def test_folding_the_vessel_unet_keeps_its_function_and_leaves_the_model_in_its_mode() -> None:
+    import torch
+
+    from fundus_restore.models.unet import VesselUNet
+
+    torch.manual_seed(0)
+    model = VesselUNet(3, (4, 8), batch_norm=True)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    model.train()  # folding used to switch a model being trained to eval mode
+    folded = model.fold_batch_norm()
+    assert model.training and not folded.training
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-5, rtol=1e-5)

@@ -48,6 +48,7 @@ Design, and why:
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -153,10 +154,13 @@ class PatchSettings:
 
     @property
     def sigma_range(self) -> tuple[float, float]:
-        if isinstance(self.sigma, (int, float)):
+        if isinstance(self.sigma, numbers.Real):  # numpy's numbers too
             return float(self.sigma), float(self.sigma)
-        low, high = self.sigma
-        return float(low), float(high)
+        try:
+            low, high = self.sigma
+            return float(low), float(high)
+        except (TypeError, ValueError):
+            raise ValueError(f"sigma must be a value or a range [low, high], got {self.sigma!r}") from None
 
 
 class PatchBatch(NamedTuple):

@@ -18,7 +18,9 @@ Deviations from the paper, each for a reason:
 
 Our option beyond the paper, ``bicubic_skip=True``: the network adds its output to the
 bicubic enlargement of the input (the image-level residual of VDSR), with the output
-convolution starting at zero, so the untrained model *is* bicubic interpolation and
+convolution starting at zero, so the untrained model *is* bicubic interpolation (torch's,
+a = −0.75 with edges repeated, not the MATLAB kernel of ``degrade.bicubic_upsample``, a = −0.5,
+that the tables' bicubic row uses) and
 training only ever learns the detail bicubic misses. Fundus photographs are smooth
 enough that bicubic ×4 already reaches 43 dB on HEI-MED crops; a network that must
 first relearn interpolation needs far more steps than one that starts from it.

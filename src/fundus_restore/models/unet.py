@@ -87,5 +87,4 @@ class VesselUNet(nn.Module):
         """The same function without batch norm layers (eval-mode statistics folded in)."""
         if not self.config["batch_norm"]:
             return self
-        folded = VesselUNet(self.config["channels"], self.config["widths"], batch_norm=False)
-        return fold_into(self.eval(), folded).eval()
+        return fold_into(self, VesselUNet(self.config["channels"], self.config["widths"], batch_norm=False))
