@@ -6,6 +6,9 @@ the clean image; the restored image is segmented by the same segmenter
 the field of view. Pixel sizes are at DRIVE scale and multiplied by ``scale``
 (default: image width / 565):
 
+- a reference vessel is *thin* where its measured width (``vessels.vessel_width``) is
+  at most ``THIN_MAX_PX`` = 3 px, which holds vessels up to 4 px wide (an even width
+  reads one less); the rest is *thick*;
 - a reference centreline pixel is *detected* when a restored vessel pixel lies within
   ``TOLERANCE_PX`` = 1.5 px of it (its 8-neighbourhood): a segmentation shifted by
   one pixel still found the vessel;

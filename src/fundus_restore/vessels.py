@@ -45,7 +45,8 @@ _RIM_PX = 3.0
 DEFAULT_THRESHOLD = 0.025
 # Components of at most this many pixels (at DRIVE scale) are noise, not vessels.
 _MIN_COMPONENT_PX = 30
-# Width of thin vessels at DRIVE scale: at most this many pixels.
+# Width of thin vessels at DRIVE scale, as vessel_width measures it: at most this many pixels,
+# i.e. vessels up to 4 px wide (an even width reads one less, 2·d − 1).
 THIN_MAX_PX = 3.0
 
 
@@ -214,7 +215,9 @@ def vessel_width(vessel_mask: np.ndarray) -> np.ndarray:
 def classify_widths(
     vessel_mask: np.ndarray, *, thin_max: float = THIN_MAX_PX, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(thin, thick) bool H×W centrelines: width ≤ ``thin_max``·``scale`` px is thin, wider is thick."""
+    """(thin, thick) bool H×W centrelines: a measured width (``vessel_width``) of at most
+    ``thin_max``·``scale`` px is thin, wider is thick. At the default 3 px, vessels 4 px
+    wide count as thin: their width reads 3."""
     width = vessel_width(vessel_mask)
     on_centreline = width > 0
     thin = on_centreline & (width <= thin_max * scale)
