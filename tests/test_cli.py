@@ -399,7 +399,9 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     from fundus_restore import __version__
 
     folder = tmp_path / "in"
-    write_image(folder / "a.png", np.random.default_rng(0).random((40, 50, 3)), bit_depth=8)
+    rows, cols = np.mgrid[:40, :50]
+    disc = (rows - 20) ** 2 + (cols - 25) ** 2 < 19**2  # a field of view on its black surround
+    write_image(folder / "a.png", np.random.default_rng(0).random((40, 50, 3)) * disc[..., None], bit_depth=8)
     out = tmp_path / "out"
     args = ["upscale", str(folder), "-o", str(out), "-m", str(tiny_upscaler_file), "--device", "cpu", "--check"]
     result = runner.invoke(app, [*args, "--check-threshold", "1.0"])
@@ -425,6 +427,11 @@ def test_upscale_check_writes_the_map_and_prints_the_rate(tiny_upscaler_file: Pa
     (out / "a.hallucination.png").unlink()
     assert "1 of 1 images written" in runner.invoke(app, [*args, "--skip-existing"]).output
     assert "0 of 0 images written, 1 skipped" in runner.invoke(app, [*args, "--skip-existing"]).output
+    # A crop from inside the disc: its vessels are sized by its own width, which the warning says.
+    write_image(folder / "a.png", np.random.default_rng(0).random((40, 50, 3)), bit_depth=8)
+    result = runner.invoke(app, [*args, "--check-threshold", "1.0"])
+    assert result.exit_code == 0 and "the photo is all field of view (a crop?): --check sizes its vessels as in a " \
+        "whole photograph 100 px wide" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("command", ["upscale", "restore"])

@@ -497,11 +497,17 @@ def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, th
     centreline absent from the bicubic upscale's, not the spurious rate against a clean
     photo, which no user has), and warn when it exceeds ``threshold``."""
     from fundus_restore.degrade import bicubic_upsample
+    from fundus_restore.fov import fov_mask
     from fundus_restore.io import write_image
     from fundus_restore.vessel_metrics import hallucinated_vessels
+    from fundus_restore.vessels import image_scale
 
     reference = bicubic_upsample(image, upscaled.shape[0] // image.shape[0])
-    hallucinated, rate = hallucinated_vessels(upscaled, reference)
+    fov = fov_mask(reference)
+    if fov.all():  # vessels are sized by the photo's width, which a crop's is not
+        job.warn(f"the photo is all field of view (a crop?): --check sizes its vessels as in a whole photograph "
+                 f"{upscaled.shape[1]} px wide")
+    hallucinated, rate = hallucinated_vessels(upscaled, reference, fov, scale=image_scale(upscaled))
     map_path = job.outputs[1]
     write_image(map_path, _hallucination_map(upscaled, hallucinated),
                 description=_provenance("vessels absent from the bicubic upscale mapped", job))
