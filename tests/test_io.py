@@ -389,7 +389,7 @@ def test_an_8_bit_or_0_255_array_is_refused_where_a_unit_float_image_is_expected
         "metrics": lambda image: metrics.psnr(image, image),
         "inference": lambda image: inference.denoise(image, "dncnn-small-demo", device="cpu"),
         "fov": fov.fov_mask,
-        "vessels": vessels.segment_vessels,
+        "vessels": lambda image: vessels.segment_vessels(image, scale=1.0),
         "degrade": degrade.add_gaussian_noise,
     }[module]
     call(unit)  # the [0, 1] scale is taken

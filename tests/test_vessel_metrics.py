@@ -177,8 +177,8 @@ def test_a_given_clean_segmentation_gives_the_same_measures() -> None:
     clean[80:83, 10:110] -= 0.25
     restored = (clean + rng.normal(0, 0.02, clean.shape)).astype(np.float32)
     fov = np.ones((120, 120), dtype=bool)
-    given = vessel_preservation(clean, restored, fov=fov, clean_vessels=segment_vessels(clean, fov))
-    assert json.dumps(given) == json.dumps(vessel_preservation(clean, restored, fov=fov))
+    given = vessel_preservation(clean, restored, fov=fov, scale=1.0, clean_vessels=segment_vessels(clean, fov, scale=1.0))
+    assert json.dumps(given) == json.dumps(vessel_preservation(clean, restored, fov=fov, scale=1.0))
 
 
 def test_a_crop_is_warned_about_unless_given_its_photographs_scale() -> None:

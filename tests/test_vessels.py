@@ -142,7 +142,8 @@ def test_learned_vesselness_is_a_probability_inside_the_fov_at_any_size(tmp_path
     assert (probability[~fov] == 0).all() and 0 < probability[fov].min() and probability[fov].max() < 1
     # A photo 4x DRIVE's width is segmented at DRIVE's scale and the map brought back to its size.
     wide = np.zeros((40, 2260, 3), dtype=np.float32) + 0.5
-    assert learned_vesselness(wide, np.ones((40, 2260), bool), model=str(model)).shape == (40, 2260)
+    with pytest.warns(UserWarning, match="all field of view"):  # as a crop of a photo would be
+        assert learned_vesselness(wide, np.ones((40, 2260), bool), model=str(model)).shape == (40, 2260)
 
 
 def test_segment_vessels_refuses_an_unknown_method() -> None:

@@ -183,14 +183,14 @@ def segment_vessels(
     tuned on DRIVE training); ``"unet"``: the learned segmenter's probability above
     ``threshold`` (default 0.5).
     """
+    if method not in SEGMENTERS:
+        raise ValueError(f"unknown segmentation method {method!r}: {' or '.join(SEGMENTERS)}")
     fov = checked_fov(image, mask)
     scale = vessel_scale(image, fov) if scale is None else scale
     if method == "hessian":
         vessels = vesselness(image, fov, scale=scale) > (DEFAULT_THRESHOLD if threshold is None else threshold)
-    elif method == "unet":
-        vessels = learned_vesselness(image, fov, scale=scale) > (0.5 if threshold is None else threshold)
     else:
-        raise ValueError(f"unknown segmentation method {method!r}: {' or '.join(SEGMENTERS)}")
+        vessels = learned_vesselness(image, fov, scale=scale) > (0.5 if threshold is None else threshold)
     return remove_small_objects(vessels, max_size=round(_MIN_COMPONENT_PX * scale**2))
 
 
