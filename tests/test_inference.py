@@ -261,6 +261,28 @@ def test_bad_images_are_refused(image: np.ndarray, message: str) -> None:
         denoise(image, random_dncnn(), device="cpu")
 
 
+def test_flipped_and_read_only_views_are_taken_like_any_image(odd_image: np.ndarray) -> None:
+    import warnings
+
+    model = random_dncnn()
+    read_only = odd_image.copy()
+    read_only.flags.writeable = False
+    views = {"mirrored": odd_image[:, ::-1], "BGR": odd_image[..., ::-1], "turned": np.rot90(odd_image),
+             "read-only": read_only}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about a read-only array it is given
+        for name, view in views.items():
+            expected = whole_image(model, view.copy())
+            assert np.abs(denoise(view, model, tile=97, device="cpu") - expected).max() < 1e-4, name
+    upscaler, flipped = random_srresnet(2), odd_image[:60, :70][::-1]
+    assert np.abs(upscale(flipped, upscaler, device="cpu") - whole_image(upscaler, flipped.copy())).max() < 1e-4
+
+
+def test_a_0_255_image_is_named_before_a_sigma_it_makes_look_wrong() -> None:
+    with pytest.raises(ValueError, match=r"image values reach 200: expected the \[0, 1\] scale"):
+        denoise(np.full((10, 10, 3), 200.0, np.float32), random_dncnn(), sigma=25, device="cpu")
+
+
 @pytest.mark.parametrize("super_resolution", [False, True])
 def test_a_grey_image_through_a_colour_model_is_the_mean_of_its_three_outputs(
     super_resolution: bool, odd_image: np.ndarray

@@ -281,7 +281,9 @@ def _nan_tiff(path: Path) -> None:
         ("text.tif", lambda p: p.write_text("not an image\n"), "truncated or corrupt"),
         ("five channels.tif", _five_channel_tiff, "not a grey or RGB image"),
         ("volume.tif", _volume_tiff, "not a grey or RGB image"),
-        ("nan.tif", _nan_tiff, "NaN or infinite samples"),
+        ("nan.tif", _nan_tiff, "the float image contains NaN or infinite values"),
+        ("0-255.tif", lambda p: tifffile.imwrite(p, np.full((6, 6, 3), 200.0, np.float32), photometric="rgb"),
+         r"float image values reach 200: expected the \[0, 1\] scale"),
         ("int32.tif", lambda p: tifffile.imwrite(p, np.zeros((6, 6), np.int32)), "unsupported sample type int32"),
         ("image.webp", lambda p: p.write_bytes(b"RIFF"), "unsupported image type"),
         ("folder.png", lambda p: p.mkdir(), "a folder, not an image file"),
@@ -295,7 +297,7 @@ def test_bad_files_raise_one_line_error_naming_the_file(tmp_path: Path, name: st
     with pytest.raises(ImageFileError, match=problem) as error:
         read_image(path)
     message = str(error.value)
-    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert message.startswith(f"{path}: ") and "\n" not in message and "object at 0x" not in message
     assert str(pickle.loads(pickle.dumps(error.value))) == message  # survives DataLoader workers
 
 

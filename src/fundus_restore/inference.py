@@ -275,8 +275,9 @@ def _checked_image(image: np.ndarray, channels: int | None) -> np.ndarray:
         raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels{hint}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image of shape {image.shape}")
-    checked_float_image(image)
-    return image.astype(np.float32, copy=False)
+    pixels = image.astype(np.float32, copy=False)
+    # torch takes neither negative strides (a flipped view, e.g. BGR to RGB) nor, without a warning, read-only memory.
+    return pixels.copy() if any(stride < 0 for stride in pixels.strides) or not pixels.flags.writeable else pixels
 
 
 def _prepared(model: str | Path | nn.Module | None, default_name: Callable[[], str], device: torch.device) -> nn.Module:
@@ -459,6 +460,7 @@ def _run_network(
     sigma: float | None = None,
 ) -> np.ndarray:
     """Shared by ``denoise`` and ``upscale``: prepare the model, check the image, run it tiled."""
+    checked_float_image(image)  # first: a 0-255 image is the problem, whatever else is given
     if sigma is not None and not 0 <= sigma <= 1:  # e.g. 15 meant as 15/255: the output would be garbage
         raise ValueError(f"sigma is on the image's [0, 1] scale (sigma 15 of 255 is {15 / 255:.4f}), got {sigma:g}")
     for name, pixels in (("tile", tile), ("overlap", overlap)):

@@ -21,7 +21,7 @@ from typing import BinaryIO, NamedTuple
 import imagecodecs
 import numpy as np
 import tifffile
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"})
 _TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -158,6 +158,8 @@ def _decode(path: Path, data: bytes) -> np.ndarray:
         return decode(data)
     except _UnsupportedImage as exc:
         raise _file_error(path, str(exc)) from exc
+    except UnidentifiedImageError as exc:  # its message names an in-memory buffer, not the file
+        raise _file_error(path, "truncated or corrupt image (no image format recognised in its content)") from exc
     except Exception as exc:  # decoders raise many types (OSError, ValueError, PngError, ...) for bad content
         raise _file_error(path, f"truncated or corrupt image ({exc})") from exc
 
@@ -179,9 +181,10 @@ def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
     if array.dtype == np.bool_:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.floating):  # float TIFF: values as written, e.g. unclipped noisy images
-        if not np.isfinite(array).all():
-            raise _file_error(path, "NaN or infinite samples")
-        return array.astype(np.float32, copy=False)
+        try:  # on the [0, 1] scale: 0-255 floats would be read as far too bright
+            return checked_float_image(array, "float image").astype(np.float32, copy=False)
+        except ValueError as error:
+            raise _file_error(path, str(error)) from None
     raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images, or float TIFF)")
 
 
