@@ -357,8 +357,8 @@ def test_a_tile_whose_core_is_small_is_warned_about_once_with_its_cost(photos: P
     args = ["denoise", str(photos / "a (1).png"), "-m", str(tiny_model_file), "--device", "cpu"]
     slow = runner.invoke(app, [*args, "-o", str(tmp_path / "slow"), "--tile", "8"])
     assert slow.exit_code == 0 and " ".join(slow.output.split()).count(
-        "warning: --tile 8 keeps 2 pixels across of each tile (an overlap of 3 on both sides): about 16 times "
-        "the compute of untiled; --tile 12 or more costs at most 4") == 1
+        "warning: --tile 8 keeps as little as 2 pixels across of each tile (6 are overlap): for photos larger than "
+        "the tile, up to about 16 times the compute of untiled; --tile 12 or more costs at most 4") == 1
     fine = runner.invoke(app, [*args, "-o", str(tmp_path / "fine"), "--tile", "12"])
     assert fine.exit_code == 0 and "warning" not in fine.output
     assert np.array_equal(read_image(tmp_path / "slow" / "a (1).png"), read_image(tmp_path / "fine" / "a (1).png"))

@@ -25,6 +25,7 @@ from fundus_restore.inference import (
     prepare_model,
     resolve_device,
     smallest_tile,
+    tiling_cost,
     upscale,
 )
 from fundus_restore.metrics import psnr
@@ -152,6 +153,15 @@ def test_tile_spans_partition_the_axis_inside_valid_regions(length: int, tile: i
         assert keep_start < keep_stop
         if following is not None:
             assert following[2] == keep_stop
+
+
+@pytest.mark.parametrize("length", [1024, 2048])
+@pytest.mark.parametrize("tile", [256, 512, 1024])
+def test_tiling_cost_bounds_the_tiles_run_for_a_strided_network_too(length: int, tile: int) -> None:
+    model = create_model("resunet")  # overlap 112 and a grid of 8, which tiles may grow by 7 on each side
+    spans = _tile_spans(length, tile, default_overlap(model), model.tile_alignment)
+    run = (sum(stop - start for start, stop, _, _ in spans) / length) ** 2
+    assert run <= tiling_cost(model, tile) and (tile >= length or run > 0.5 * tiling_cost(model, tile))
 
 
 def test_tiles_are_balanced() -> None:

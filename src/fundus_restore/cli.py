@@ -340,15 +340,16 @@ def _loaded(load: Callable[[], nn.Module], why: str = "") -> nn.Module:
 def _runnable(load: Callable[[], nn.Module], tile: int | None, device: str, why: str = "") -> nn.Module:
     """The model ``load`` returns, refused (see ``_loaded``) for a ``tile`` or ``device`` it cannot
     run with, and a warning when tiles that small cost several times the compute of whole ones."""
-    from fundus_restore.inference import check_run_settings, default_overlap, tiling_cost
+    from fundus_restore.inference import check_run_settings, tile_margin, tiling_cost
 
     network = _loaded(lambda: check_run_settings(load(), tile=tile, device=device), why)
     cost = tiling_cost(network, tile)
     if cost > 4:  # the core of a tile is less than half of it across
-        overlap = default_overlap(network)
+        margin = tile_margin(network)
         _report_error(
-            f"--tile {tile} keeps {tile - 2 * overlap} pixels across of each tile (an overlap of {overlap} on both "
-            f"sides): about {cost:.0f} times the compute of untiled; --tile {4 * overlap} or more costs at most 4",
+            f"--tile {tile} keeps as little as {tile - margin} pixels across of each tile ({margin} are overlap): "
+            f"for photos larger than the tile, up to about {cost:.0f} times the compute of untiled; --tile "
+            f"{2 * margin} or more costs at most 4",
             "warning",
         )
     return network

@@ -55,7 +55,7 @@ DEFAULT_UPSCALE_MODEL = "srresnet-x4-retina"
 # Input tile side: photographs up to about 2k pixels a side run as one or two tiles,
 # so little overlap is recomputed (CDnCNN-B, overlap 20, on a 1696² image: tile 1024
 # costs 5% more, tile 512 15%; the default U-Net's overlap of 112 makes tile 512 cost up
-# to 3.2 times, see tiling_cost). A 64-channel DnCNN needs about 0.5 KiB per tile pixel
+# to 3.5 times, see tiling_cost). A 64-channel DnCNN needs about 0.5 KiB per tile pixel
 # (1.4 GiB measured for one 1696² tile, where the plain NCHW forward pass needs 2.1 GiB):
 # at most ~2 GiB.
 DEFAULT_TILE = 2048
@@ -187,18 +187,24 @@ def default_overlap(model: nn.Module) -> int:
     return radius
 
 
+def tile_margin(model: nn.Module) -> int:
+    """The pixels across a tile of ``model`` that are not its core (what it keeps): its default
+    overlap on both sides, and what a strided network's tiles may grow to keep its grid."""
+    return 2 * default_overlap(model) + 2 * (getattr(model, "tile_alignment", 1) - 1)
+
+
 def smallest_tile(model: nn.Module) -> int:
-    """The smallest ``tile`` (input pixels) ``model`` can run at with its default overlap:
-    a tile must hold the overlap on both sides, and a strided network's grid."""
-    return 2 * default_overlap(model) + 2 * (getattr(model, "tile_alignment", 1) - 1) + 1
+    """The smallest ``tile`` (input pixels) ``model`` can run at with its default overlap."""
+    return tile_margin(model) + 1
 
 
 def tiling_cost(model: nn.Module, tile: int | None) -> float:
-    """Compute of ``model`` tiled at ``tile`` (input pixels) relative to one whole-image pass:
-    each tile is run whole and keeps only its core, inside the overlap on both sides."""
+    """Compute of ``model`` tiled at ``tile`` (input pixels) relative to one whole-image pass,
+    for an image larger than the tile: each tile is run whole and keeps only its core (at
+    worst ``tile - tile_margin`` across; balanced tiles may keep a little more)."""
     if tile is None:
         return 1.0
-    return (tile / (tile - 2 * default_overlap(model))) ** 2
+    return (tile / (tile - tile_margin(model))) ** 2
 
 
 def check_run_settings(model: nn.Module, *, tile: int | None, device: str | torch.device) -> nn.Module:
