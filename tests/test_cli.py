@@ -352,6 +352,22 @@ def test_an_out_that_is_a_file_or_a_scale_nothing_bundled_has_stops_before_any_p
     assert "restore --upscale-model" in result.output and not (tmp_path / "out").exists()
 
 
+def test_a_16_bit_image_named_jpg_is_written_as_the_8_bit_jpeg_its_name_says(tiny_model_file: Path, tmp_path: Path):
+    import imagecodecs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    samples = (np.random.default_rng(0).random((40, 50, 3)) * 65535).astype(np.uint16)
+    (folder / "x.jpg").write_bytes(imagecodecs.png_encode(samples))  # read by its content: a 16-bit PNG
+    result = runner.invoke(app, ["denoise", str(folder), "-o", str(tmp_path / "out"), "-m", str(tiny_model_file),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "x.jpg: a 16-bit image in a file named .jpg: written as the 8-bit JPEG its name says" in said
+    assert (tmp_path / "out" / "x.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG
+    assert read_image(tmp_path / "out" / "x.jpg").shape == (40, 50, 3)
+
+
 def test_a_tile_whose_core_is_small_is_warned_about_once_with_its_cost(photos: Path, tiny_model_file: Path, tmp_path: Path):
     # The tiny DnCNN's overlap is 3: a tile of 8 keeps 2 pixels across, 16 times the compute.
     args = ["denoise", str(photos / "a (1).png"), "-m", str(tiny_model_file), "--device", "cpu"]
