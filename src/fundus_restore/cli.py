@@ -275,6 +275,8 @@ def _run_batch(
         for job in jobs:
             start = time.perf_counter()
             try:
+                if recursive:
+                    _warn_if_made_by_us(job)
                 handle(job)
                 batch_log.write(job, "written", time.perf_counter() - start)
             except (ImageFileError, ValueError, OSError) as error:
@@ -293,6 +295,16 @@ def _run_batch(
     console.print(summary)
     if failures:
         raise typer.Exit(1)
+
+
+def _warn_if_made_by_us(job: _Job) -> None:
+    """Warn when ``job``'s photo is an output of fundus-restore (its metadata says so): ``-r``
+    walks a whole tree, where an earlier run's output folder may lie among the photographs."""
+    from fundus_restore.io import read_description
+
+    made = read_description(job.source)
+    if made is not None and " by fundus-restore " in made:
+        job.warn(f"made by fundus-restore ({made}): an earlier run's output, processed again?")
 
 
 def _make_output_folder(option: str, folder: Path) -> None:
