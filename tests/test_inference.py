@@ -470,6 +470,9 @@ def test_noise_level_mismatch_speaks_only_outside_the_trained_range() -> None:
     assert "the bundled resunet-retina-green-blind suits it" in noise_level_mismatch(noisy[50], model)
     model.noise_range = (0.0, 55.0)  # blind
     assert all(noise_level_mismatch(image, model) is None for image in (grey, *noisy.values()))
+    # Trained on a range already, and no bundled denoiser trained higher: that is what it says.
+    very_noisy = add_gaussian_noise(grey, 150, seed=0)
+    assert noise_level_mismatch(very_noisy, model).endswith("noise may remain; no bundled denoiser was trained at this level")
     # Only the masked part counts: noise outside the mask is not seen.
     half = noisy[10].copy()
     half[:, 32:] = noisy[50][:, 32:]

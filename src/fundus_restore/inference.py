@@ -410,7 +410,12 @@ def noise_level_mismatch(
         return noise_range is not None and suits_noise_level(noise_range, sigma)
 
     better = best_bundled_denoiser([other for other in list_models() if other != name], fits, channels=image.shape[-1])
-    suggestion = f"the bundled {better} suits it" if better else "a denoiser trained on a range of sigma suits it better"
+    if better:
+        suggestion = f"the bundled {better} suits it"
+    elif low == high:
+        suggestion = "a denoiser trained on a range of sigma suits it better"
+    else:
+        suggestion = "no bundled denoiser was trained at this level"
     return f"{found}, outside the {seen} {name} was trained on: {effect}; {suggestion}"
 
 
