@@ -357,6 +357,25 @@ def test_an_out_that_is_a_file_or_a_scale_nothing_bundled_has_stops_before_any_p
     assert "restore --upscale-model" in result.output and not (tmp_path / "out").exists()
 
 
+def test_a_photo_the_check_fails_on_gets_no_output(
+    tiny_upscaler_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from fundus_restore import vessel_metrics
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise ValueError("the check failed")
+
+    monkeypatch.setattr(vessel_metrics, "hallucinated_vessels", failing)
+    write_image(tmp_path / "in" / "a.png", np.random.default_rng(0).random((40, 50, 3)))
+    log = tmp_path / "log.csv"
+    result = runner.invoke(app, ["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m",
+                                 str(tiny_upscaler_file), "--device", "cpu", "--check", "--log", str(log)])
+    assert result.exit_code == 1 and "the check failed" in result.output
+    assert not list((tmp_path / "out").iterdir())  # as the log says: failed, no outputs
+    (row,) = _log_rows(log)
+    assert row["status"] == "failed" and row["outputs"] == ""
+
+
 def test_a_16_bit_image_named_jpg_is_written_as_the_8_bit_jpeg_its_name_says(tiny_model_file: Path, tmp_path: Path):
     import imagecodecs
 

@@ -507,14 +507,26 @@ def _upscale_outputs(check: bool) -> Callable[[Path], tuple[Path, ...]]:
     return outputs
 
 
-def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, threshold: float) -> None:
-    """The --check guard for one photo: write its map (the job's second output), print and
-    record its rate (``evaluate``'s ``invented_vs_bicubic``: the share of the upscale's vessel
-    centreline absent from the bicubic upscale's, not the spurious rate against a clean
-    photo, which no user has), and warn when it exceeds ``threshold``."""
+def _write_upscaled(job: _Job, small: np.ndarray, upscaled: np.ndarray, action: str, check: float | None) -> None:
+    """Write ``job``'s upscale of ``small`` and, with ``check`` (``--check``'s threshold), its
+    hallucination map (the job's second output). The check is made first: a photo it fails on
+    gets no output, as its log row says."""
+    from fundus_restore.io import write_image
+
+    hallucination_map = None if check is None else _check_hallucinations(job, small, upscaled, check)
+    _write_output(job, upscaled, action)
+    if hallucination_map is not None:
+        write_image(job.outputs[1], hallucination_map,
+                    description=_provenance("vessels absent from the bicubic upscale mapped", job))
+
+
+def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, threshold: float) -> np.ndarray:
+    """The --check guard for one photo: print and record its rate (``evaluate``'s
+    ``invented_vs_bicubic``: the share of the upscale's vessel centreline absent from the
+    bicubic upscale's, not the spurious rate against a clean photo, which no user has), warn
+    when it exceeds ``threshold``, and return the map to write."""
     from fundus_restore.degrade import bicubic_upsample
     from fundus_restore.fov import fov_mask
-    from fundus_restore.io import write_image
     from fundus_restore.vessel_metrics import hallucinated_vessels
     from fundus_restore.vessels import image_scale
 
@@ -524,17 +536,15 @@ def _check_hallucinations(job: _Job, image: np.ndarray, upscaled: np.ndarray, th
         job.warn(f"the photo is all field of view (a crop?): --check sizes its vessels as in a whole photograph "
                  f"{upscaled.shape[1]} px wide")
     hallucinated, rate = hallucinated_vessels(upscaled, reference, fov, scale=image_scale(upscaled))
-    map_path = job.outputs[1]
-    write_image(map_path, _hallucination_map(upscaled, hallucinated),
-                description=_provenance("vessels absent from the bicubic upscale mapped", job))
     console.print(f"{escape(str(job.source))}: vessels invented vs bicubic {rate:.3f}")
     job.record["invented_vs_bicubic"] = f"{rate:.4f}"
     if rate > threshold:
         job.warn(
             f"{rate:.1%} of the upscaled vessel centreline is absent from the bicubic upscale "
             f"(threshold {threshold:.1%}): vessels the small image does not show, recovered or invented; "
-            f"check them in {map_path.name}"
+            f"check them in {job.outputs[1].name}"
         )
+    return _hallucination_map(upscaled, hallucinated)
 
 
 @app.command()
@@ -567,9 +577,7 @@ def upscale(
         if noise_check:
             _check_noise_level(job, image, network)
         upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
-        _write_output(job, upscaled, f"upscaled x{upscale_factor(network)}")
-        if check:
-            _check_hallucinations(job, image, upscaled, check_threshold)
+        _write_upscaled(job, image, upscaled, f"upscaled x{upscale_factor(network)}", check_threshold if check else None)
 
     _run_batch(
         inputs, out, f"upscaling with {model_name(network)}", handle,
@@ -617,9 +625,8 @@ def restore(
                              ensemble=ensemble)
         job.record["model"] += f" + {model_name(upscaler)}"
         upscaled = upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble)
-        _write_output(job, upscaled, f"denoised and upscaled x{upscale_factor(upscaler)}")
-        if check:
-            _check_hallucinations(job, denoised, upscaled, check_threshold)
+        _write_upscaled(job, denoised, upscaled, f"denoised and upscaled x{upscale_factor(upscaler)}",
+                        check_threshold if check else None)
 
     _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing,
                outputs=_upscale_outputs(check), log=log)

@@ -61,7 +61,7 @@ def fov_mask(image: np.ndarray) -> np.ndarray:
     An image without a dark surround (all of it inside the disc) is all field of view.
     """
     intensity = _intensity(checked_float_image(image))
-    if np.ptp(intensity) == 0:
+    if np.ptp(intensity) < 1 / 65535:  # flat (within a 16-bit level): no surround, and too little range for Otsu
         return np.ones(intensity.shape, dtype=bool)
     threshold = float(np.exp(threshold_otsu(np.log(intensity + _LOG_OFFSET))) - _LOG_OFFSET)
     dark = intensity <= threshold

@@ -39,6 +39,8 @@ LEARNED_SEGMENTER = "vessels-unet"
 HESSIAN_SIGMAS = (1.0, 1.5, 2.0, 3.0, 4.0)
 # CLAHE clip limit: enough to even out the illumination, not so much that noise is boosted.
 _CLAHE_CLIP = 0.01
+# A green channel spanning less than this inside the field of view (two 8-bit levels) holds no vessel.
+_FLAT_RANGE = 2.0 / 255.0
 # The FOV is eroded by this much before vesselness is kept: the disc rim is a dark edge, not a vessel.
 _RIM_PX = 3.0
 # Default segmentation threshold on vesselness, tuned on DRIVE training (scripts/check_vessels_drive.py).
@@ -105,6 +107,8 @@ def _normalised_green(image: np.ndarray, fov: np.ndarray) -> np.ndarray:
     dark ridge, and keeps the black surround out of CLAHE's histograms.
     """
     green = np.clip(green_channel(image), 0.0, 1.0)
+    if np.ptp(green[fov]) < _FLAT_RANGE:  # nothing to see: CLAHE would stretch rounding noise into "vessels"
+        return np.zeros(green.shape, dtype=np.float32)
     nearest = ndimage.distance_transform_edt(~fov, return_distances=False, return_indices=True)
     return equalize_adapthist(green[tuple(nearest)], clip_limit=_CLAHE_CLIP).astype(np.float32)
 
