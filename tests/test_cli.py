@@ -404,6 +404,12 @@ def test_a_tile_whose_core_is_small_is_warned_about_once_with_its_cost(photos: P
     assert np.array_equal(read_image(tmp_path / "slow" / "a (1).png"), read_image(tmp_path / "fine" / "a (1).png"))
 
 
+def test_demo_with_a_grey_model_says_so_in_one_line(tmp_path: Path):
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-m", "resunet-retina-grey-blind"])
+    assert result.exit_code == 2 and not (tmp_path / "demo").exists()
+    assert "resunet-retina-grey-blind takes 1-channel images; the demo's photograph is colour" in result.output
+
+
 def test_demo_with_an_unknown_model_says_so_in_one_line(tmp_path: Path):
     result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-m", "no-such-model"])
     assert result.exit_code == 2 and "no-such-model" in result.output and "Traceback" not in result.output

@@ -931,15 +931,24 @@ def demo(
 
     from fundus_restore.degrade import add_gaussian_noise
     from fundus_restore.fov import fov_mask
-    from fundus_restore.inference import denoise as denoise_image, load_denoiser
+    from fundus_restore.inference import denoise as denoise_image, input_channels, load_denoiser
     from fundus_restore.io import write_image
     from fundus_restore.metrics import image_quality
+    from fundus_restore.pretrained import model_name
     from fundus_restore.report import comparison_figure, thin_vessel_window
 
     clean = skimage_data.retina().astype(np.float32) / 255.0
     mask = fov_mask(clean)
     noisy = add_gaussian_noise(clean, sigma, seed=seed)
-    network = _runnable(lambda: load_denoiser(model), tile, device)
+
+    def colour_denoiser() -> nn.Module:
+        network = load_denoiser(model)
+        channels = input_channels(network)
+        if channels not in (None, 3):
+            raise ValueError(f"{model_name(network)} takes {channels}-channel images; the demo's photograph is colour")
+        return network
+
+    network = _runnable(colour_denoiser, tile, device)
     _make_output_folder("--out", out)  # before the minute of denoising, not after it
     name = getattr(network, "name", str(model))
     console.print(f"denoising the {clean.shape[1]}×{clean.shape[0]} retina photo (sigma {sigma:g}) with {name} …")
