@@ -354,6 +354,9 @@ def test_an_out_that_is_a_file_or_a_scale_nothing_bundled_has_stops_before_any_p
     assert log.read_text() == "kept\n"
     result = runner.invoke(app, ["restore", str(photos), "-o", str(tmp_path / "out"), "--scale", "3"])
     assert result.exit_code == 2 and "no x3 super-resolution model is bundled" in result.output
+    for scale in ("1", "0"):  # no model enlarges by these: the option's range says so
+        result = runner.invoke(app, ["upscale", str(photos), "-o", str(tmp_path / "one"), "--scale", scale])
+        assert result.exit_code == 2 and "greater than or equal to 2" in " ".join(result.output.split())
     assert "restore --upscale-model" in result.output and not (tmp_path / "out").exists()
 
 
@@ -608,6 +611,9 @@ def test_restore_is_upscale_of_denoise(
     denoised = denoise(read_image(photos / "b.tif"), tiny_model_file, device="cpu", ensemble=ensemble)
     expected = upscale(denoised, tiny_upscaler_file, device="cpu", ensemble=ensemble)
     assert np.abs(read_image(out / "b.tif") - expected.clip(0, 1)).max() < 2 / 65535
+    # Its own metadata says how it was made, the ensemble included (its output differs from a single pass's).
+    ensemble_note = "(x8 flip-and-turn ensemble) " if ensemble else ""
+    assert read_description(out / "b.tif").startswith(f"denoised and upscaled x2 {ensemble_note}by fundus-restore ")
 
 
 def test_restore_feeds_an_upscaler_the_denoiser_its_card_was_trained_behind(

@@ -41,7 +41,7 @@ _UPSCALE_MODEL_HELP = "Super-resolution model: bundled name or .safetensors file
 UpscaleModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help=_UPSCALE_MODEL_HELP)]
 ScaleOption = Annotated[
     Optional[int],
-    typer.Option(help="Upscaling factor: picks the bundled model of that scale, or checks the given model's."),
+    typer.Option(min=2, help="Upscaling factor: picks the bundled model of that scale, or checks the given model's."),
 ]
 TileOption = Annotated[Optional[int], typer.Option(help="Tile size for bounded memory on large photos (e.g. 512).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
@@ -331,6 +331,11 @@ def _provenance(action: str, job: _Job) -> str:
     return described.encode("ascii", "replace").decode()  # a model file's name may not be ASCII
 
 
+def _ensemble_note(ensemble: bool) -> str:
+    """What an output's description adds when ``--ensemble`` made it (it differs from a single pass)."""
+    return " (x8 flip-and-turn ensemble)" if ensemble else ""
+
+
 def _write_output(job: _Job, image: np.ndarray, action: str, *, bit_depth: int | None = None) -> None:
     """Write ``job``'s output with the input's bit depth (or ``bit_depth``) and its provenance."""
     from fundus_restore.io import image_bit_depth, write_image
@@ -403,7 +408,7 @@ def denoise(
         image = read_image(job.source, rgb=False)
         denoised = _denoised(job, image, denoiser_for(image), sigma, noise_check, tile=tile, device=device,
                              ensemble=ensemble)
-        _write_output(job, denoised, "denoised")
+        _write_output(job, denoised, "denoised" + _ensemble_note(ensemble))
 
     _run_batch(
         inputs, out, f"denoising with {name}", handle, recursive=recursive, skip_existing=skip_existing, log=log
@@ -577,7 +582,8 @@ def upscale(
         if noise_check:
             _check_noise_level(job, image, network)
         upscaled = upscale_image(image, network, tile=tile, device=device, ensemble=ensemble)
-        _write_upscaled(job, image, upscaled, f"upscaled x{upscale_factor(network)}", check_threshold if check else None)
+        _write_upscaled(job, image, upscaled, f"upscaled x{upscale_factor(network)}{_ensemble_note(ensemble)}",
+                        check_threshold if check else None)
 
     _run_batch(
         inputs, out, f"upscaling with {model_name(network)}", handle,
@@ -625,7 +631,7 @@ def restore(
                              ensemble=ensemble)
         job.record["model"] += f" + {model_name(upscaler)}"
         upscaled = upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble)
-        _write_upscaled(job, denoised, upscaled, f"denoised and upscaled x{upscale_factor(upscaler)}",
+        _write_upscaled(job, denoised, upscaled, f"denoised and upscaled x{upscale_factor(upscaler)}{_ensemble_note(ensemble)}",
                         check_threshold if check else None)
 
     _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing,
