@@ -354,10 +354,10 @@ def test_an_out_that_is_a_file_or_a_scale_nothing_bundled_has_stops_before_any_p
     assert log.read_text() == "kept\n"
     result = runner.invoke(app, ["restore", str(photos), "-o", str(tmp_path / "out"), "--scale", "3"])
     assert result.exit_code == 2 and "no x3 super-resolution model is bundled" in result.output
+    assert "restore --upscale-model" in result.output and not (tmp_path / "out").exists()
     for scale in ("1", "0"):  # no model enlarges by these: the option's range says so
         result = runner.invoke(app, ["upscale", str(photos), "-o", str(tmp_path / "one"), "--scale", scale])
         assert result.exit_code == 2 and "greater than or equal to 2" in " ".join(result.output.split())
-    assert "restore --upscale-model" in result.output and not (tmp_path / "out").exists()
 
 
 def test_a_photo_the_check_fails_on_gets_no_output(
