@@ -7,11 +7,14 @@ package) and ``CBM3D`` the module that runs it on every image of a batch; ``eval
 calls the function with the true noise level, the module is told the photo's estimate.
 
 Tiling bounds CBM3D's memory too, which grows with the pixels it is given (907 MiB for a
-1024² crop: ``python benchmarks/bench_denoise.py --size 1024 --bm3d-size 1024``). A
-pixel's estimate depends on the pixels within ``RECEPTIVE_FIELD_RADIUS``, and tiles start
-on the grid of reference blocks, but the tiled result is not bitwise the whole-image one:
-CBM3D scales its colour transform by each tile's range, and the ``bm3d`` package sums in
-parallel in no fixed order.
+1024² crop: ``python benchmarks/bench_denoise.py --size 1024 --bm3d-size 1024``). Tiles
+overlap by ``RECEPTIVE_FIELD_RADIUS`` and start on the grid of reference blocks, but the
+``bm3d`` package's estimate is not local, so the tiled result is not the whole-image one:
+on a 261×251 green-channel crop of scikit-image's retina at sigma 25, BM3D tiled at 240
+differs from the whole crop by up to 6 levels of 255 at a pixel (0.2 on average, 5 % of
+pixels by more than one level), and the crop shifted by one grid step (3 px) differs as
+much far from the cut. (CBM3D also scales its colour transform by each tile's range.)
+Tile it only where memory asks for it.
 """
 
 from __future__ import annotations
