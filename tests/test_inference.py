@@ -254,6 +254,7 @@ def test_models_loaded_by_file_are_cached(tmp_path, odd_image: np.ndarray) -> No
 
 def test_package_exposes_denoise() -> None:
     assert fundus_restore.denoise is denoise
+    assert {"denoise", "upscale", "load_model"} <= set(dir(fundus_restore))  # the lazy ones listed too
 
 
 @pytest.mark.parametrize(

@@ -15,3 +15,8 @@ def __getattr__(name: str):
 
         return getattr(inference, name)
     raise AttributeError(f"module 'fundus_restore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Tab completion and help() list the lazy functions too.
+    return sorted({*globals(), "denoise", "upscale"})
