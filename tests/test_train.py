@@ -475,7 +475,8 @@ def test_a_run_is_refused_in_a_folder_another_run_is_training_in(
     train_from_config(config)
     written = (output / "checkpoint.pt").read_bytes()
     busy = "another run is training in this folder; wait for it to end or choose another output"
-    with train._lock_run_folder(output):  # as the other run holds it (a lock per open file, even in one process)
+    with train._RunFolderLock(output) as other:  # as another run holds it (a lock per open file, even in one process)
+        other.take()
         with pytest.raises(TrainingError, match=busy):
             train_from_config(config | {"steps": 6}, resume=True)
     assert (output / "checkpoint.pt").read_bytes() == written
@@ -489,14 +490,51 @@ def test_a_run_is_refused_in_a_folder_another_run_is_training_in(
 
     def other_run_takes_the_folder(*args: Any) -> Any:
         fresh.mkdir()
-        held.append(train._lock_run_folder(fresh))
+        held.append(train._RunFolderLock(fresh))
+        held[0].take()
         return reading_validation_photos(*args)
 
     monkeypatch.setattr(train, "run_validation_crops", other_run_takes_the_folder)
     with pytest.raises(TrainingError, match=busy):
         train_from_config(tiny_config(photo_dir, fresh, steps=3))
     assert sorted(p.name for p in fresh.iterdir()) == [".lock"]
-    held[0].close()
+    held[0].__exit__(None, None, None)
+
+
+def test_a_failed_run_lets_go_of_its_folder_though_its_workers_live_on(
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "run"
+    config = tiny_config(photo_dir, output, steps=6, **{"data.workers": 1})
+    train_from_config(config | {"steps": 3})
+    stepping = Trainer.train_step
+
+    def interrupted(self: Trainer, *args: Any) -> dict[str, float]:
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return stepping(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt) as stopped:  # its traceback keeps the loader's worker alive
+        train_from_config(config, resume=True)
+    monkeypatch.setattr(Trainer, "train_step", stepping)
+    train_from_config(config, resume=True)  # not refused as "another run is training"
+    assert stopped.value is not None and torch.load(output / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_a_folder_that_cannot_be_locked_is_trained_in_with_a_warning(
+    photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(*args: Any) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"the folder cannot be locked \(No locks available\): nothing stops a second"):
+        train_from_config(tiny_config(photo_dir, tmp_path / "run", steps=2))
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_resume_refuses_a_changed_recipe_and_says_how_more_steps_move_the_rate(

@@ -44,6 +44,7 @@ is relative to the config file).
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -53,8 +54,9 @@ import platform
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -1031,21 +1033,56 @@ def _refuse_earlier_run(output: Path) -> None:
         raise TrainingError(f"{output}: holds the model of an earlier run; choose another output")
 
 
-def _lock_run_folder(output: Path) -> IO[str]:
-    """Hold ``output``'s lock file until the returned handle is closed or this process ends,
-    however it ends (the operating system lets go then): a second run in the same folder is
-    refused, not interleaved with this one's checkpoints and logs."""
-    handle = (output / RUN_LOCK).open("a", encoding="utf-8")
-    try:
+class _RunFolderLock:
+    """The lock on a run folder's ``RUN_LOCK`` file, from ``take`` until the ``with`` block ends: a
+    second run in the same folder is refused, not interleaved with this one's checkpoints and logs.
+    The operating system's own lock (flock; msvcrt on Windows), so a killed run never leaves it held."""
+
+    # What a lock held elsewhere raises; any other error means the filesystem cannot lock.
+    _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK)
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.handle: IO[str] | None = None
+        self.unlockable = False  # a filesystem without locks (said once)
+
+    def take(self) -> bool:
+        """Lock the folder (which must exist) unless this run holds it already; True when it took it now."""
+        if self.handle is not None or self.unlockable:
+            return False
+        handle = (self.output / RUN_LOCK).open("a", encoding="utf-8")
+        try:
+            self._lock(handle, unlock=False)
+        except OSError as error:
+            handle.close()
+            if error.errno in self._HELD:
+                raise TrainingError(f"{self.output}: another run is training in this folder; "
+                                    "wait for it to end or choose another output") from None
+            self.unlockable = True
+            warnings.warn(f"{self.output}: the folder cannot be locked ({error.strerror or error}): "
+                          "nothing stops a second run in it", stacklevel=2)
+            return False
+        self.handle = handle
+        return True
+
+    @staticmethod
+    def _lock(handle: IO[str], *, unlock: bool) -> None:
         if sys.platform == "win32":
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK if unlock else msvcrt.LK_NBLCK, 1)
         else:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise TrainingError(f"{output}: another run is training in this folder; "
-                            "wait for it to end or choose another output") from None
-    return handle
+            fcntl.flock(handle, fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def __enter__(self) -> _RunFolderLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.handle is not None:
+            # Unlocked, not only closed: forked DataLoader workers share the file and would keep it locked
+            # while a failed run's traceback keeps them alive.
+            self._lock(self.handle, unlock=True)
+            self.handle.close()
+            self.handle = None
 
 
 def _model_card(
@@ -1205,15 +1242,16 @@ def _past(deadline: float | None, placement: Placement) -> bool:
 
 def _run(config: dict[str, Any], resume: bool, placement: Placement, console: Console) -> Path:
     output = Path(config["output"])
-    with ExitStack() as held:
+    with _RunFolderLock(output) as lock:
         # The main process holds the folder from before it reads a checkpoint until the model is written.
-        lock = held.enter_context(_lock_run_folder(output)) if placement.is_main and output.is_dir() else None
-        return _run_locked(config, resume, placement, console, lock, held)
+        if placement.is_main and output.is_dir():
+            lock.take()
+        return _run_holding(config, resume, placement, console, lock)
 
 
-def _run_locked(config: dict[str, Any], resume: bool, placement: Placement, console: Console,
-                lock: IO[str] | None, held: ExitStack) -> Path:
-    output = Path(config["output"])
+def _run_holding(config: dict[str, Any], resume: bool, placement: Placement, console: Console,
+                 lock: _RunFolderLock) -> Path:
+    output = lock.output
     state = _resume_state(config, resume, placement.world_size, console)
     train_images, validation_images = training_split(config)
     trainer = Trainer(config, placement)
@@ -1230,8 +1268,7 @@ def _run_locked(config: dict[str, Any], resume: bool, placement: Placement, cons
     if main:
         crops = run_validation_crops(config, validation_images)
         output.mkdir(parents=True, exist_ok=True)
-        if lock is None:  # a new folder: whichever run made it, the first to lock it trains
-            held.enter_context(_lock_run_folder(output))
+        if lock.take():  # a new folder: whichever run made it, the first to lock it trains
             _refuse_earlier_run(output)  # a run that took it first may have ended since
         (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         log = ScalarLog(output, resume_step=trainer.step if state is not None else None)
