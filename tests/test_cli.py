@@ -156,11 +156,16 @@ def test_recursive_mirrors_the_tree_without_hidden_folders_or_the_output_folder(
     # Without -r only the folder's own photos are taken.
     flat = runner.invoke(app, ["degrade", str(photos), "-o", str(tmp_path / "flat"), "--sigma", "0"])
     assert flat.exit_code == 0 and [path.name for path in (tmp_path / "flat").iterdir()] == ["top.png"]
-    # A second -r run into another folder finds the first one's outputs in the tree: processed, and said.
+    # Degraded photos are what denoise is for: no word of them under -r.
+    denoised = runner.invoke(app, ["denoise", "-r", str(photos), "-o", str(tmp_path / "denoised"), "-m",
+                                   "dncnn-small-demo", "--device", "cpu", "--no-noise-check"])
+    assert denoised.exit_code == 0 and "earlier run" not in denoised.output
+    # A later -r run finds the denoised outputs moved into the tree: processed, and said.
+    (tmp_path / "denoised").rename(photos / "denoised")
     again = runner.invoke(app, ["degrade", "-r", str(photos), "-o", str(tmp_path / "again"), "--sigma", "0"])
     said = " ".join(again.output.split())
-    assert again.exit_code == 0 and said.count("an earlier run's output, processed again?") == 3  # not old.png
-    assert f"warning: {photos / 'restored' / 'top.png'}: made by fundus-restore (degraded" in said
+    assert again.exit_code == 0 and said.count(", processed again") == 7  # every denoised photo
+    assert f"warning: {photos / 'denoised' / 'top.png'}: an output of an earlier run (denoised by fundus-restore" in said
 
 
 def test_skip_existing_resumes_a_batch_with_the_same_noise(photos: Path, tmp_path: Path):

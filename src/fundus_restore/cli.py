@@ -298,13 +298,17 @@ def _run_batch(
 
 
 def _warn_if_made_by_us(job: _Job) -> None:
-    """Warn when ``job``'s photo is an output of fundus-restore (its metadata says so): ``-r``
-    walks a whole tree, where an earlier run's output folder may lie among the photographs."""
-    from fundus_restore.io import read_description
+    """Warn when ``job``'s photo is a restored output of fundus-restore (its metadata says so):
+    ``-r`` walks a whole tree, where an earlier run's output folder may lie among the photographs.
+    Degraded photos are inputs by design; an unreadable file is left for the command to report."""
+    from fundus_restore.io import ImageFileError, read_description
 
-    made = read_description(job.source)
-    if made is not None and " by fundus-restore " in made:
-        job.warn(f"made by fundus-restore ({made}): an earlier run's output, processed again?")
+    try:
+        made = read_description(job.source)
+    except ImageFileError:
+        return
+    if made is not None and " by fundus-restore " in made and not made.startswith("degraded"):
+        job.warn(f"an output of an earlier run ({made}), processed again")
 
 
 def _make_output_folder(option: str, folder: Path) -> None:

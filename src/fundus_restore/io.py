@@ -378,6 +378,8 @@ def read_description(path: str | Path) -> str | None:
                 return None if not description or description.startswith('{"shape"') else description
         with Image.open(io.BytesIO(data)) as opened:
             found = opened.info.get(_PNG_DESCRIPTION.decode()) or opened.info.get("comment")
+    except UnidentifiedImageError as exc:  # its message names an in-memory buffer, not the file
+        raise _file_error(path, "cannot read image header (no image format recognised in its content)") from exc
     except Exception as exc:  # decoders raise many types for bad content
         raise _file_error(path, f"cannot read image header ({exc})") from exc
     return found.decode("latin-1") if isinstance(found, bytes) else found
