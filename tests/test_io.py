@@ -332,6 +332,10 @@ def test_float_tiff_keeps_values_outside_the_unit_range(tmp_path: Path) -> None:
     path = write_image(tmp_path / "noisy.tif", image, bit_depth=32)
     np.testing.assert_array_equal(read_image(path), image)
     assert image_bit_depth(path) == 32
+    # Unclipped noise of sigma 150 on a dark photo puts many values below -0.5: what degrade --no-clip writes is read back.
+    darker = np.random.default_rng(1).normal(0.1, 150 / 255, (9, 7, 3)).astype(np.float32)
+    assert (darker < -0.5).mean() > 0.05
+    np.testing.assert_array_equal(read_image(write_image(tmp_path / "darker.tif", darker, bit_depth=32)), darker)
     with pytest.raises(ImageFileError, match="only be written to TIFF"):
         write_image(tmp_path / "noisy.png", image, bit_depth=32)
 

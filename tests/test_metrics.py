@@ -235,5 +235,8 @@ def test_a_soft_mask_is_refused_not_read_as_every_pixel_above_zero() -> None:
             measure(clean, noisy, mask=weights) if measure is not estimate_noise_sigma else measure(noisy, weights)
     with pytest.raises(ValueError, match=r"the truth holds values other than 0 and 1"):
         dice(weights > 0.5, weights)
-    # 0/1 numbers are a mask like bools.
-    assert psnr(clean, noisy, mask=(weights > 0.5).astype(np.uint8)) == psnr(clean, noisy, mask=weights > 0.5)
+    # 0/1 numbers are a mask like bools, and so are an 8-bit file's 0/255.
+    for levels in ((weights > 0.5).astype(np.uint8), (weights > 0.5).astype(np.float32), (weights > 0.5) * np.uint8(255)):
+        assert psnr(clean, noisy, mask=levels) == psnr(clean, noisy, mask=weights > 0.5)
+    with pytest.raises(ValueError, match=r"the mask holds more than two levels \(e\.g\. 0, 128 and 255\)"):
+        psnr(clean, noisy, mask=np.where(weights > 0.5, 255, 128) * (np.arange(64) > 8)[:, None])

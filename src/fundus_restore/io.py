@@ -181,8 +181,8 @@ def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
     if array.dtype == np.bool_:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.floating):  # float TIFF: values as written, e.g. unclipped noisy images
-        try:  # on the [0, 1] scale: 0-255 floats would be read as far too bright
-            return checked_float_image(array, "float image").astype(np.float32, copy=False)
+        try:  # on the [0, 1] scale: 0-255 floats would be read as far too bright (any unclipped noise is read)
+            return checked_float_image(array, "float image", any_negatives=True).astype(np.float32, copy=False)
         except ValueError as error:
             raise _file_error(path, str(error)) from None
     raise _file_error(path, f"unsupported sample type {array.dtype} (8- or 16-bit images, or float TIFF)")
@@ -196,11 +196,14 @@ _NEGATIVE_LIMIT = -0.5
 _NEGATIVE_SHARE_LIMIT = 0.05
 
 
-def checked_float_image(image: np.ndarray, what: str = "image", data_range: float = 1.0) -> np.ndarray:
+def checked_float_image(
+    image: np.ndarray, what: str = "image", data_range: float = 1.0, *, any_negatives: bool = False
+) -> np.ndarray:
     """``image`` as an array, refused with a ValueError naming ``what`` unless it holds finite
     floats on about [0, ``data_range``]: integers (uint8 photos) and 0-255 floats would be read
     as far too bright, [-1, 1] floats as far too dark, and NaN would spread, giving silently
-    wrong results."""
+    wrong results. ``any_negatives`` leaves out the [-1, 1] check, for a file written with
+    unclipped noise of any sigma."""
     if not data_range > 0:
         raise ValueError(f"data_range must be positive, got {data_range:g}")
     image = np.asarray(image)
@@ -212,7 +215,7 @@ def checked_float_image(image: np.ndarray, what: str = "image", data_range: floa
     peak = image.max(initial=0.0)
     if peak > _UNIT_SCALE_LIMIT * data_range:
         raise ValueError(f"{what} values reach {peak:g}: expected the [0, {data_range:g}] scale (divide 0-255 values by 255)")
-    negative_share = np.count_nonzero(image < _NEGATIVE_LIMIT * data_range) / max(image.size, 1)
+    negative_share = 0 if any_negatives else np.count_nonzero(image < _NEGATIVE_LIMIT * data_range) / max(image.size, 1)
     if negative_share > _NEGATIVE_SHARE_LIMIT:
         raise ValueError(f"{negative_share:.0%} of the {what}'s values are below {_NEGATIVE_LIMIT * data_range:g}: "
                          f"expected the [0, {data_range:g}] scale (map [-1, 1] values with (x + 1) / 2)")
@@ -220,16 +223,25 @@ def checked_float_image(image: np.ndarray, what: str = "image", data_range: floa
 
 
 def checked_bool_mask(mask: np.ndarray, what: str = "mask") -> np.ndarray:
-    """``mask`` as a bool array, refused with a ValueError naming ``what`` unless it holds
-    only 0 and 1 (or False and True): a soft mask (a probability map, a resized mask's
-    fringe) would otherwise count every pixel above 0 as inside."""
+    """``mask`` as a bool array (True where non-zero), refused with a ValueError naming ``what``
+    unless it holds two levels, 0 and 1, or for integers 0 and one other (0 and 255 from an
+    8-bit file): a soft mask (a probability map, a resized mask's fringe) would otherwise
+    count every pixel above 0 as inside."""
     array = np.asarray(mask)
-    if array.dtype != bool:
-        soft = array[(array != 0) & (array != 1)]
+    if array.dtype == bool:
+        return array
+    inside = array[array != 0]
+    if np.issubdtype(array.dtype, np.integer):
+        others = inside[inside != inside.flat[0]] if inside.size else inside
+        if others.size:
+            raise ValueError(f"the {what} holds more than two levels (e.g. 0, {inside.flat[0]} and {others.flat[0]}): "
+                             "threshold it first (mask > 0)")
+    else:
+        soft = inside[inside != 1]
         if soft.size:
             raise ValueError(f"the {what} holds values other than 0 and 1 (e.g. {soft.flat[0]:g}): "
                              "threshold a soft mask first (mask > 0.5)")
-    return array.astype(bool, copy=False)
+    return array != 0
 
 
 def channels_last(image: np.ndarray, channel_axis: int | None) -> np.ndarray:
