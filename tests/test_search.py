@@ -100,6 +100,10 @@ def test_a_stopped_search_resumes_as_if_it_had_not_stopped(tmp_path: Path) -> No
     with pytest.raises(TrainingError, match="no search to resume"):
         search_loss_weights(config, tmp_path / "none", trials=3, resume=True)
 
+    # Stopped while trial 1's line was written: that line is cut short, and the finished trial's run is
+    # resumed (its card written again from its checkpoint).
+    log = tmp_path / "parts" / "trials.jsonl"
+    log.write_text(log.read_text()[:-20])
     calls = []
 
     def counted(*args: object, **kwargs: object) -> Path:
@@ -107,7 +111,7 @@ def test_a_stopped_search_resumes_as_if_it_had_not_stopped(tmp_path: Path) -> No
         return train_from_config(*args, **kwargs)
 
     resumed = search_loss_weights(config, tmp_path / "parts", trials=3, resume=True, train=counted)
-    assert calls == ["trial-002", "trial-003"]  # the logged baseline and trial 1 are not run again
+    assert calls == ["trial-001", "trial-002", "trial-003"]  # the logged baseline is not run again
     # The same weights suggested and the same scores measured (NaN where no thin vessel is measured).
     np.testing.assert_equal([asdict(replace(r, output="")) for r in resumed], [asdict(replace(r, output="")) for r in whole])
     logged = [json.loads(line)["number"] for line in (tmp_path / "parts" / "trials.jsonl").read_text().splitlines()]

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fundus_restore.io import write_file_atomically
 from fundus_restore.train import CHECKPOINT, TrainingError, dotted_config, load_config, strict_json, train_from_config
 
 PROTOCOLS = ("paper", "camera")
@@ -153,15 +154,27 @@ def _search_so_far(output: Path, settings: Mapping[str, Any], resume: bool) -> l
         record.write_text(strict_json(settings, indent=2) + "\n", encoding="utf-8")
         return []
     if not record.exists():
-        raise TrainingError(f"{record}: no search to resume")
+        older = " (the log there is from a version that kept no search.json: start a new search)" if log.exists() else ""
+        raise TrainingError(f"{record}: no search to resume{older}")
     before = json.loads(record.read_text(encoding="utf-8"))
     was, now = dotted_config(before["config"]) | before, dotted_config(settings["config"]) | settings
     changed = sorted(key for key in {*was, *now} - {"config"} if was.get(key) != now.get(key))
     if changed:
         raise TrainingError(f"{output}: --resume continues the search as it was set up, but {', '.join(changed)} "
                             "changed; start a new search in another folder")
-    lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
-    return [_logged_result(json.loads(line)) for line in lines if line.strip()]
+    lines = [line for line in (log.read_text(encoding="utf-8").splitlines() if log.exists() else []) if line.strip()]
+    entries = []
+    for index, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise TrainingError(f"{log}: line {index + 1} is not a trial's record; start a new search") from None
+            # The last line, cut short by a stop while it was written: that trial is run again (from its checkpoint).
+            write_file_atomically(log, "".join(f"{kept}\n" for kept in lines[:-1]).encode("utf-8"))
+    if any(entry["number"] != index for index, entry in enumerate(entries)):
+        raise TrainingError(f"{log}: its trials are not numbered 0, 1, 2...; start a new search")
+    return [_logged_result(entry) for entry in entries]
 
 
 def _logged_result(entry: Mapping[str, Any]) -> TrialResult:
