@@ -185,8 +185,9 @@ def test_a_crop_is_warned_about_unless_given_its_photographs_scale() -> None:
     # Sized by its own width, a 120-px crop of a DRIVE photo would count no vessel as thin.
     clean = np.full((120, 120, 3), 0.6, dtype=np.float32)
     clean[40:42, 10:110] -= 0.2
-    with pytest.warns(UserWarning, match=r"all field of view \(a crop .*120 px wide \(scale 0\.21\); for a crop give scale="):
+    with pytest.warns(UserWarning, match=r"all field of view \(a crop .*120 px wide \(scale 0\.21\); for a crop give scale=") as said:
         vessel_preservation(clean, clean)
+    assert all(warning.filename == __file__ for warning in said)  # it points at the user's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vessel_preservation(clean, clean, scale=1.0)

@@ -346,7 +346,7 @@ def _write_output(job: _Job, image: np.ndarray, action: str, *, bit_depth: int |
 
     bits = image_bit_depth(job.source) if bit_depth is None else bit_depth
     if bits > 8 and job.outputs[0].suffix.lower() in (".jpg", ".jpeg"):  # e.g. a 16-bit PNG named .jpg
-        job.warn(f"a {bits}-bit image in a file named {job.source.suffix}: written as the 8-bit JPEG its name says")
+        job.warn(f"a {bits}-bit image in a file named {job.outputs[0].suffix}: written as the 8-bit JPEG its name says")
         bits = 8
     write_image(job.outputs[0], image, bit_depth=bits, description=_provenance(action, job))
 

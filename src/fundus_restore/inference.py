@@ -545,12 +545,13 @@ def denoise(
     device and cached. ``tile`` (input pixels, default ``DEFAULT_TILE``) bounds the
     memory, at the cost of recomputing the overlap (``tiling_cost``); ``overlap``
     defaults to the model's receptive-field radius, which makes the tiled result equal
-    the whole-image one. ``sigma`` (on the [0, 1] scale) is
-    passed to models that take it; a model told the noise level (``needs_noise_level``)
-    gets the photo's ``estimated_noise_level`` when it is None. ``precision`` is the compute dtype: ``"auto"`` is
-    float32 on the CPU (bfloat16 costs CDnCNN-B 0.15–0.5 dB) and float16 autocast on
-    CUDA. Values a little outside [0, 1] (unclipped noise) are taken and not clipped, in
-    the input or the output; an image on another scale (0-255, [-1, 1]) is refused. ``ensemble`` averages the outputs for the 8 flips and quarter turns of
+    the whole-image one. ``sigma`` (on the [0, 1] scale) is passed to models that take
+    it; a model told the noise level (``needs_noise_level``) gets the photo's
+    ``estimated_noise_level`` when it is None. ``precision`` is the compute dtype:
+    ``"auto"`` is float32 on the CPU (bfloat16 costs CDnCNN-B 0.15–0.5 dB) and float16
+    autocast on CUDA. Values a little outside [0, 1] (unclipped noise) are taken and not
+    clipped, in the input or the output; an image on another scale (0-255, [-1, 1]) is
+    refused. ``ensemble`` averages the outputs for the 8 flips and quarter turns of
     the input (``dihedral_ensemble``): 8 times slower, a little more accurate.
     ``progress`` shows a progress bar over the tiles. ``channel_axis`` is where the
     channels lie, as in scikit-image (0 for C×H×W); None takes an H×W grey image and

@@ -1107,8 +1107,8 @@ def _model_card(
         "training_data": {
             "sources": data["train"],
             "images": [p.name for p in used],
-            "skipped_images": [{"image": Path(path).name, "problem": problem}
-                               for path, problem in trainer.skipped_photos.items()],
+            "skipped_images": [{"image": Path(path).name, "problem": problem.removeprefix(f"{path}: ")}
+                               for path, problem in trainer.skipped_photos.items()],  # no paths of this machine
             "validation_images": [p.name for p in validation_images],
         },
         "recipe": {

@@ -194,7 +194,7 @@ def _segmented_pair(
     """Checked float32 images, FOV, scale and the vessel maps both measures and drawings use."""
     clean, restored = _same_shape(clean, restored, ("clean", "restored"))
     fov = checked_fov(clean, fov)
-    scale = vessel_scale(clean, fov) if scale is None else scale
+    scale = vessel_scale(clean, fov, stacklevel=4) if scale is None else scale  # warned at the public caller's caller
     if clean_vessels is None:
         clean_vessels = segment_vessels(clean, fov, scale=scale, method=segmenter)
     reference = real = clean_vessels

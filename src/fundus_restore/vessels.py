@@ -57,16 +57,17 @@ def image_scale(image: np.ndarray) -> float:
     return np.asarray(image).shape[1] / DRIVE_WIDTH
 
 
-def vessel_scale(image: np.ndarray, fov: np.ndarray) -> float:
+def vessel_scale(image: np.ndarray, fov: np.ndarray, *, stacklevel: int = 3) -> float:
     """The default ``scale`` of the vessel functions: ``image_scale``, which takes the image for a
     whole photograph. An image that is all field of view is a crop from inside the disc, whose
-    width says nothing of the photograph's: warned, as its vessels would be sized wrongly."""
+    width says nothing of the photograph's: warned, as its vessels would be sized wrongly
+    (``stacklevel`` as ``warnings.warn``'s, from here: 3 names the line that called the caller)."""
     scale = image_scale(image)
     if fov.all():
         width = np.shape(image)[1]
         warnings.warn(f"the image is all field of view (a crop from inside the disc?): its vessels are sized as in "
                       f"a whole photograph {width} px wide (scale {scale:.2f}); for a crop give scale=, the whole "
-                      f"photograph's width / {DRIVE_WIDTH}", stacklevel=3)
+                      f"photograph's width / {DRIVE_WIDTH}", stacklevel=stacklevel)
     return scale
 
 
