@@ -365,6 +365,52 @@ def test_an_out_that_is_a_file_or_a_scale_nothing_bundled_has_stops_before_any_p
         assert result.exit_code == 2 and "greater than or equal to 2" in " ".join(result.output.split())
 
 
+def test_the_log_takes_names_that_are_not_utf8_and_a_full_disk_does_not_stop_the_batch(
+    photos: Path, tiny_model_file: Path, tmp_path: Path
+):
+    (photos / "broken.png").unlink()
+    latin1 = Path(os.fsdecode(bytes(photos) + b"/caf\xe9.png"))  # an old archive's Latin-1 name
+    latin1.write_bytes((photos / "a (1).png").read_bytes())
+    args = ["denoise", str(photos), "-m", str(tiny_model_file), "--device", "cpu", "--no-noise-check"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "out"), "--log", str(tmp_path / "log.csv")])
+    assert result.exit_code == 0 and "3 of 3 images written" in result.output, result.output
+    rows = _log_rows(tmp_path / "log.csv")
+    assert [row["status"] for row in rows] == ["written"] * 3 and any("caf\\udce9.png" in row["input"] for row in rows)  # the byte, escaped
+    # A log that can no longer be written (the disk filled up) is warned about once; the photos are not blamed.
+    def disk_full(self: csv.DictWriter, row: dict) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(csv.DictWriter, "writerow", disk_full)
+        result = runner.invoke(app, [*args, "-o", str(tmp_path / "full"), "--log", str(tmp_path / "log.csv")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "3 of 3 images written" in said and len(list((tmp_path / "full").iterdir())) == 3
+    assert said.count(f"warning: {tmp_path / 'log.csv'}: cannot write the log (No space left on device); the batch "
+                      "goes on without it") == 1
+
+
+def test_a_photo_that_runs_out_of_memory_fails_alone(
+    photos: Path, tiny_model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from fundus_restore import inference
+
+    denoising = inference.denoise
+
+    def out_of_memory_on_b(image: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
+        if image.shape[:2] == (33, 47):  # b.tif
+            raise MemoryError("Unable to allocate 549. MiB")
+        return denoising(image, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "denoise", out_of_memory_on_b)
+    log = tmp_path / "log.csv"
+    result = runner.invoke(app, ["denoise", str(photos), "-o", str(tmp_path / "out"), "-m", str(tiny_model_file),
+                                 "--device", "cpu", "--log", str(log)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "1 of 3 images written, 2 failed" in said
+    assert f"failed: {photos / 'b.tif'}: Unable to allocate 549. MiB" in said
+    assert [row["status"] for row in _log_rows(log)] == ["written", "failed", "failed"]
+
+
 def test_a_photo_the_check_fails_on_gets_no_output(
     tiny_upscaler_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

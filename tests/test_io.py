@@ -134,6 +134,24 @@ def test_write_makes_no_partial_file_on_failure(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*")) == []
 
 
+def test_an_interrupted_write_leaves_no_partial_file_and_long_names_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fundus_restore.io as image_io
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, which the command line turns into an exit) before the rename
+
+    with monkeypatch.context() as patched:
+        patched.setattr(image_io.os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_image(tmp_path / "x.png", np.zeros((4, 4, 3)))
+    assert list(tmp_path.iterdir()) == []
+    # A name at the filesystem's 255-byte limit: the partial file's own name is short.
+    long_name = "c" * 251 + ".png"
+    assert read_image(write_image(tmp_path / long_name, np.zeros((4, 4, 3)))).shape == (4, 4, 3)
+
+
 def test_write_replaces_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "x.tif"
     write_image(path, np.zeros((3, 3)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -167,39 +169,56 @@ class _BatchLog:
     batch keeps the rows of what it did; the header is written into a new file only."""
 
     def __init__(self, path: Path | None) -> None:
+        self.path = path
         self.writer = None
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.file = path.open("a", newline="", encoding="utf-8")
+                # A file name that is not UTF-8 (an old archive's Latin-1) is written with its bytes escaped.
+                self.file = path.open("a", newline="", encoding="utf-8", errors="backslashreplace")
+                self.writer = csv.DictWriter(self.file, _LOG_COLUMNS)
+                if self.file.tell() == 0:  # a new or empty file (append mode starts at its end)
+                    self.writer.writeheader()
+                    self.file.flush()  # at once: a second batch started with this one sees it
             except OSError as error:  # before any photo: the batch does not start without its log
                 _report_error(f"{path}: cannot write the log ({error.strerror or error})")
                 raise typer.Exit(2) from None
-            self.writer = csv.DictWriter(self.file, _LOG_COLUMNS)
-            if self.file.tell() == 0:  # a new or empty file (append mode starts at its end)
-                self.writer.writeheader()
 
     def write(self, job: _Job, status: str, seconds: float | None = None) -> None:
+        """Append ``job``'s row. A log that cannot be written (a full disk) is warned about once
+        and left: the photos are not blamed for it, and the batch goes on."""
         if self.writer is None:
             return
-        self.writer.writerow({
-            **job.record,
-            "time": datetime.now().isoformat(timespec="seconds"),
-            "input": str(job.source),
-            # ";" between them (names hold spaces); none for a photo whose outputs were not written.
-            "outputs": "" if status == "failed" else ";".join(map(str, job.outputs)),
-            "status": status,
-            "seconds": "" if seconds is None else f"{seconds:.2f}",
-            "message": " | ".join(job.messages),
-        })
-        self.file.flush()
+        try:
+            self.writer.writerow({
+                **job.record,
+                "time": datetime.now().isoformat(timespec="seconds"),
+                "input": str(job.source),
+                # ";" between them (names hold spaces); none for a photo whose outputs were not written.
+                "outputs": "" if status == "failed" else ";".join(map(str, job.outputs)),
+                "status": status,
+                "seconds": "" if seconds is None else f"{seconds:.2f}",
+                "message": " | ".join(job.messages),
+            })
+            self.file.flush()
+        except OSError as error:
+            _report_error(f"{self.path}: cannot write the log ({error.strerror or error}); the batch goes on "
+                          "without it", "warning")
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer = None
+            try:
+                self.file.close()
+            except OSError:  # what could not be flushed was warned about
+                pass
 
     def __enter__(self) -> _BatchLog:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.writer is not None:
-            self.file.close()
+        self.close()
 
 
 def _same_name(relative: Path) -> tuple[Path, ...]:
@@ -274,17 +293,20 @@ def _run_batch(
         task = progress.add_task(description, total=len(jobs))
         for job in jobs:
             start = time.perf_counter()
+            status = "written"
             try:
                 if recursive:
                     _warn_if_made_by_us(job)
                 handle(job)
-                batch_log.write(job, "written", time.perf_counter() - start)
-            except (ImageFileError, ValueError, OSError) as error:
-                message = str(error) if str(job.source) in str(error) else f"{job.source}: {error}"
+            # A photo too large for the memory fails alone too (MemoryError; torch's allocator raises RuntimeError).
+            except (ImageFileError, ValueError, OSError, MemoryError, RuntimeError) as error:
+                problem = str(error) or type(error).__name__
+                message = problem if problem.startswith(f"{job.source}: ") else f"{job.source}: {problem}"
                 failures.append(message)
                 _report_error(message, "failed")
                 job.messages.append(f"error: {message}")
-                batch_log.write(job, "failed", time.perf_counter() - start)
+                status = "failed"
+            batch_log.write(job, status, time.perf_counter() - start)
             progress.advance(task)
     skipped = len(found) - len(jobs)
     summary = f"{len(jobs) - len(failures)} of {len(jobs)} images written"
@@ -995,6 +1017,8 @@ def _warn_in_one_line(message: Warning | str, category: type[Warning], filename:
 def main() -> None:
     # Before any work: DataLoader workers forked later inherit it (a skipped training photo warns there).
     warnings.showwarning = _warn_in_one_line
+    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C, so a file being written is cleaned away.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     app()
 
 

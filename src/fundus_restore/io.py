@@ -447,13 +447,14 @@ def write_image(
 def write_file_atomically(path: Path, data: bytes) -> None:
     """``data`` written to ``path`` whole or not at all (parent folders created): a hidden
     partial file renamed into place, removed when the write fails, whose ``OSError`` is raised."""
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    # A short name of its own: the file's name and more could pass the filesystem's limit.
+    partial = path.with_name(f".fundus-restore-{uuid.uuid4().hex[:12]}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("xb") as file:
             file.write(data)
         os.replace(partial, path)
-    except OSError:
+    except BaseException:  # Ctrl-C or SIGTERM mid-write too
         try:
             partial.unlink(missing_ok=True)
         except OSError:  # e.g. a read-only filesystem, where the partial file was never made
