@@ -48,8 +48,9 @@ def quantize(image: np.ndarray, bits: int = 8) -> np.ndarray:
 
 
 # Bump when estimate_noise_sigma's readings change: scores cached for a model told the
-# estimate are then measured anew.
-NOISE_ESTIMATE_VERSION = 2
+# estimate are then measured anew. 3: a crop holding the optic disc is no longer masked to
+# the disc alone (fov_mask), where the estimate was taken.
+NOISE_ESTIMATE_VERSION = 3
 # Median absolute value of a standard normal variable: MAD / 0.6745 estimates sigma.
 _NORMAL_MAD = 0.6745
 # Clipping at 0 and 1 narrows the noise wherever the signal lies within about two sigma
