@@ -657,8 +657,8 @@ def restore(
                              ensemble=ensemble)
         job.record["model"] += f" + {model_name(upscaler)}"
         upscaled = upscale_image(denoised, upscaler, tile=tile, device=device, ensemble=ensemble)
-        _write_upscaled(job, denoised, upscaled, f"denoised and upscaled x{upscale_factor(upscaler)}{_ensemble_note(ensemble)}",
-                        check_threshold if check else None)
+        action = f"denoised and upscaled x{upscale_factor(upscaler)}{_ensemble_note(ensemble)}"
+        _write_upscaled(job, denoised, upscaled, action, check_threshold if check else None)
 
     _run_batch(inputs, out, "restoring", handle, recursive=recursive, skip_existing=skip_existing,
                outputs=_upscale_outputs(check), log=log)
