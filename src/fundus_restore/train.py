@@ -81,7 +81,7 @@ from fundus_restore.evaluate import mean_of_finite
 from fundus_restore.inference import input_channels
 from fundus_restore.vessel_metrics import dice, segmentation_auc, vessel_preservation
 from fundus_restore.perceptual import VESSEL_FEATURES, PerceptualLoss, discriminator_loss, generator_loss
-from fundus_restore.models import create_model
+from fundus_restore.models import create_model, is_whole_number
 from fundus_restore.pretrained import (
     WeightsError, card_beside, count_parameters, is_number, load_model, resolve_weights, save_model,
 )
@@ -270,7 +270,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         if merged["validation"][key] is not None:
             merged["validation"][key] = _as_list(merged["validation"][key])
     lr = merged["optimizer"]["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    if not is_number(lr) or not lr > 0:
         raise TrainingError(f"optimizer.lr must be a positive number, got {lr!r}")
     schedule = merged["schedule"]
     if schedule["decay"] not in DECAYS:
@@ -292,7 +292,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         ("validation.crop", validation["crop"], MIN_VALIDATION_CROP),
     )
     for key, value, least in whole_numbers:
-        if not _is_whole(value) or value < least:
+        if not is_whole_number(value) or value < least:
             raise TrainingError(f"{key} must be a whole number of at least {least}, got {value!r}")
     if schedule["decay"] == "cosine" and not 0 <= schedule["lr_min"] <= lr:  # above lr, the "decay" raised the rate
         raise TrainingError(
@@ -311,7 +311,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         if value is not None and not (is_number(value) and value > 0):
             raise TrainingError(f"{key} must be a positive {unit} or null, got {value!r}")
     data = merged["data"]
-    if not _is_whole(data["workers"]) or data["workers"] < 0:
+    if not is_whole_number(data["workers"]) or data["workers"] < 0:
         raise TrainingError(
             f"data.workers must be a whole number (0: read in the training process), got {data['workers']!r}"
         )
@@ -321,7 +321,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
             f"data.targets {data['targets']!r} trains with loss.name {expected_loss!r} "
             f"(targets: clean | vessels), got loss.name {merged['loss']['name']!r}"
         )
-    if not _is_whole(data["patch_size"]) or data["patch_size"] < 1:
+    if not is_whole_number(data["patch_size"]) or data["patch_size"] < 1:
         raise TrainingError(f"data.patch_size must be a positive whole number of pixels, got {data['patch_size']!r}")
     weights = merged["loss"]["weights"]
     if not isinstance(weights, list) or not all(is_number(w) and w >= 0 for w in weights) or not any(weights):
@@ -342,7 +342,7 @@ def load_config(config: str | Path | Mapping[str, Any], overrides: Mapping[str, 
         )
     if data["targets"] == "vessels" and (merged["perceptual"]["features"] or merged["adversarial"]["weight"] > 0):
         raise TrainingError("a vessel segmenter trains on its segmentation loss alone: no perceptual or adversarial term")
-    if not _is_whole(data["scale"]) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
+    if not is_whole_number(data["scale"]) or data["scale"] < 1 or data["patch_size"] % data["scale"]:
         raise TrainingError(f"data.scale must be a positive integer dividing data.patch_size, got {data['scale']!r}")
     if data["lr_denoiser"] is not None and (data["scale"] == 1 or not np.any(data["sigma"])):
         raise TrainingError("data.lr_denoiser restores noisy small inputs: it needs data.scale > 1 and data.sigma > 0")
@@ -366,10 +366,6 @@ def strict_json(value: Any, **options: Any) -> str:
         return item
 
     return json.dumps(finite(value), allow_nan=False, **options)
-
-
-def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -39,6 +39,11 @@ def register_architecture(
     return decorate
 
 
+def is_whole_number(value: Any) -> bool:
+    """An int read from JSON or YAML, not a boolean (True is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # The size arguments the architectures share: a zero or fractional one builds a network
 # that fails only when run (a 0-channel convolution), or, negative, fails inside torch.
 SIZE_ARGUMENTS = ("channels", "depth", "width", "widths", "blocks", "scale")
@@ -55,7 +60,7 @@ def create_model(architecture: str, **kwargs: Any) -> nn.Module:
     for name in SIZE_ARGUMENTS:
         value = kwargs.get(name, 1)
         sizes = value if isinstance(value, (list, tuple)) else [value]
-        if not sizes or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+        if not sizes or not all(is_whole_number(size) and size > 0 for size in sizes):
             raise ValueError(f"{architecture}: {name} must be {'a list of ' if name == 'widths' else 'a '}"
                              f"positive whole number{'s' if name == 'widths' else ''}, got {value!r}")
     return builder(**kwargs)
